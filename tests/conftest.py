@@ -1,0 +1,52 @@
+"""Shared fixtures. Tests are offline and CPU-only and make all their audio themselves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from a test
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+
+def _has_mbrola(voice: str) -> bool:
+    from valle_cli.audio.speech import mbrola_voices
+
+    return voice in mbrola_voices()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    try:
+        import torch
+
+        torch.set_num_threads(2)
+    except ImportError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def speech_24k():
+    """A few seconds of espeak-ng speech at 24 kHz, with its text."""
+    from valle_cli.audio.io import resample
+    from valle_cli.audio.speech import say
+
+    text = "The little boat sailed across the calm blue water."
+    wav, sr = say(text, "espeak:en-us")
+    return resample(wav, sr, 24_000), text
+
+
+@pytest.fixture(scope="session")
+def natural_speech():
+    """Piper (or, without piper, mbrola/espeak) speech at its native rate: (wav, sr, text)."""
+    from valle_cli.audio.speech import piper_available, say
+
+    text = "Please bring me a cup of hot tea with milk."
+    voice = "piper:joe" if piper_available() else ("mbrola:us1" if _has_mbrola("us1") else "espeak:en-us")
+    wav, sr = say(text, voice)
+    return wav.astype(np.float32), sr, text

@@ -1,0 +1,91 @@
+"""The `valle` command shell: help, version, errors, debug tracebacks, verbs not yet implemented."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+VERBS = ["prepare", "train", "export", "synth", "stt", "plot", "serve", "tui", "plugins", "config", "codec"]
+
+
+def run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "valle_cli.cli.app", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def test_help_lists_every_verb_with_a_line_of_help():
+    proc = run("--help")
+    assert proc.returncode == 0, proc.stderr
+    for verb in VERBS:
+        lines = [ln for ln in proc.stdout.splitlines() if f" {verb} " in ln]
+        assert lines, f"{verb} missing from --help"
+        assert len(lines[0].split(verb, 1)[1].strip()) > 15, f"{verb} has no real help line"
+
+
+def test_help_does_not_import_torch_and_is_quick():
+    code = (
+        "import sys, time; t = time.time()\n"
+        "from valle_cli.cli.app import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'valle --help imported torch'\n"
+        "assert 'numpy' not in sys.modules, 'valle --help imported numpy'\n"
+        "print('ELAPSED', time.time() - t)"
+    )
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert time.time() - start < 5  # whole interpreter; the import itself is far below a second
+    assert float(proc.stdout.split("ELAPSED")[1]) < 1.0
+
+
+def test_version():
+    from valle_cli import __version__
+
+    proc = run("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"valle {__version__}"
+
+
+@pytest.mark.parametrize("verb", ["prepare", "train", "export", "synth", "stt", "plot", "serve", "tui"])
+def test_unimplemented_verbs_say_so_plainly(verb):
+    proc = run(verb, "x")
+    assert proc.returncode == 3
+    assert "not available in this release yet" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_errors_are_one_line_with_remedy_and_debug_shows_traceback():
+    proc = run("config", "tiny", "--set", "model.d_modle=32")
+    assert proc.returncode == 2
+    assert "unknown config key 'model.d_modle'" in proc.stderr
+    assert "did you mean 'model.d_model'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("--debug", "config", "tiny", "--set", "model.d_modle=32")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_usage_errors_come_from_click():
+    proc = run("config", "--no-such-flag")
+    assert proc.returncode == 2
+    assert "No such option" in proc.stderr
+
+
+def test_config_writes_resolved_yaml(tmp_path):
+    out = tmp_path / "resolved.yaml"
+    proc = run("config", "small", "--set", "train.lr=3e-4", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    from valle_cli.config import load_config
+
+    cfg = load_config(out)
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.d_model == 384

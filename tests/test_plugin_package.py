@@ -1,0 +1,106 @@
+"""The separately installable plugin under plugins/: `pip install ./plugins/valle-pocketsphinx` makes the
+`pocketsphinx` transcriber appear in `valle plugins` and usable from a config.
+
+The package is installed for real with pip (no dependencies: pocketsphinx is in the dev extra) into a
+temporary folder put on PYTHONPATH, so the test venv itself is not changed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = ROOT / "plugins" / "valle-pocketsphinx"
+
+pocketsphinx = pytest.importorskip("pocketsphinx")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    target = tmp_path_factory.mktemp("site")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(PLUGIN),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert any(p.name.startswith("valle_pocketsphinx-0.1.0.dist-info") for p in target.iterdir())
+    return target
+
+
+def _python(code: str, site: Path | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "250"}
+    if site is not None:
+        env["PYTHONPATH"] = str(site)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_installed_plugin_is_listed_and_loads(installed):
+    proc = _python(
+        "from valle_cli.cli.app import main; main(['plugins', '--kind', 'transcriber'])", installed
+    )
+    assert proc.returncode == 0, proc.stderr
+    row = [ln for ln in proc.stdout.splitlines() if "pocketsphinx" in ln]
+    assert row, proc.stdout
+    assert "valle.transcribers" in row[0] and "valle-pocketsphinx" in row[0] and "yes" in row[0]
+
+
+def test_plugin_comes_from_the_installed_copy(installed):
+    code = (
+        "from valle_cli import plugins; import valle_pocketsphinx as m; "
+        "info = plugins.discover('transcriber')['pocketsphinx']; print(m.__file__); print(info[0].distribution)"
+    )
+    proc = _python(code, installed)
+    assert proc.returncode == 0, proc.stderr
+    assert str(installed) in proc.stdout.splitlines()[0] or "plugins/valle-pocketsphinx" in proc.stdout
+    assert proc.stdout.splitlines()[1] == "valle-pocketsphinx"
+
+
+def test_usable_from_a_config(installed, tmp_path, natural_speech):
+    """data.transcriber in a config picks the plugin, which transcribes real speech."""
+    import numpy as np
+
+    wav, sr, text = natural_speech
+    np.save(tmp_path / "wav.npy", wav)
+    (tmp_path / "c.yaml").write_text("preset: tiny\ndata:\n  transcriber: pocketsphinx\n")
+    code = (
+        "import numpy as np\n"
+        "from valle_cli.config import load_config\n"
+        "from valle_cli.transcribe import build_transcriber\n"
+        "from valle_cli.metrics import wer\n"
+        f"cfg = load_config({str(tmp_path / 'c.yaml')!r})\n"
+        "t = build_transcriber(cfg.data.transcriber)\n"
+        f"segs = t.transcribe(np.load({str(tmp_path / 'wav.npy')!r}), {sr}, 'en')\n"
+        "hyp = ' '.join(s.text for s in segs)\n"
+        f"print(repr(hyp)); print(wer({text!r}, hyp))\n"
+        "assert all(0 <= s.start < s.end for s in segs)\n"
+    )
+    proc = _python(code, installed)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.splitlines()[-1]) <= 0.5, proc.stdout
+
+
+def test_plugin_refuses_other_languages(installed):
+    proc = _python(
+        "import numpy as np\nfrom valle_cli.transcribe import build_transcriber\n"
+        "build_transcriber('pocketsphinx').transcribe(np.zeros(16000, 'float32'), 16000, 'de')",
+        installed,
+    )
+    assert proc.returncode != 0 and "English only" in proc.stderr

@@ -1,0 +1,107 @@
+"""The `valle` command: one Typer app, one module per verb.
+
+Verb modules import only typer/rich at module level; torch and the engines are imported inside the command
+functions, so `valle --help` stays well under a second. Errors: a `ValleError` raised anywhere becomes one
+red line with its remedy and the error's exit code; any other exception becomes one line naming it and how to
+see the traceback. `--debug` shows tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from valle_cli import __version__
+from valle_cli.cli import codec, config, later, plugins_cmd
+
+app = typer.Typer(
+    name="valle",
+    help="Zero-shot text-to-speech with VALL-E: prepare data, train, fine-tune, synthesize, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"valle {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    _state["debug"] = debug or os.environ.get("VALLE_DEBUG", "") not in ("", "0")
+
+
+later.register(app)
+app.command("plugins", help="List codec, backbone and transcriber plugins and whether each loads.")(
+    plugins_cmd.plugins
+)
+app.command(
+    "config", help="Print (or write) a resolved config from a YAML file or preset, with --set overrides."
+)(config.config)
+app.add_typer(
+    codec.app, name="codec", help="Offline codec tools: fit codebooks on your audio, round-trip a file."
+)
+
+
+def _fail(message: str, remedy: str | None, code: int) -> None:
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {message}", markup=True) if _markup_safe(message) else err.print(
+        "error: " + message, markup=False
+    )
+    if remedy:
+        err.print("  remedy: " + remedy, markup=False, style="yellow")
+    sys.exit(code)
+
+
+def _markup_safe(text: str) -> bool:
+    return "[" not in text
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    from valle_cli.errors import ValleError
+
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+    except ValleError as exc:
+        if debug or _state["debug"]:
+            raise
+        _fail(exc.message, exc.remedy, exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", None, 130)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code or 0)
+    except typer.Abort:
+        _fail("aborted", None, 1)
+    except Exception as exc:
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click/typer usage errors print themselves
+            exc.show()
+            sys.exit(exc.exit_code)
+        if debug or _state["debug"]:
+            raise
+        _fail(
+            f"unexpected {type(exc).__name__}: {exc}",
+            "rerun with `valle --debug ...` for the traceback and report it if it looks like a bug",
+            1,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Verbs whose engines land in later releases. Each has its real help line and main argument, and says
+plainly that it is not available yet (exit code 3) instead of pretending to work. Each moves to a module of its
+own when its engine lands.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from valle_cli.errors import NotImplementedYet
+
+# verb -> (help, issue that implements it)
+PLANNED = {
+    "prepare": (
+        "Turn voices/{group}/{speaker}/ audio into a training dataset (transcribe, phonemize, quantize).",
+        3,
+    ),
+    "train": ("Train or fine-tune (LoRA) the AR+NAR model: local, torchrun DDP or DeepSpeed.", 4),
+    "export": ("Export a checkpoint or run folder to one safetensors/pt file (optionally LoRA only).", 5),
+    "synth": ('Synthesize speech: valle synth "text" --ref voice.wav -o out.wav [--play].', 5),
+    "stt": ("Transcribe audio to IPA phonemes with the model's speech-to-text task.", 5),
+    "plot": ("Plot training metrics of one or more runs (PNG or in the terminal).", 6),
+    "tui": ("Watch and steer a training run in a terminal UI (save, quit, lr, eval).", 6),
+    "serve": ("Serve a web UI and an OpenAI-compatible HTTP API for speech synthesis.", 7),
+}
+
+
+def _not_yet(verb: str, issue: int):
+    def command(
+        target: str = typer.Argument(None, help="What the verb works on.", show_default=False),
+    ) -> None:
+        raise NotImplementedYet(
+            f"`valle {verb}` is not available in this release yet (tracked as issue #{issue})",
+            "see README's roadmap; `valle codec roundtrip` and `valle config` work today",
+        )
+
+    command.__name__ = verb
+    return command
+
+
+def register(app: typer.Typer) -> None:
+    for verb, (help_text, issue) in PLANNED.items():
+        app.command(verb, help=help_text)(_not_yet(verb, issue))

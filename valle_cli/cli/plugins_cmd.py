@@ -1,0 +1,30 @@
+"""`valle plugins`: every codec, backbone and transcriber plugin, where it comes from and whether it loads."""
+
+from __future__ import annotations
+
+import typer
+
+
+def plugins(
+    kind: str = typer.Option(None, "--kind", "-k", help="Only this kind: codec, backbone or transcriber."),
+    no_check: bool = typer.Option(False, "--no-check", help="Do not import plugins to check that they load."),
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from valle_cli import plugins as registry
+
+    kinds = [kind] if kind else list(registry.GROUPS)
+    table = Table(title="valle plugins", show_lines=False)
+    for col in ("name", "kind", "group", "distribution", "version", "loads"):
+        table.add_column(col, overflow="fold")
+    if no_check:
+        rows = [
+            (info, None, None) for k in kinds for infos in registry.discover(k).values() for info in infos
+        ]
+    else:
+        rows = [(s.info, s.loads, s.error) for s in registry.status(kinds)]
+    for info, loads, error in rows:
+        mark = "-" if loads is None else ("[green]yes[/]" if loads else f"[red]no[/]: {error}")
+        table.add_row(info.name, info.kind, registry.GROUPS[info.kind], info.distribution, info.version, mark)
+    Console(soft_wrap=True).print(table)

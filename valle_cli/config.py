@@ -1,0 +1,421 @@
+"""Typed configuration: YAML -> validated dataclasses, presets, `--set` overrides, resolved output.
+
+The dataclasses below are the schema. A config file has up to five sections (model, codec, data, train,
+inference) and may start from a shipped preset (`preset: small`); whatever the file says overrides the preset,
+and `--set section.key=value` overrides the file. Unknown keys are errors that name the closest valid key;
+values are checked against the field types and a few cross-field rules. `dump_config` writes the resolved
+config that every run folder and checkpoint carries.
+
+This module imports neither torch nor numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from valle_cli.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the VALL-E transformer (one model for the AR and NAR jobs)."""
+
+    backbone: str = "llama"  # a `valle.backbones` plugin
+    d_model: int = 1024
+    n_layers: int = 12
+    n_heads: int = 16
+    ffn_dim: int = 4096
+    dropout: float = 0.1
+    n_levels: int = 8  # RVQ levels modelled (must not exceed the codec's)
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    max_position: int = 4096
+    n_experts: int = 8  # mixtral only
+    experts_per_token: int = 2  # mixtral only
+    router_aux_loss_coef: float = 0.02  # mixtral only
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        _positive(self, "d_model", "n_layers", "n_heads", "ffn_dim", "n_levels", "max_position")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) is not divisible by model.n_heads ({self.n_heads})",
+                "pick a d_model that is a multiple of n_heads",
+            )
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.experts_per_token > self.n_experts:
+            raise ConfigError("model.experts_per_token cannot exceed model.n_experts")
+
+
+@dataclass
+class CodecConfig:
+    """Which audio codec turns waveforms into RVQ tokens and back."""
+
+    name: str = "encodec"  # a `valle.codecs` plugin: encodec, vocos, mel, ...
+    bandwidth: float = 6.0  # kbps, EnCodec-family codecs: 1.5/3/6/12/24 -> 2/4/8/16/32 levels
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    path: str | None = None  # weights or codebook file; None = the codec's default
+
+    def validate(self) -> None:
+        if self.bandwidth <= 0:
+            raise ConfigError(f"codec.bandwidth must be positive, got {self.bandwidth}")
+
+
+@dataclass
+class DataConfig:
+    """Where training data comes from and how batches and prompts are drawn."""
+
+    paths: list[str] = field(default_factory=list)  # dataset folders or .h5 files made by `valle prepare`
+    language: str = "en"  # default language for text without one
+    transcriber: str = "whisper"  # a `valle.transcribers` plugin, for audio without a transcript
+    min_duration: float = 1.0  # seconds
+    max_duration: float = 20.0
+    prompt_duration: list[float] = field(default_factory=lambda: [3.0, 6.0])  # min, max seconds
+    similar_prompt_prob: float = 0.5  # take the prompt from the similar-utterance list this often
+    sample_by: Literal["utterance", "speaker", "group"] = "speaker"
+    batch_size: int = 8
+    max_tokens: int = 0  # >0: batches are filled up to this many tokens instead of batch_size
+    num_workers: int = 2
+    val_fraction: float = 0.02
+
+    def validate(self) -> None:
+        _positive(self, "batch_size")
+        if self.min_duration < 0 or self.max_duration <= self.min_duration:
+            raise ConfigError(
+                f"data.min_duration ({self.min_duration}) must be >= 0 and below data.max_duration "
+                f"({self.max_duration})"
+            )
+        if len(self.prompt_duration) != 2 or not 0 < self.prompt_duration[0] <= self.prompt_duration[1]:
+            raise ConfigError(
+                f"data.prompt_duration must be [min, max] seconds with 0 < min <= max, got {self.prompt_duration}"
+            )
+        for name in ("similar_prompt_prob", "val_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"data.{name} must be between 0 and 1, got {getattr(self, name)}")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0 = no LoRA (full fine-tuning or training from scratch)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    """How training runs: backend, optimizer, schedule, checkpoints."""
+
+    backend: Literal["local", "ddp", "deepspeed"] = "local"
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    steps: int = 100_000
+    lr: float = 1.0e-4
+    optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = "adamw"
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 1000
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_accumulation: int = 1
+    grad_clip: float = 1.0
+    level_weights: list[float] = field(
+        default_factory=list
+    )  # chance of training each RVQ level; [] = uniform
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"text": 0.0, "prompt": 0.0, "response": 1.0}
+    )
+    eval_every: int = 1000
+    save_every: int = 1000
+    keep_last: int = 3
+    seed: int = 0
+    out_dir: str = "runs/valle"
+    deepspeed_config: str | None = None  # a DeepSpeed JSON merged over ours
+    zero_stage: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self) -> None:
+        _positive(self, "steps", "grad_accumulation", "keep_last", "eval_every", "save_every")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"train.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        unknown = set(self.loss_weights) - {"text", "prompt", "response"}
+        if unknown:
+            raise ConfigError(
+                f"train.loss_weights has unknown part(s) {sorted(unknown)}", "use text, prompt and response"
+            )
+
+
+@dataclass
+class InferenceConfig:
+    """Defaults for `valle synth` (every one can be overridden on the command line)."""
+
+    device: str = "auto"
+    max_ar_steps: int = 1500  # 20 s at 75 frames/s
+    ar_temp: float = 0.95
+    nar_temp: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    input_prompt_length: float = 6.0  # seconds
+
+    def validate(self) -> None:
+        _positive(self, "max_ar_steps")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+
+def _positive(obj: Any, *names: str) -> None:
+    section = _SECTION_OF.get(type(obj), type(obj).__name__)
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{section}.{name} must be positive, got {getattr(obj, name)}")
+
+
+_SECTION_OF = {
+    ModelConfig: "model",
+    CodecConfig: "codec",
+    DataConfig: "data",
+    TrainConfig: "train",
+    InferenceConfig: "inference",
+    LoraConfig: "train.lora",
+}
+
+# ---------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with errors that point at the key and suggest a fix.
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        keys.append(path)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], path + "."))
+    return keys
+
+
+def _suggest(key: str, valid: list[str], everywhere: list[str]) -> str:
+    """The most likely intended key: the same name in another section, else a near spelling here."""
+    leaf = key.rsplit(".", 1)[-1]
+    elsewhere = [k for k in everywhere if k.rsplit(".", 1)[-1] == leaf and k != key]
+    if elsewhere:
+        return f"did you mean {elsewhere[0]!r}?"
+    leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {leaves[close[0]]!r}?"
+    close = difflib.get_close_matches(key, everywhere, n=1, cutoff=0.75)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"valid keys here: {', '.join(valid)}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(exc.message)
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"{where} must be one of {', '.join(map(str, args))}; got {value!r}",
+                f"{hint}".strip() or None,
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    everywhere = _all_keys(Config)
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            valid = [f"{where}.{k}" if where else k for k in fields]
+            raise ConfigError(f"unknown config key {path!r}", _suggest(path, valid, everywhere))
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "loss_weights":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets, files and overrides.
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name[:-5] for p in resources.files("valle_cli.presets").iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def _preset_data(name: str) -> dict:
+    names = preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"no preset named {name!r}", f"{hint}presets: {', '.join(names)}")
+    text = resources.files("valle_cli.presets").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", "check the path, or name a preset") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping with sections model, codec, data, train, inference")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """`section.key=value` (value in YAML syntax) -> nested dict."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or "." not in key:
+        raise ConfigError(
+            f"override {text!r} is not of the form section.key=value", "for example --set train.lr=3e-4"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated `Config` from a YAML file or preset name, then apply `section.key=value` overrides.
+
+    `source` is a path to a YAML file, the name of a shipped preset, or None for the defaults (the base shape).
+    A file may name a preset to start from with a top-level `preset:` key.
+    """
+    data: dict = {}
+    if source is not None:
+        path = Path(source)
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            data = _read_yaml(path)
+        else:
+            data = {"preset": str(source)}
+    preset = data.pop("preset", None)
+    version = data.pop("version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ConfigError(
+            f"config version {version} is not supported (this valle reads version {CONFIG_VERSION})",
+            "upgrade valle, or rewrite the config from `valle config --preset base`",
+        )
+    if preset is not None:
+        data = _deep_merge(_preset_data(str(preset)), data)
+    for text in overrides or []:
+        data = _deep_merge(data, parse_override(text))
+    cfg = _build(Config, data, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return {"version": CONFIG_VERSION, **dataclasses.asdict(cfg)}
+
+
+def dump_config(cfg: Config, path: str | Path | None = None) -> str:
+    """The resolved config as YAML; also written to `path` when given."""
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text

@@ -1,0 +1,45 @@
+"""Atomic file writes: write to a temporary file beside the target, then rename it into place.
+
+An interrupted run (kill, full disk, power loss) leaves either the old file or the new one, never half of
+one. Temporary files get the permissions a plain `open()` would have given the target (mkstemp's 0600
+otherwise), and are removed on failure. A full disk or a permission problem becomes a `ValleError` naming the
+file and the remedy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from valle_cli.errors import ValleError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, error: type[ValleError] = ValleError) -> Iterator[str]:
+    """Yield a temporary path to write; on success it replaces `target`."""
+    p = Path(target)
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise error(f"cannot write {p}: folder {folder} does not exist", "create it or pick another path")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    except OSError as exc:
+        raise error(
+            f"cannot write {p}: {exc.strerror or exc}", "check free disk space and permissions"
+        ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
