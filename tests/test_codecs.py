@@ -324,3 +324,16 @@ def test_fit_too_little_audio():
 
     with pytest.raises(CodecError, match="too few"):
         fit_mel_codec([np.random.default_rng(0).standard_normal(3200).astype(np.float32)], codebook_size=1024)
+
+
+def test_cuda_device_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(CodecError, match="CUDA is not available"):
+        build_codec(CodecConfig(name="mel"), device="cuda")
+
+
+def test_auto_device_is_cpu_here(mel):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert mel.device.type == "cpu"

@@ -152,3 +152,19 @@ def test_symbol_map_serialization_and_compatibility():
         sm.check_compatible(other)
     with pytest.raises(TextError, match="malformed"):
         SymbolMap.from_dict({"symbols": []})
+
+
+@needs_espeak
+def test_espeak_library_env_var_is_honoured():
+    import ctypes.util
+    import glob
+
+    candidates = glob.glob("/usr/lib/*/libespeak-ng.so*") + glob.glob("/usr/lib/libespeak-ng.so*")
+    lib = next(iter(sorted(candidates)), None) or ctypes.util.find_library("espeak-ng")
+    if not lib or not os.path.isfile(lib):
+        pytest.skip("libespeak-ng not found at a known path")
+    code = "from valle_cli.text import phonemize\nprint(phonemize('hello', 'en'))"
+    env = {**os.environ, "PHONEMIZER_ESPEAK_LIBRARY": lib}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "həlˈoʊ"

@@ -25,7 +25,7 @@ def fit(
 
     from valle_cli.codecs.tools import fit_folder
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     with Progress(
         TextColumn("{task.description:>14}"),
         BarColumn(),
@@ -111,7 +111,7 @@ def roundtrip(
     result = run_roundtrip(codec, wav)
     save_audio(output, result.audio, codec.sample_rate)
     seconds = wav.size / codec.sample_rate
-    Console(stderr=True).print(
+    Console(stderr=True, soft_wrap=True).print(
         f"{source}: {seconds:.2f} s -> {tuple(result.codes.shape)} tokens ({codec.name}, "
         f"{codec.n_codebooks} levels x {codec.frame_rate:g}/s); encode {result.encode_seconds:.2f} s, "
         f"decode {result.decode_seconds:.2f} s -> {output}",
