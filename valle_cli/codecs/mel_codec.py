@@ -216,11 +216,15 @@ class MelCodec(Codec):
         spec = torch.nn.functional.pad(spec, (0, 1))  # the frame stft's center padding adds at the end
         return torch.istft(spec, self.n_fft, self.hop_length, window=self.window, center=True, length=length)
 
-    def features(self, wav: torch.Tensor) -> torch.Tensor:
-        """Standardized log-mel frames. (B, 1, T) with T a multiple of hop -> (B, F, D)."""
+    def log_mel(self, wav: torch.Tensor) -> torch.Tensor:
+        """Natural-log mel magnitudes. (B, 1, T) with T a multiple of hop -> (B, F, D)."""
         mag = self._stft(wav[:, 0]).abs()  # (B, S, F)
         mel = torch.einsum("ds,bsf->bfd", self.fb, mag)
-        return (torch.log(mel.clamp_min(1e-5)) - self.mean) / self.std
+        return torch.log(mel.clamp_min(1e-5))
+
+    def features(self, wav: torch.Tensor) -> torch.Tensor:
+        """Standardized log-mel frames, what the codebooks quantize. (B, 1, T) -> (B, F, D)."""
+        return (self.log_mel(wav) - self.mean) / self.std
 
     # -- RVQ ---------------------------------------------------------------------------------------------------
 

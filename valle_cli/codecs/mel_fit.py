@@ -37,9 +37,7 @@ def extract_frames(
         t = torch.from_numpy(np.asarray(wav, dtype=np.float32))
         n = template.n_frames(t.numel()) * template.hop_length
         t = torch.nn.functional.pad(t, (0, n - t.numel()))[None, None]
-        mag = template._stft(t[:, 0]).abs()
-        mel = torch.einsum("ds,bsf->bfd", template.fb, mag)[0]
-        frames.append(torch.log(mel.clamp_min(1e-5)))
+        frames.append(template.log_mel(t)[0])
         progress("features", i + 1, total)
     if not frames:
         raise CodecError(
