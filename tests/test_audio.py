@@ -146,3 +146,16 @@ def test_save_into_missing_folder(tmp_path):
 def test_resample_identity():
     x = tone(100.0, 16_000)
     assert resample(x, 16_000, 16_000) is x
+
+
+def test_save_one_sample_and_unsupported_extension(tmp_path):
+    assert sf.read(save_audio(tmp_path / "one.wav", np.array([0.5], np.float32), 24_000))[0].size == 1
+    with pytest.raises(AudioError, match=r"not \.mp3"):
+        save_audio(tmp_path / "x.mp3", tone(440.0, 24_000), 24_000)
+    assert not (tmp_path / "x.mp3").exists()
+
+
+def test_save_over_a_folder(tmp_path):
+    (tmp_path / "d.wav").mkdir()
+    with pytest.raises(AudioError, match="it is a folder"):
+        save_audio(tmp_path / "d.wav", tone(440.0, 24_000), 24_000)

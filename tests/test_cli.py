@@ -9,7 +9,20 @@ import time
 
 import pytest
 
-VERBS = ["prepare", "train", "export", "synth", "stt", "plot", "serve", "tui", "plugins", "config", "codec"]
+VERBS = [
+    "prepare",
+    "dataset",
+    "train",
+    "export",
+    "synth",
+    "stt",
+    "plot",
+    "serve",
+    "tui",
+    "plugins",
+    "config",
+    "codec",
+]
 
 
 def run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -55,7 +68,7 @@ def test_version():
     assert proc.stdout.strip() == f"valle {__version__}"
 
 
-@pytest.mark.parametrize("verb", ["prepare", "train", "export", "synth", "stt", "plot", "serve", "tui"])
+@pytest.mark.parametrize("verb", ["train", "export", "synth", "stt", "plot", "serve", "tui"])
 def test_unimplemented_verbs_say_so_plainly(verb):
     proc = run(verb, "x")
     assert proc.returncode == 3

@@ -337,3 +337,27 @@ def test_auto_device_is_cpu_here(mel):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert mel.device.type == "cpu"
+
+
+def test_vocos_conditions_on_the_bandwidth_of_the_codes(vocos):
+    """2-level codes decode like a 1.5 kbps Vocos would, not like the configured 6 kbps one."""
+    from valle_cli.codecs.vocos_codec import VocosCodec
+
+    low = VocosCodec(1.5, pretrained=False)
+    low.load_state_dict(vocos.state_dict())
+    codes = torch.randint(0, 1024, (1, 2, 12))
+    torch.testing.assert_close(vocos.decode(codes), low.decode(codes))
+
+
+def test_bad_device_and_empty_decode(mel):
+    with pytest.raises(CodecError, match="is not a device"):
+        build_codec(CodecConfig(name="mel"), device="gpu0")
+    with pytest.raises(CodecError, match="zero frames"):
+        mel.decode(torch.zeros(1, 8, 0, dtype=torch.long))
+
+
+def test_fit_rejects_degenerate_settings(speech_24k):
+    from valle_cli.codecs.mel_fit import fit_mel_codec
+
+    with pytest.raises(CodecError, match="at least 1 level"):
+        fit_mel_codec([speech_24k[0]], levels=0)

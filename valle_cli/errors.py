@@ -49,3 +49,7 @@ class NotImplementedYet(ValleError):
     """A verb that a later release implements. Says so plainly instead of pretending to work."""
 
     exit_code = 3
+
+
+class DatasetError(ValleError):
+    """Input voices or a prepared dataset are missing, malformed, or from an incompatible version."""

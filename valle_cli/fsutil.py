@@ -23,18 +23,42 @@ def _umask() -> int:
     return mask
 
 
+def check_writable(target: str | os.PathLike, error: type[ValleError] = ValleError) -> None:
+    """Raise `error` now if `target` could not be written later (missing folder, a folder, no permission)."""
+    p = Path(target)
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise error(f"cannot write {p}: it is a folder", "give a file name")
+    if not folder.is_dir():
+        raise error(f"cannot write {p}: folder {folder} does not exist", "create it or pick another path")
+    if not os.access(folder, os.W_OK):
+        raise error(f"cannot write {p}: no permission to write in {folder}", "pick another path")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, error: type[ValleError] = ValleError) -> Iterator[str]:
     """Yield a temporary path to write; on success it replaces `target`."""
     p = Path(target)
     folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise error(f"cannot write {p}: it is a folder", "give a file name")
     if not folder.is_dir():
         raise error(f"cannot write {p}: folder {folder} does not exist", "create it or pick another path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise error(
+            f"cannot write {p}: {exc.strerror or exc}", "check the folder's permissions and free space"
+        ) from None
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)  # durable before it becomes visible
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, p)
     except OSError as exc:
         raise error(

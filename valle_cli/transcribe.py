@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from valle_cli import plugins
-from valle_cli.errors import PluginError
+from valle_cli.errors import PluginError, ValleError
 
 
 class Segment(Protocol):
@@ -31,6 +31,8 @@ def build_transcriber(name: str, **options: Any) -> Transcriber:
     cls = plugins.load("transcriber", name)
     try:
         return cls(**options)
+    except ValleError:
+        raise
     except Exception as exc:
         raise PluginError(
             f"transcriber {name!r} could not start: {type(exc).__name__}: {exc}",

@@ -106,12 +106,18 @@ def save_audio(path: str | os.PathLike, wav, sample_rate: int, subtype: str = "P
     import soundfile as sf
 
     arr = wav.detach().cpu().float().numpy() if hasattr(wav, "detach") else np.asarray(wav, dtype=np.float32)
-    arr = np.squeeze(arr)
+    arr = np.squeeze(arr).reshape(-1) if np.size(arr) == 1 else np.squeeze(arr)
     if arr.ndim != 1:
         raise AudioError(f"save_audio expects a mono waveform, got shape {arr.shape}")
     arr = np.clip(arr, -1.0, 1.0)
     p = Path(path)
-    fmt = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}.get(p.suffix.lower(), "WAV")
+    formats = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
+    if p.suffix.lower() not in formats:
+        raise AudioError(
+            f"cannot write {p}: valle writes .wav, .flac or .ogg, not {p.suffix or 'files without extension'}",
+            "change the output name's extension",
+        )
+    fmt = formats[p.suffix.lower()]
     if fmt == "OGG":
         subtype = "VORBIS"
     with atomic_path(p, AudioError) as tmp:

@@ -76,7 +76,7 @@ def _run_espeak(args: list[str], text: str) -> tuple[np.ndarray, int]:
     exe = shutil.which("espeak-ng")
     if exe is None:
         raise AudioError("espeak-ng is not installed", "install it with `sudo apt-get install espeak-ng`")
-    proc = subprocess.run([exe, *args, "--stdout", text], capture_output=True, check=False)
+    proc = subprocess.run([exe, *args, "--stdout", "--", text], capture_output=True, check=False)
     if proc.returncode != 0 or len(proc.stdout) < 100:
         raise AudioError(
             f"espeak-ng failed ({' '.join(args)}): {proc.stderr.decode(errors='replace').strip()}"

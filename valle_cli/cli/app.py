@@ -14,7 +14,7 @@ import sys
 import typer
 
 from valle_cli import __version__
-from valle_cli.cli import codec, config, later, plugins_cmd
+from valle_cli.cli import codec, config, dataset, later, plugins_cmd, prepare
 
 app = typer.Typer(
     name="valle",
@@ -44,6 +44,9 @@ def _root(
     _state["debug"] = debug or os.environ.get("VALLE_DEBUG", "") not in ("", "0")
 
 
+app.command("prepare", help="Turn voices/{group}/{speaker}/ audio into a training dataset (resumable).")(
+    prepare.prepare
+)
 later.register(app)
 app.command("plugins", help="List codec, backbone and transcriber plugins and whether each loads.")(
     plugins_cmd.plugins
@@ -51,6 +54,7 @@ app.command("plugins", help="List codec, backbone and transcriber plugins and wh
 app.command(
     "config", help="Print (or write) a resolved config from a YAML file or preset, with --set overrides."
 )(config.config)
+app.add_typer(dataset.app, name="dataset", help="Inspect, convert, merge and re-index prepared datasets.")
 app.add_typer(
     codec.app, name="codec", help="Offline codec tools: fit codebooks on your audio, round-trip a file."
 )

@@ -11,10 +11,6 @@ from valle_cli.errors import NotImplementedYet
 
 # verb -> (help, issue that implements it)
 PLANNED = {
-    "prepare": (
-        "Turn voices/{group}/{speaker}/ audio into a training dataset (transcribe, phonemize, quantize).",
-        3,
-    ),
     "train": ("Train or fine-tune (LoRA) the AR+NAR model: local, torchrun DDP or DeepSpeed.", 4),
     "export": ("Export a checkpoint or run folder to one safetensors/pt file (optionally LoRA only).", 5),
     "synth": ('Synthesize speech: valle synth "text" --ref voice.wav -o out.wav [--play].', 5),
@@ -31,7 +27,7 @@ def _not_yet(verb: str, issue: int):
     ) -> None:
         raise NotImplementedYet(
             f"`valle {verb}` is not available in this release yet (tracked as issue #{issue})",
-            "see README's roadmap; `valle codec roundtrip` and `valle config` work today",
+            "see README's roadmap; `valle prepare`, `valle codec` and `valle config` work today",
         )
 
     command.__name__ = verb

@@ -10,6 +10,7 @@ def plugins(
     no_check: bool = typer.Option(False, "--no-check", help="Do not import plugins to check that they load."),
 ) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from valle_cli import plugins as registry
@@ -25,6 +26,7 @@ def plugins(
     else:
         rows = [(s.info, s.loads, s.error) for s in registry.status(kinds)]
     for info, loads, error in rows:
-        mark = "-" if loads is None else ("[green]yes[/]" if loads else f"[red]no[/]: {error}")
-        table.add_row(info.name, info.kind, registry.GROUPS[info.kind], info.distribution, info.version, mark)
+        mark = "-" if loads is None else ("[green]yes[/]" if loads else f"[red]no[/]: {escape(error or '')}")
+        cells = (info.name, info.kind, registry.GROUPS[info.kind], info.distribution, info.version)
+        table.add_row(*(escape(c) for c in cells), mark)
     Console(soft_wrap=True).print(table)

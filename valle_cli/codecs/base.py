@@ -31,7 +31,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' -> cuda when available, else cpu. Raises CodecError for a CUDA device on a machine without one."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CodecError(f"{device!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CodecError(
             f"device {device!r} was asked for but CUDA is not available", "use --device cpu or auto"
@@ -93,6 +96,8 @@ class Codec(torch.nn.Module):
         """(B, Q, F) long -> (B, 1, F * hop) float."""
         if codes.dim() != 3:
             raise CodecError(f"{self.name}.decode expects (batch, levels, frames), got {tuple(codes.shape)}")
+        if codes.shape[-1] == 0:
+            raise CodecError(f"{self.name}.decode got zero frames")
         if codes.shape[1] > self.n_codebooks or codes.shape[1] == 0:
             raise CodecError(
                 f"{self.name} has {self.n_codebooks} RVQ levels; got codes with {codes.shape[1]}",

@@ -10,6 +10,7 @@ random weights (tests, smoke runs).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
 ENCODEC_URL = "https://dl.fbaipublicfiles.com/encodec/v0/encodec_24khz-d7cc33bc.th"
 ENCODEC_FILE = "encodec_24khz-d7cc33bc.th"
+# encodec (and vocos) still call the deprecated weight_norm; the warning is for them, not our users.
+warnings.filterwarnings("ignore", message=".*torch.nn.utils.weight_norm.*", category=FutureWarning)
 BANDWIDTH_LEVELS = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}
 
 

@@ -81,7 +81,7 @@ class MelCodec(Codec):
         n_mels: int = 100,
         fmin: float = 0.0,
         fmax: float = 12_000.0,
-        griffin_lim_iters: int = 48,
+        griffin_lim_iters: int = 96,
         smoothing: float = 0.25,
         meta: dict | None = None,
     ):
@@ -200,9 +200,12 @@ class MelCodec(Codec):
     # -- features --------------------------------------------------------------------------------------------
 
     def _stft(self, wav: torch.Tensor) -> torch.Tensor:
-        # wav (N, T) with T a multiple of hop -> complex (N, n_fft/2+1, T/hop)
+        """(N, T), T a multiple of hop -> complex (N, S, T / hop); frame f is centred on sample (f + 1/2) * hop,
+        the middle of the span [f * hop, (f + 1) * hop) it stands for."""
+        half = self.hop_length // 2
+        padded = torch.nn.functional.pad(wav, (half, half))
         spec = torch.stft(
-            wav,
+            padded,
             self.n_fft,
             self.hop_length,
             window=self.window,
@@ -210,11 +213,17 @@ class MelCodec(Codec):
             pad_mode="constant",
             return_complex=True,
         )
-        return spec[..., : wav.shape[-1] // self.hop_length]
+        return spec[..., 1 : 1 + wav.shape[-1] // self.hop_length]
 
     def _istft(self, spec: torch.Tensor, length: int) -> torch.Tensor:
-        spec = torch.nn.functional.pad(spec, (0, 1))  # the frame stft's center padding adds at the end
-        return torch.istft(spec, self.n_fft, self.hop_length, window=self.window, center=True, length=length)
+        """Inverse of `_stft`: the edge frames are repeated outwards so the first and last spans are fully
+        covered (a zero frame there would fade them out)."""
+        half = self.hop_length // 2
+        full = torch.cat([spec[..., :1], spec, spec[..., -1:]], dim=-1)
+        wav = torch.istft(
+            full, self.n_fft, self.hop_length, window=self.window, center=True, length=length + 2 * half
+        )
+        return wav[..., half : half + length]
 
     def log_mel(self, wav: torch.Tensor) -> torch.Tensor:
         """Natural-log mel magnitudes. (B, 1, T) with T a multiple of hop -> (B, F, D)."""

@@ -47,9 +47,14 @@ def extract_frames(
 
 
 def drop_silence(frames: torch.Tensor, keep_fraction: float = 0.1, seed: int = 0) -> torch.Tensor:
-    """Keep every frame within 50 dB of the loudest and `keep_fraction` of the quieter ones."""
+    """Keep every frame within 50 dB of the loudest frames and `keep_fraction` of the quieter ones.
+
+    Loudness is the log of the summed mel magnitudes; frames are natural-log magnitudes, and 50 dB of
+    magnitude is ln(10) * 50 / 20 nepers. The reference is the 99th percentile, so one click cannot set it.
+    """
     energy = torch.logsumexp(frames, dim=1)
-    quiet = energy < energy.max() - 50 / 20 * np.log(10) * 2  # log-mel is natural-log magnitude
+    reference = torch.quantile(energy[torch.randperm(len(energy))[:100_000]], 0.99)
+    quiet = energy < reference - np.log(10) * 50 / 20
     gen = torch.Generator().manual_seed(seed)
     keep = ~quiet | (torch.rand(len(frames), generator=gen) < keep_fraction)
     return frames[keep]
@@ -121,6 +126,11 @@ def fit_mel_codec(
     info: dict | None = None,
 ) -> MelCodec:
     """Fit a `MelCodec` on 24 kHz mono waveforms."""
+    if levels < 1 or codebook_size < 2 or iters < 1:
+        raise CodecError(
+            f"cannot fit {levels} levels x {codebook_size} entries in {iters} iterations",
+            "use at least 1 level, 2 entries and 1 iteration",
+        )
     template = MelCodec(torch.zeros(1, 1, 100), torch.zeros(100), torch.ones(100))
     raw = drop_silence(extract_frames(wavs, template, progress, total), seed=seed)
     gen = torch.Generator().manual_seed(seed)

@@ -49,7 +49,9 @@ def fit_folder(
 ) -> FitReport:
     """Fit a mel codec on every audio file under `folder` (up to `max_minutes` of it) and save it."""
     from valle_cli.codecs.mel_fit import fit_mel_codec
+    from valle_cli.fsutil import check_writable
 
+    check_writable(output, CodecError)  # fail now, not after minutes of fitting
     files = find_audio(folder)
     if not files:
         raise AudioError(

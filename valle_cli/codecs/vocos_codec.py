@@ -15,8 +15,6 @@ EnCodec weights inside its feature extractor even when only decoding is wanted.
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +23,7 @@ import torch
 from valle_cli.codecs.base import Codec
 from valle_cli.codecs.encodec_codec import BANDWIDTH_LEVELS, EncodecCodec, _check_bandwidth
 from valle_cli.errors import CodecError
+from valle_cli.hub import online
 
 if TYPE_CHECKING:
     from valle_cli.config import CodecConfig
@@ -50,16 +49,6 @@ DEFAULT_CONFIG = {
 }
 
 
-def _online(host: str = "huggingface.co") -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
-
-
 def fetch_vocos_files(path: str | None = None) -> tuple[Path, Path]:
     """(config.yaml, pytorch_model.bin) from a local folder, the hub cache, or a download."""
     if path:
@@ -81,7 +70,7 @@ def fetch_vocos_files(path: str | None = None) -> tuple[Path, Path]:
             continue
         except Exception:
             pass
-        if not _online():
+        if not online():
             raise CodecError(
                 f"Vocos weights ({REPO_ID}/{name}) are not in the Hugging Face cache and there is no network",
                 f"on a machine with internet run `huggingface-cli download {REPO_ID}` and copy the cache "
@@ -184,6 +173,8 @@ class VocosCodec(Codec):
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         features = self.features(codes)  # (B, 128, F)
-        bandwidth_id = torch.tensor([VOCOS_BANDWIDTHS.index(self.bandwidth)], device=codes.device)
+        # condition on the bandwidth the codes actually have (fewer levels = lower bandwidth)
+        levels_to_id = {BANDWIDTH_LEVELS[b]: i for i, b in enumerate(VOCOS_BANDWIDTHS)}
+        bandwidth_id = torch.tensor([levels_to_id.get(codes.shape[1], 0)], device=codes.device)
         x = self.backbone(features, bandwidth_id=bandwidth_id)
         return self.head(x).unsqueeze(1)  # (B, 1, F * 320)

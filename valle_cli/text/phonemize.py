@@ -85,6 +85,11 @@ def check_espeak() -> None:
     from phonemizer.backend import EspeakBackend
 
     if not EspeakBackend.is_available():
+        if lib:
+            raise TextError(
+                f"PHONEMIZER_ESPEAK_LIBRARY points to {lib}, which is not a working libespeak-ng",
+                "set it to the full path of libespeak-ng, or unset it to use the installed one",
+            )
         raise TextError("espeak-ng is not installed (phonemizer cannot find libespeak-ng)", _install_hint())
 
 

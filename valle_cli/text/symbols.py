@@ -1,8 +1,9 @@
 """The symbol map: IPA symbols <-> token ids, versioned and stable across runs.
 
 A symbol is one Unicode code point of espeak-ng's IPA output (combining diacritics and stress marks are
-symbols of their own), so the inventory is fixed and small (368 in version 1): the IPA block, spacing
-modifier letters, combining diacritics, a-z, digits and punctuation, plus <pad>=0, <bos>=1, <eos>=2, <unk>=3.
+symbols of their own), so the inventory is fixed and small (623 in version 1): the IPA block, spacing
+modifier letters, combining diacritics, the phonetic extensions (espeak-ng writes ᵻ for English -ed/-es),
+a-z, digits and punctuation, plus <pad>=0, <bos>=1, <eos>=2, <unk>=3.
 The list lives in `symbols_v1.json`; a new symbol means a new version file, never a reshuffle, so models
 trained with version 1 keep working. Every checkpoint carries its symbol map, and loading one compares it.
 """

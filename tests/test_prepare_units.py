@@ -1,0 +1,84 @@
+"""Pieces of `valle prepare`: transcript lookup order, language mapping, similarity ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from valle_cli.errors import DatasetError
+from valle_cli.prepare.discover import discover, find_transcript, parse_language_map
+from valle_cli.prepare.similar import code_embedding, top_k_similar
+
+
+def _wav(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.zeros(100, np.float32), 16_000)
+
+
+def test_transcript_lookup_order(tmp_path):
+    spk = tmp_path / "g" / "s"
+    _wav(spk / "a.wav")
+    (spk / "transcripts.tsv").write_text("a.wav\tfrom tsv\n")
+    assert find_transcript(spk / "a.wav", spk) == ("from tsv", "transcripts.tsv")
+    (spk / "a.normalized.txt").write_text("from normalized")
+    assert find_transcript(spk / "a.wav", spk)[1] == "normalized.txt"
+    (spk / "a.lab").write_text("from  lab\n")
+    assert find_transcript(spk / "a.wav", spk) == ("from lab", "lab")
+    (spk / "a.txt").write_text("from txt")
+    assert find_transcript(spk / "a.wav", spk) == ("from txt", "sidecar")
+    _wav(spk / "b.wav")
+    assert find_transcript(spk / "b.wav", spk) == (None, "transcriber")
+
+
+def test_metadata_csv_is_found_from_a_subfolder(tmp_path):
+    spk = tmp_path / "g" / "s"
+    _wav(spk / "wavs" / "x1.wav")
+    (spk / "metadata.csv").write_text("x1|Raw Text|normalized text\nx2|only raw\n")
+    assert find_transcript(spk / "wavs" / "x1.wav", spk) == ("normalized text", "metadata.csv")
+
+
+def test_discover_ids_and_languages(tmp_path):
+    _wav(tmp_path / "g1" / "s1" / "ch" / "u.wav")
+    _wav(tmp_path / "g2" / "s2" / "v.flac")
+    (tmp_path / "g2" / "language.txt").write_text("fr")
+    (tmp_path / "g1" / "s1" / "notes.md").write_text("not audio")
+    srcs = list(discover(tmp_path, "en", {"g1/s1": "de"}))
+    assert [(s.uid, s.language) for s in srcs] == [("g1/s1/ch__u", "de"), ("g2/s2/v", "fr")]
+
+
+def test_discover_errors(tmp_path):
+    with pytest.raises(DatasetError, match="no group folders"):
+        list(discover(tmp_path))
+    with pytest.raises(DatasetError, match="not a folder"):
+        list(discover(tmp_path / "missing"))
+
+
+def test_language_map():
+    assert parse_language_map(["de", "news=en", "news/anna=fr"], "en") == (
+        "de",
+        {"news": "en", "news/anna": "fr"},
+    )
+    with pytest.raises(DatasetError):
+        parse_language_map(["=fr"], "en")
+
+
+def test_top_k_similar_ranks_by_cosine():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((3, 16))
+    emb = np.concatenate(
+        [base + 0.01 * rng.standard_normal((3, 16)), base + 0.3 * rng.standard_normal((3, 16))]
+    )
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    best = top_k_similar(emb, 2, block=2)
+    for i in range(3):
+        assert best[i, 0] == i + 3  # its noisy twin first
+        assert best[i + 3, 0] == i
+    assert top_k_similar(emb[:1], 5).shape == (1, 0)
+
+
+def test_code_embedding_is_a_unit_vector_of_histograms():
+    codes = np.array([[0, 0, 1, 3], [2, 2, 2, 2]])
+    e = code_embedding(codes, codebook_size=4)
+    assert e.shape == (8,) and np.linalg.norm(e) == pytest.approx(1.0)
+    assert e[2] == 0 and e[4 + 2] > e[0]

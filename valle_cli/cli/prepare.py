@@ -1,0 +1,89 @@
+"""`valle prepare VOICES -o DATASET`: from a folder of voices to a training dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def prepare(
+    voices: Path = typer.Argument(..., help="Folder laid out as {group}/{speaker}/ with audio files below."),
+    output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write (resumable)."),
+    config_file: str = typer.Option(
+        None, "--config", "-c", help="Config file or preset (codec and data sections)."
+    ),
+    set_: list[str] = typer.Option(None, "--set", help="Override: section.key=value (repeatable)."),
+    codec: str = typer.Option(None, "--codec", help="Codec plugin (default: the config's)."),
+    language: list[str] = typer.Option(
+        None, "--language", "-l", help="LANG for all, or GROUP=LANG / GROUP/SPEAKER=LANG (repeatable)."
+    ),
+    transcriber: str = typer.Option(None, help="Transcriber plugin for audio without transcripts."),
+    min_duration: float = typer.Option(None, help="Skip utterances shorter than this (seconds)."),
+    max_duration: float = typer.Option(None, help="Skip utterances longer than this (seconds)."),
+    workers: int = typer.Option(2, help="Processes that load audio and phonemize."),
+    batch_size: int = typer.Option(16, help="Utterances quantized together."),
+    shard: str = typer.Option(
+        None, help="i/n: process only this shard of the corpus (join with valle dataset merge)."
+    ),
+    top_k: int = typer.Option(8, help="Similar utterances kept per utterance."),
+    hdf5: bool = typer.Option(False, "--hdf5", help="Also write the dataset as one HDF5 file, OUTPUT.h5."),
+    device: str = typer.Option("auto", help="Where to quantize: auto, cpu, cuda, cuda:N."),
+) -> None:
+    """Turn voices/{group}/{speaker}/ audio into a training dataset: transcripts, phonemes, codec tokens,
+    similar-utterance lists, an index. Rerun the same command to resume after an interruption."""
+    from rich.console import Console
+
+    from valle_cli.cli.progress import stage_progress
+    from valle_cli.config import load_config
+    from valle_cli.prepare.discover import parse_language_map
+    from valle_cli.prepare.pipeline import PrepareOptions, parse_shard
+    from valle_cli.prepare.pipeline import prepare as run_prepare
+
+    overrides = list(set_ or [])
+    if codec:
+        overrides.append(f"codec.name={codec}")
+    if transcriber:
+        overrides.append(f"data.transcriber={transcriber}")
+    cfg = load_config(config_file, overrides)
+    default_lang, lang_map = parse_language_map(language or [], cfg.data.language)
+    opts = PrepareOptions(
+        voices=voices,
+        output=output,
+        codec=cfg.codec,
+        language=default_lang,
+        languages=lang_map,
+        transcriber=cfg.data.transcriber,
+        min_duration=cfg.data.min_duration if min_duration is None else min_duration,
+        max_duration=cfg.data.max_duration if max_duration is None else max_duration,
+        workers=workers,
+        batch_size=batch_size,
+        shard=parse_shard(shard),
+        top_k=top_k,
+        device=device,
+    )
+    console = Console(stderr=True, soft_wrap=True, highlight=False)
+    with stage_progress(console) as progress:
+        report = run_prepare(opts, progress)
+    if hdf5:
+        from valle_cli.data.hdf5 import folder_to_hdf5
+
+        with stage_progress(console) as progress:
+            report.hdf5 = folder_to_hdf5(
+                output, output.with_suffix(".h5"), lambda d, t: progress("hdf5", d, t)
+            )
+    console.print(
+        f"{report.utterances} utterances, {report.seconds / 3600:.2f} h, {report.speakers} speakers in "
+        f"{report.groups} groups -> {output}" + (f" and {report.hdf5}" if report.hdf5 else ""),
+        markup=False,
+    )
+    console.print(
+        f"{report.new} new, {report.resumed} already done, {len(report.skipped)} skipped, {report.elapsed:.1f} s",
+        markup=False,
+    )
+    for source, reason in report.skipped[:20]:
+        console.print(f"  skipped {source}: {reason}", style="yellow", markup=False)
+    if len(report.skipped) > 20:
+        console.print(
+            f"  ... and {len(report.skipped) - 20} more in {output / 'report.json'}", style="yellow"
+        )

@@ -1,0 +1,1 @@
+"""Datasets: the on-disk format written by `valle prepare` and read by training."""

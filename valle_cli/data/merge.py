@@ -1,0 +1,71 @@
+"""Joining dataset folders (shards of one corpus made on several machines) and rebuilding an index."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from valle_cli.data.dataset import finished_utterances, utterance_paths, write_index
+from valle_cli.errors import DatasetError
+from valle_cli.prepare.pipeline import _fill_similar
+
+Progress = Callable[[str, int, int], None]
+
+
+def _settings(folder: Path) -> dict:
+    path = folder / "prepare.json"
+    if not path.is_file():
+        raise DatasetError(f"{folder} is not a `valle prepare` output (no prepare.json)")
+    return json.loads(path.read_text())
+
+
+def reindex(folder: Path, top_k: int = 8, progress: Progress | None = None) -> int:
+    """Rebuild index/ and dataset.json from the utterance files (after deleting some, or after a merge)."""
+    from valle_cli.text import default_symbol_map
+
+    settings = _settings(folder)
+    utts = finished_utterances(folder)
+    if not utts:
+        raise DatasetError(f"{folder} has no finished utterances")
+    _fill_similar(folder, utts, int(settings["codec"]["codebook_size"]), top_k, progress or (lambda *_: None))
+    header = {"codec": settings["codec"], "created_by": settings.get("created_by", "?"), "shard": []}
+    write_index(folder, utts, header, default_symbol_map(int(settings["symbols_version"])))
+    return len(utts)
+
+
+def merge_datasets(inputs: list[Path], output: Path, top_k: int = 8, progress: Progress | None = None) -> int:
+    """Copy (hard-link where possible) the utterances of several prepare outputs into one and index it."""
+    if not inputs:
+        raise DatasetError("nothing to merge", "name the shard folders to join")
+    settings = [_settings(p) for p in inputs]
+    for p, s in zip(inputs[1:], settings[1:], strict=True):
+        if s["codec"] != settings[0]["codec"] or s["symbols_version"] != settings[0]["symbols_version"]:
+            raise DatasetError(
+                f"{p} was prepared with another codec or symbol map than {inputs[0]}",
+                "merge only matching shards",
+            )
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "prepare.json").write_text(json.dumps(settings[0], indent=1))
+    seen: dict[str, Path] = {}
+    for folder in inputs:
+        utts = finished_utterances(folder)
+        for n, u in enumerate(utts):
+            if u.uid in seen:
+                raise DatasetError(
+                    f"utterance {u.uid} is in both {seen[u.uid]} and {folder}", "merge distinct shards"
+                )
+            seen[u.uid] = folder
+            for src, dst in zip(utterance_paths(folder, u.uid), utterance_paths(output, u.uid), strict=True):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if dst.exists():
+                    continue
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+            if progress:
+                progress(f"merge {folder.name}", n + 1, len(utts))
+    return reindex(output, top_k, progress)

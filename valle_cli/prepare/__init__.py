@@ -1,0 +1,1 @@
+"""`valle prepare`: voices/{group}/{speaker}/ audio -> a training dataset."""

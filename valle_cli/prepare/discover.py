@@ -1,0 +1,145 @@
+"""Input discovery: voices/{group}/{speaker}/... audio files and where each one's transcript comes from.
+
+Audio may sit anywhere below a speaker folder (LibriTTS nests chapters, LJSpeech has wavs/). For each file the
+transcript is looked up in this order:
+
+1. a sidecar beside the audio: `{stem}.txt`, then `{stem}.lab`;
+2. corpus layouts: LibriTTS' `{stem}.normalized.txt`; an LJSpeech-style `metadata.csv` (`id|text` or
+   `id|text|normalized text`, the normalized column preferred) or a `transcripts.tsv` (`file<TAB>text`) in the
+   audio's folder or any folder above it up to the speaker folder;
+3. otherwise none: the transcriber plugin fills it in later (and may cut long recordings into utterances).
+
+The language of a file is the first of: a `--language GROUP[/SPEAKER]=LANG` mapping, a `language.txt` in the
+speaker or group folder, the default language.
+
+Utterance ids are `group/speaker/relative-path-without-extension` (slashes inside the speaker folder become
+`__`), stable across runs, so a rerun can recognize finished work.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from valle_cli.audio.io import supported_extensions
+from valle_cli.errors import DatasetError
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input audio file and what is known about it before processing."""
+
+    path: Path
+    group: str
+    speaker: str
+    uid: str  # group/speaker/name
+    text: str | None  # None: needs the transcriber
+    text_from: str  # "sidecar", "lab", "normalized.txt", "metadata.csv", "transcripts.tsv" or "transcriber"
+    language: str
+
+
+def _read_text(path: Path) -> str:
+    return " ".join(path.read_text(encoding="utf-8", errors="replace").split())
+
+
+@functools.lru_cache(maxsize=4096)
+def _table(path: Path) -> dict[str, str]:
+    """Transcripts from metadata.csv (LJSpeech) or transcripts.tsv, keyed by file stem."""
+    out: dict[str, str] = {}
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        if path.name == "metadata.csv":
+            for row in csv.reader(f, delimiter="|", quoting=csv.QUOTE_NONE):
+                if len(row) >= 2 and row[0].strip():
+                    text = row[2] if len(row) >= 3 and row[2].strip() else row[1]
+                    out[Path(row[0].strip()).stem] = " ".join(text.split())
+        else:
+            for line in f:
+                name, sep, text = line.rstrip("\n").partition("\t")
+                if sep and name.strip():
+                    out[Path(name.strip()).stem] = " ".join(text.split())
+    return out
+
+
+def find_transcript(audio: Path, speaker_dir: Path) -> tuple[str | None, str]:
+    for suffix, label in ((".txt", "sidecar"), (".lab", "lab"), (".normalized.txt", "normalized.txt")):
+        side = audio.with_name(audio.stem + suffix)
+        if side.is_file():
+            return _read_text(side), label
+    folder = audio.parent
+    while True:
+        for name in ("metadata.csv", "transcripts.tsv"):
+            table = folder / name
+            if table.is_file():
+                text = _table(table).get(audio.stem)
+                if text is not None:
+                    return text, name
+        if folder == speaker_dir or speaker_dir not in folder.parents:
+            break
+        folder = folder.parent
+    return None, "transcriber"
+
+
+def parse_language_map(items: list[str], default: str) -> tuple[str, dict[str, str]]:
+    """`["de", "news=en", "news/anna=fr"]` -> ("de", {"news": "en", "news/anna": "fr"})."""
+    mapping: dict[str, str] = {}
+    for item in items:
+        key, sep, lang = item.partition("=")
+        if sep:
+            if not key.strip() or not lang.strip():
+                raise DatasetError(f"bad --language {item!r}", "use LANG, GROUP=LANG or GROUP/SPEAKER=LANG")
+            mapping[key.strip().strip("/")] = lang.strip()
+        else:
+            default = item.strip()
+    return default, mapping
+
+
+def _language(group_dir: Path, speaker_dir: Path, mapping: dict[str, str], default: str) -> str:
+    key = f"{group_dir.name}/{speaker_dir.name}"
+    if key in mapping:
+        return mapping[key]
+    for folder in (speaker_dir, group_dir):
+        f = folder / "language.txt"
+        if f.is_file() and f.read_text().strip():
+            return f.read_text().strip()
+    return mapping.get(group_dir.name, default)
+
+
+def discover(
+    root: Path, default_language: str = "en", languages: dict[str, str] | None = None
+) -> Iterator[Source]:
+    """Every audio file under root/{group}/{speaker}/, sorted, with its transcript (if any) and language."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(
+            f"{root} is not a folder", "point valle prepare at voices/ laid out as {group}/{speaker}/"
+        )
+    exts = set(supported_extensions())
+    groups = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not groups:
+        raise DatasetError(
+            f"{root} has no group folders",
+            "lay audio out as voices/{group}/{speaker}/*.wav (group can be 'default')",
+        )
+    for group_dir in groups:
+        for speaker_dir in sorted(
+            p for p in group_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ):
+            lang = _language(group_dir, speaker_dir, languages or {}, default_language)
+            for path in sorted(speaker_dir.rglob("*")):
+                if path.suffix.lower() not in exts or not path.is_file() or path.name.startswith("."):
+                    continue
+                rel = path.relative_to(speaker_dir).with_suffix("")
+                name = "__".join(rel.parts)
+                text, source = find_transcript(path, speaker_dir)
+                yield Source(
+                    path=path,
+                    group=group_dir.name,
+                    speaker=speaker_dir.name,
+                    uid=f"{group_dir.name}/{speaker_dir.name}/{name}",
+                    text=text,
+                    text_from=source,
+                    language=lang,
+                )

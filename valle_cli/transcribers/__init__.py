@@ -1,0 +1,1 @@
+"""Built-in transcriber plugins (registered in pyproject.toml under valle.transcribers)."""
