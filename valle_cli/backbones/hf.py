@@ -1,0 +1,132 @@
+"""transformers backbones: `llama` (LlamaModel) and `mixtral` (MixtralModel, mixture of experts).
+
+We drive the decoder stack with `inputs_embeds`, an explicit 4D additive mask (transformers passes a 4D mask
+through unchanged, so one model runs causal AR and non-causal NAR passes), explicit `position_ids`, and
+transformers' own `DynamicCache` for incremental decoding. Sampling stays in valle's code; `generate()` is not
+used. `attn_implementation` is `eager` or `sdpa` (torch picks its flash / memory-efficient / math kernel; see
+`torch.nn.attention.sdpa_kernel`). `flash_attention_2` cannot take the arbitrary masks the NAR passes need,
+so it is refused with that reason.
+
+The token embedding table transformers creates is unused (valle has its own embeddings), so it is built with
+a vocabulary of one row.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from valle_cli.backbones.base import Backbone, BackboneOutput
+from valle_cli.errors import ConfigError
+
+if TYPE_CHECKING:
+    from valle_cli.config import ModelConfig
+
+
+def _attn(cfg: ModelConfig) -> str:
+    if cfg.attn_implementation == "flash_attention_2":
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 cannot apply the non-causal masks of the NAR passes",
+            "use sdpa: on a GPU torch runs it with flash or memory-efficient kernels",
+        )
+    return cfg.attn_implementation
+
+
+class HFBackbone(Backbone):
+    """Common driver for transformers decoder stacks."""
+
+    def __init__(self, model: torch.nn.Module, gradient_checkpointing: bool = False):
+        super().__init__()
+        self.model = model
+        model.embed_tokens.weight.requires_grad_(False)  # unused: valle feeds inputs_embeds
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _call(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, **extra):
+        from transformers import DynamicCache
+
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=None if attention_mask is None else attention_mask.to(inputs_embeds.dtype),
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **extra,
+        )
+        return out, (cache if use_cache else None)
+
+
+class LlamaBackbone(HFBackbone):
+    name = "llama"
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> LlamaBackbone:
+        from transformers import LlamaConfig, LlamaModel
+
+        config = LlamaConfig(
+            vocab_size=1,
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.ffn_dim,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads,
+            max_position_embeddings=cfg.max_position,
+            attention_dropout=cfg.dropout,
+            attn_implementation=_attn(cfg),
+        )
+        return cls(LlamaModel(config), cfg.gradient_checkpointing)
+
+    def forward(
+        self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False
+    ) -> BackboneOutput:
+        out, cache = self._call(inputs_embeds, attention_mask, position_ids, cache, use_cache)
+        return BackboneOutput(out.last_hidden_state, cache)
+
+
+class MixtralBackbone(HFBackbone):
+    name = "mixtral"
+    has_aux_loss = True
+
+    def __init__(self, model, gradient_checkpointing: bool = False, aux_coef: float = 0.02):
+        super().__init__(model, gradient_checkpointing)
+        self.aux_coef = aux_coef
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> MixtralBackbone:
+        from transformers import MixtralConfig, MixtralModel
+
+        config = MixtralConfig(
+            vocab_size=1,
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.ffn_dim,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads,
+            max_position_embeddings=cfg.max_position,
+            attention_dropout=cfg.dropout,
+            num_local_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.experts_per_token,
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            attn_implementation=_attn(cfg),
+        )
+        return cls(MixtralModel(config), cfg.gradient_checkpointing, cfg.router_aux_loss_coef)
+
+    def forward(
+        self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False
+    ) -> BackboneOutput:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        want_aux = self.training
+        out, cache = self._call(
+            inputs_embeds, attention_mask, position_ids, cache, use_cache, output_router_logits=want_aux
+        )
+        aux = None
+        if want_aux and getattr(out, "router_logits", None):
+            cfg = self.model.config
+            aux = self.aux_coef * load_balancing_loss_func(
+                out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok
+            )
+        return BackboneOutput(out.last_hidden_state, cache, aux)

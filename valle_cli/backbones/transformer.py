@@ -1,0 +1,163 @@
+"""A native torch transformer backbone (the `transformer` plugin): pre-norm, RoPE, SwiGLU, its own KV cache.
+
+No dependency beyond torch, every line readable: RMSNorm -> multi-head attention (rotary positions,
+`scaled_dot_product_attention` with the explicit additive mask) -> residual -> RMSNorm -> SwiGLU -> residual.
+The KV cache is an explicit object holding (B, H, S, Dh) keys and values per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from valle_cli.backbones.base import Backbone, BackboneOutput
+
+if TYPE_CHECKING:
+    from valle_cli.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer seen so far: lists of (B, H, S, Dh) tensors."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    def get_seq_length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep/duplicate batch rows (beam search)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype)
+
+
+def rotary(x: torch.Tensor, position_ids: torch.Tensor, base: float = 10_000.0) -> torch.Tensor:
+    """Apply rotary position embedding to (B, H, T, Dh) using positions (B, T)."""
+    dh = x.shape[-1]
+    inv = 1.0 / (base ** (torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh))
+    angles = position_ids.float()[:, None, :, None] * inv  # (B, 1, T, Dh/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x, mask, position_ids, cache: KVCache | None, layer: int) -> torch.Tensor:
+        b, t, d = x.shape
+
+        def heads(p: torch.Tensor) -> torch.Tensor:
+            return p.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+
+        q = rotary(heads(self.q_proj(x)), position_ids)
+        k = rotary(heads(self.k_proj(x)), position_ids)
+        v = heads(self.v_proj(x))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if mask is None else mask.to(q.dtype),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model)
+        self.attn = Attention(d_model, n_heads, dropout)
+        self.ffn_norm = RMSNorm(d_model)
+        self.gate_proj = nn.Linear(d_model, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(d_model, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, d_model, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask, position_ids, cache, layer):
+        x = x + self.drop(self.attn(self.attn_norm(x), mask, position_ids, cache, layer))
+        h = self.ffn_norm(x)
+        return x + self.drop(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
+
+
+class TransformerBackbone(Backbone):
+    name = "transformer"
+
+    def __init__(
+        self,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        ffn_dim: int,
+        dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(d_model, n_heads, ffn_dim, dropout) for _ in range(n_layers))
+        self.norm = RMSNorm(d_model)
+        self.gradient_checkpointing = gradient_checkpointing
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                nn.init.normal_(
+                    p,
+                    std=0.02
+                    / (
+                        math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+                    ),
+                )
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> TransformerBackbone:
+        return cls(
+            cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.ffn_dim, cfg.dropout, cfg.gradient_checkpointing
+        )
+
+    def forward(
+        self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False
+    ) -> BackboneOutput:
+        if use_cache and cache is None:
+            cache = KVCache()
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, attention_mask, position_ids, None, i, use_reentrant=False)
+            else:
+                x = layer(
+                    x, attention_mask, position_ids, cache if use_cache or cache is not None else None, i
+                )
+        return BackboneOutput(self.norm(x), cache if use_cache else None)

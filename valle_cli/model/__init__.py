@@ -1,0 +1,1 @@
+"""The VALL-E model: embeddings, sequence assembly, heads, losses."""
