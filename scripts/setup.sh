@@ -30,6 +30,9 @@ PYEOF
 cache=${VALLE_VENV_CACHE:-$HOME/.cache/valle/venvs}
 venv=$cache/$hash
 mkdir -p "$cache"
+# One setup at a time per cache: a second one waits instead of deleting a half-built virtualenv.
+exec 9>"$cache/.lock"
+flock 9
 
 if [ ! -f "$venv/.complete" ]; then
   echo "setup: building the virtualenv $venv (once per dependency change; a few minutes)" >&2

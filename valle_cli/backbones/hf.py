@@ -76,6 +76,9 @@ class LlamaBackbone(HFBackbone):
             max_position_embeddings=cfg.max_position,
             attention_dropout=cfg.dropout,
             attn_implementation=_attn(cfg),
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
         )
         return cls(LlamaModel(config), cfg.gradient_checkpointing)
 
@@ -111,6 +114,9 @@ class MixtralBackbone(HFBackbone):
             num_experts_per_tok=cfg.experts_per_token,
             router_aux_loss_coef=cfg.router_aux_loss_coef,
             attn_implementation=_attn(cfg),
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
         )
         return cls(MixtralModel(config), cfg.gradient_checkpointing, cfg.router_aux_loss_coef)
 

@@ -14,7 +14,7 @@ import sys
 import typer
 
 from valle_cli import __version__
-from valle_cli.cli import codec, config, dataset, later, plugins_cmd, prepare
+from valle_cli.cli import codec, config, dataset, later, plugins_cmd, prepare, train
 
 app = typer.Typer(
     name="valle",
@@ -46,6 +46,9 @@ def _root(
 
 app.command("prepare", help="Turn voices/{group}/{speaker}/ audio into a training dataset (resumable).")(
     prepare.prepare
+)
+app.command("train", help="Train or fine-tune the AR+NAR model; rerun to resume; live commands on stdin.")(
+    train.train
 )
 later.register(app)
 app.command("plugins", help="List codec, backbone and transcriber plugins and whether each loads.")(

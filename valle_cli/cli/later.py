@@ -11,7 +11,6 @@ from valle_cli.errors import NotImplementedYet
 
 # verb -> (help, issue that implements it)
 PLANNED = {
-    "train": ("Train or fine-tune (LoRA) the AR+NAR model: local, torchrun DDP or DeepSpeed.", 4),
     "export": ("Export a checkpoint or run folder to one safetensors/pt file (optionally LoRA only).", 5),
     "synth": ('Synthesize speech: valle synth "text" --ref voice.wav -o out.wav [--play].', 5),
     "stt": ("Transcribe audio to IPA phonemes with the model's speech-to-text task.", 5),

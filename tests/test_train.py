@@ -1,0 +1,274 @@
+"""`valle train` on the tiny preset, CPU: metrics, checkpoints, resume after kill -9 equals an uninterrupted
+run, SIGTERM saves and stops, stdin commands, non-finite losses, a failing save leaves the last one intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from valle_cli.config import CodecConfig, load_config
+from valle_cli.train.checkpoint import CheckpointError, latest, list_checkpoints, load_checkpoint
+from valle_cli.train.trainer import Trainer, TrainingError
+
+from .conftest import needs_espeak
+
+pytestmark = needs_espeak
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    import soundfile as sf
+
+    from valle_cli.audio.speech import say
+    from valle_cli.prepare.pipeline import PrepareOptions, prepare
+
+    from .corpus import SENTENCES
+
+    root = tmp_path_factory.mktemp("train")
+    for spk, voice in (("ann", "espeak:en-us+f3"), ("bo", "espeak:en-gb+m3")):
+        folder = root / "voices" / "g" / spk
+        folder.mkdir(parents=True)
+        for i, text in enumerate(SENTENCES):
+            wav, sr = say(text, voice, speed=170)
+            sf.write(folder / f"{i}.wav", wav, sr)
+            (folder / f"{i}.txt").write_text(text)
+    out = root / "ds"
+    prepare(
+        PrepareOptions(
+            voices=root / "voices", output=out, codec=CodecConfig(name="mel"), device="cpu", workers=1
+        )
+    )
+    return out
+
+
+def config(dataset: Path, *extra: str):
+    return load_config(
+        "tiny",
+        [
+            f"data.paths=[{dataset}]",
+            "data.batch_size=2",
+            "data.val_fraction=0.2",
+            "train.warmup_steps=2",
+            "train.eval_every=1000",
+            *extra,
+        ],
+    )
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "valle_cli.cli.app", "train", *args],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
+
+
+def test_trains_logs_and_keeps_the_last_checkpoints(dataset, tmp_path):
+    cfg = config(dataset, "train.steps=6", "train.save_every=2", "train.keep_last=2", "train.eval_every=3")
+    events = []
+    info = Trainer(cfg, tmp_path / "run", lambda k, p: events.append((k, p))).train()
+    assert info.step == 6
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000004", "step-00000006"]
+    assert latest(run).name == "step-00000006"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 7))
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in train_rows)
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert len(evals) == 2 and all(f"acc.l{q}" in evals[0] for q in range(8))
+    assert (run / "config.yaml").is_file()
+    meta = load_checkpoint(latest(run))["meta"]
+    assert meta["config"]["model"]["d_model"] == 64 and meta["symbols"]["version"] == 1
+    assert meta["codec"]["name"] == "mel"
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(dataset, tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(config(dataset, "train.steps=20", "train.save_every=10"), straight).train()
+    killed = tmp_path / "killed"
+    args = [
+        "tiny",
+        "--run",
+        str(killed),
+        "--set",
+        f"data.paths=[{dataset}]",
+        "--set",
+        "data.batch_size=2",
+        "--set",
+        "data.val_fraction=0.2",
+        "--set",
+        "train.warmup_steps=2",
+        "--set",
+        "train.eval_every=1000",
+        "--set",
+        "train.steps=20",
+        "--set",
+        "train.save_every=10",
+    ]
+    proc = cli(*args, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "step-00000010").is_dir():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "step-00000010").is_dir() and not (killed / "step-00000020").exists()
+    resumed = Trainer(config(dataset, "train.steps=20", "train.save_every=10"), killed)
+    info = resumed.train()
+    assert info.resumed_from.name == "step-00000010" and info.step == 20
+    a = load_checkpoint(straight / "step-00000020")["model"]
+    b = load_checkpoint(killed / "step-00000020")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_sigterm_saves_and_stops(dataset, tmp_path):
+    run = tmp_path / "run"
+    proc = cli(
+        "tiny",
+        "--run",
+        str(run),
+        "--set",
+        f"data.paths=[{dataset}]",
+        "--set",
+        "train.steps=100000",
+        "--set",
+        "data.batch_size=2",
+        stdin=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "saving and stopping" in err
+    ck = latest(run)
+    assert ck is not None and int(ck.name.split("-")[1]) > 0
+
+
+def test_stdin_commands(dataset, tmp_path):
+    run = tmp_path / "run"
+    proc = cli(
+        "tiny",
+        "--run",
+        str(run),
+        "--set",
+        f"data.paths=[{dataset}]",
+        "--set",
+        "train.steps=100000",
+        "--set",
+        "data.batch_size=2",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.schedule=constant",
+        stdin=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    proc.stdin.write("lr 0.0042\nbogus\nlr abc\nsave\n")
+    proc.stdin.flush()
+    while time.time() < deadline and not list_checkpoints(run):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.stdin.write("quit\n")
+    proc.stdin.flush()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "unknown command 'bogus'" in err and "is not a number" in err
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if r["kind"] == "train"]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(0.0042)
+    assert rows[-1]["step"] < 100000
+
+
+def test_nonfinite_losses_skip_then_abort(dataset, tmp_path):
+    cfg = config(dataset, "train.steps=50")
+    warnings = []
+    trainer = Trainer(cfg, tmp_path / "run", lambda k, p: warnings.append(p) if k == "warn" else None)
+    with torch.no_grad():
+        for head in trainer.model.heads:
+            head.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="non-finite losses in a row"):
+        trainer.train()
+    assert len(warnings) == 8 and "step skipped" in warnings[0]["message"]
+
+
+def test_failed_save_keeps_the_previous_checkpoint(dataset, tmp_path, monkeypatch):
+    cfg = config(dataset, "train.steps=2", "train.save_every=1")
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train()
+    before = latest(tmp_path / "run")
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)  # stands in for the disk filling up mid-save
+    trainer.step += 1
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+        trainer.save()
+    assert latest(tmp_path / "run") == before
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+    load_checkpoint(before)
+
+
+def test_truncated_checkpoint_is_named(dataset, tmp_path):
+    cfg = config(dataset, "train.steps=1")
+    Trainer(cfg, tmp_path / "run").train()
+    ck = latest(tmp_path / "run")
+    (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="may be truncated"):
+        Trainer(cfg, tmp_path / "run").train()
+    (ck / "rng.pt").unlink()
+    with pytest.raises(CheckpointError, match="lacks rng.pt"):
+        load_checkpoint(ck)
+
+
+def test_eval_only_and_config_errors(dataset, tmp_path):
+    Trainer(config(dataset, "train.steps=2"), tmp_path / "run").train()
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "valle_cli.cli.app",
+            "train",
+            "tiny",
+            "--run",
+            str(tmp_path / "run"),
+            "--set",
+            f"data.paths=[{dataset}]",
+            "--set",
+            "data.val_fraction=0.3",
+            "--eval",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "eval at step 2" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "valle_cli.cli.app", "train", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 1 and "data.paths is empty" in proc.stderr

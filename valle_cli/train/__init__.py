@@ -1,0 +1,1 @@
+"""Training: the trainer, its backends, checkpoints and the live-command channel."""

@@ -1,0 +1,122 @@
+"""Checkpoints: `run/step-00001000/` folders written atomically, a `latest` pointer, the last K kept.
+
+A checkpoint folder holds `model.safetensors` (weights, with the format version, config, symbol map and codec
+in its metadata), `optimizer.pt` (optimizer, scheduler, grad scaler), `trainer.json` (step, sampler position,
+metrics so far) and `rng.pt` (Python, numpy and torch generator states). It is written into a hidden
+temporary folder and renamed into place, then `latest` (a one-line file naming it) is replaced atomically.
+A failed save (a full disk) removes its temporary folder and leaves the previous checkpoint and `latest`
+untouched. Loading checks that every file is there and names what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from valle_cli.errors import ValleError
+from valle_cli.fsutil import atomic_path
+
+FORMAT = "valle-checkpoint"
+VERSION = 1
+FILES = ("model.safetensors", "optimizer.pt", "trainer.json", "rng.pt")
+
+
+class CheckpointError(ValleError):
+    pass
+
+
+def step_dir(run: Path, step: int) -> Path:
+    return run / f"step-{step:08d}"
+
+
+def save_checkpoint(
+    run: Path,
+    step: int,
+    model_state: dict,
+    meta: dict,
+    optimizer_state: dict,
+    trainer_state: dict,
+    rng_state: dict,
+    keep_last: int = 3,
+) -> Path:
+    from safetensors.torch import save_file
+
+    final = step_dir(run, step)
+    tmp = run / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+        save_file(
+            tensors, str(tmp / "model.safetensors"), metadata={k: json.dumps(v) for k, v in meta.items()}
+        )
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(rng_state, tmp / "rng.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, **trainer_state}))
+        for f in tmp.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"saving the checkpoint of step {step} failed ({exc.strerror or exc}); the previous checkpoint is intact",
+            "free disk space in the run folder; training can resume from `latest`",
+        ) from None
+    with atomic_path(run / "latest", CheckpointError) as t:
+        Path(t).write_text(final.name + "\n")
+    prune(run, keep_last)
+    return final
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    return sorted(p for p in run.glob("step-*") if p.is_dir() and not p.name.startswith("."))
+
+
+def prune(run: Path, keep_last: int) -> None:
+    for old in list_checkpoints(run)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest(run: Path) -> Path | None:
+    pointer = run / "latest"
+    if pointer.is_file():
+        p = run / pointer.read_text().strip()
+        if p.is_dir():
+            return p
+    found = list_checkpoints(run)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Everything a checkpoint folder holds: model state, meta, optimizer, trainer state, rng."""
+    from safetensors import safe_open
+
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {', '.join(missing)}",
+            "it is incomplete or damaged; delete it and resume from an earlier step-* folder",
+        )
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            model = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        trainer = json.loads((path / "trainer.json").read_text())
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it may be truncated",
+            "delete it and resume from an earlier step-* folder",
+        ) from None
+    if trainer.get("format") != FORMAT or int(trainer.get("version", 99)) > VERSION:
+        raise CheckpointError(f"{path} is not a valle checkpoint this version can read", "upgrade valle")
+    return {"model": model, "meta": meta, "optimizer": optimizer, "trainer": trainer, "rng": rng}

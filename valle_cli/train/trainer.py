@@ -1,0 +1,376 @@
+"""The training engine behind `valle train` (the `local` backend: one process, CPU or one GPU).
+
+A run folder holds `config.yaml` (the resolved config), `metrics.jsonl` (one JSON object per optimizer step
+and per evaluation), checkpoints (`step-NNNNNNNN/`, `latest`; see checkpoint.py) and `exports/`. Starting
+`valle train` on a run folder that has checkpoints resumes from `latest`: model, optimizer, scheduler, grad
+scaler, sampler position and every RNG, so the resumed run continues exactly as the uninterrupted one would.
+
+Each step: draw a batch, give each sample an RVQ level (from `train.level_weights`, uniform by default),
+forward, backward (gradient accumulation over `train.grad_accumulation` batches), clip, optimizer and
+scheduler step. A non-finite loss skips the step with a warning; `MAX_NONFINITE` in a row abort the run with
+a checkpoint of the last good state. SIGINT/SIGTERM and the `quit` command save and stop at the next step
+boundary. Live commands (`save`, `quit`, `lr VALUE`, `eval`, `export`) arrive through `Commands` (commands.py)
+and are applied between steps, here and only here.
+
+No printing: events go to a callback `(kind, payload)`: "step", "eval", "save", "warn", "info", "done".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from valle_cli.config import Config, config_to_dict, dump_config
+from valle_cli.errors import ValleError
+from valle_cli.train.checkpoint import latest, load_checkpoint, save_checkpoint
+from valle_cli.train.commands import Commands
+
+MAX_NONFINITE = 8
+Events = Callable[[str, dict], None]
+
+
+class TrainingError(ValleError):
+    pass
+
+
+def resolve_train_device(name: str) -> torch.device:
+    from valle_cli.codecs.base import resolve_device
+
+    return resolve_device(name)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup, then constant or cosine decay to 10% of the peak at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas))
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.betas[0], weight_decay=t.weight_decay)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=t.lr, relative_step=False, scale_parameter=False, weight_decay=t.weight_decay)
+
+
+@dataclass
+class RunInfo:
+    run: Path
+    step: int
+    resumed_from: Path | None
+
+
+class Trainer:
+    def __init__(
+        self, cfg: Config, run: Path, events: Events | None = None, commands: Commands | None = None
+    ):
+        from valle_cli.data.dataset import open_dataset
+        from valle_cli.data.loader import Sampler, split_indices
+        from valle_cli.model.valle import VALLE
+        from valle_cli.text.symbols import SymbolMap
+
+        self.cfg, self.run = cfg, Path(run)
+        self.events = events or (lambda kind, payload: None)
+        self.commands = commands or Commands()
+        t = cfg.train
+        if not cfg.data.paths:
+            raise TrainingError(
+                "data.paths is empty", "set it to a dataset made by `valle prepare` (--set data.paths=[DIR])"
+            )
+        if len(cfg.data.paths) > 1:
+            raise TrainingError(
+                "training on several datasets at once is not supported yet",
+                "join them with `valle dataset merge A B -o C` and train on C",
+            )
+        self.ds = open_dataset(cfg.data.paths[0])
+        codec = self.ds.header["codec"]
+        if codec["n_codebooks"] < cfg.model.n_levels:
+            raise TrainingError(
+                f"the dataset has {codec['n_codebooks']} RVQ levels; model.n_levels is {cfg.model.n_levels}",
+                "prepare the data at a higher bandwidth or lower model.n_levels",
+            )
+        self.symbols = SymbolMap.from_dict(self.ds.header["symbols"])
+        self.device = resolve_train_device(t.device)
+        torch.manual_seed(t.seed)
+        self.model = VALLE(cfg.model, len(self.symbols), int(codec["codebook_size"]), t.loss_weights).to(
+            self.device
+        )
+        self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.schedule)
+        )
+        amp = t.precision != "fp32" and self.device.type == "cuda"
+        self.autocast_dtype = (
+            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if amp else None
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp and t.precision == "fp16")
+        train_idx, self.val_idx = split_indices(self.ds, cfg.data)
+        self.sampler = Sampler(self.ds, train_idx, cfg.data, seed=t.seed)
+        weights = t.level_weights or [1.0] * cfg.model.n_levels
+        self.level_probs = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        self.level_rng = torch.Generator().manual_seed(t.seed + 1)
+        self.step = 0
+        self.tokens = 0
+        self.stop_requested = False
+        self.resumed_from: Path | None = None
+
+    # -- run folder, checkpoints ------------------------------------------------------------------------------
+
+    def meta(self) -> dict:
+        from valle_cli import __version__
+
+        return {
+            "format": "valle-model",
+            "version": 1,
+            "config": config_to_dict(self.cfg),
+            "symbols": self.symbols.to_dict(),
+            "codec": self.ds.header["codec"],
+            "languages": self.ds.languages,
+            "created_by": f"valle {__version__}",
+            "stats": {"step": self.step, "tokens": self.tokens},
+        }
+
+    def save(self) -> Path:
+        rng = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "levels": self.level_rng.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        opt = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+        state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict()}
+        path = save_checkpoint(
+            self.run,
+            self.step,
+            self.model.state_dict(),
+            self.meta(),
+            opt,
+            state,
+            rng,
+            self.cfg.train.keep_last,
+        )
+        self.events("save", {"step": self.step, "path": str(path)})
+        return path
+
+    def resume(self) -> None:
+        found = latest(self.run)
+        if found is None:
+            return
+        ck = load_checkpoint(found)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"]["optimizer"])
+        self.scheduler.load_state_dict(ck["optimizer"]["scheduler"])
+        self.scaler.load_state_dict(ck["optimizer"]["scaler"])
+        self.step, self.tokens = int(ck["trainer"]["step"]), int(ck["trainer"]["tokens"])
+        self.sampler.load_state_dict(ck["trainer"]["sampler"])
+        rng = ck["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        self.level_rng.set_state(rng["levels"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.resumed_from = found
+        self.events("info", {"message": f"resumed from {found} (step {self.step})"})
+
+    def export(self) -> Path:
+        from safetensors.torch import save_file
+
+        out = self.run / "exports" / f"step-{self.step:08d}.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from valle_cli.fsutil import atomic_path
+
+        with atomic_path(out, TrainingError) as tmp:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+            save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in self.meta().items()})
+        self.events("info", {"message": f"exported {out}"})
+        return out
+
+    # -- steps ------------------------------------------------------------------------------------------------
+
+    def _samples(self, batch: list[dict], levels: list[int] | None = None):
+        from valle_cli.model.valle import Sample
+
+        if levels is None:
+            levels = torch.multinomial(
+                self.level_probs, len(batch), replacement=True, generator=self.level_rng
+            ).tolist()
+        return [
+            Sample(b["phonemes"], b["prompt"], b["response"][: self.cfg.model.n_levels], level, b["language"])
+            for b, level in zip(batch, levels, strict=True)
+        ]
+
+    def _forward(self, samples):
+        if self.autocast_dtype is None:
+            return self.model(samples)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return self.model(samples)
+
+    def evaluate(self, max_batches: int = 8) -> dict:
+        """Loss and accuracy per level on held-out utterances (each one scored at every level)."""
+        from valle_cli.data.loader import Sampler, load_item
+
+        if len(self.val_idx) == 0:
+            return {}
+        self.model.eval()
+        sampler = Sampler(self.ds, self.val_idx, self.cfg.data, seed=12345)
+        totals: dict[str, list[float]] = {}
+        with torch.no_grad():
+            for batch_items in sampler.epoch_batches()[:max_batches]:
+                batch = [load_item(self.ds, it) for it in batch_items]
+                for level in range(self.cfg.model.n_levels):
+                    out = self._forward(self._samples(batch, [level] * len(batch)))
+                    n = out.counts[f"l{level}"]
+                    acc = totals.setdefault(f"l{level}", [0.0, 0.0, 0])
+                    acc[0] += out.losses["response"] * n
+                    acc[1] += out.accuracy[f"l{level}"] * n
+                    acc[2] += n
+        self.model.train()
+        result = {"step": self.step, "kind": "eval"}
+        for key, (loss, hits, n) in totals.items():
+            result[f"loss.{key}"] = loss / n
+            result[f"acc.{key}"] = hits / n
+        result["loss"] = float(np.mean([result[f"loss.l{q}"] for q in range(self.cfg.model.n_levels)]))
+        self._log(result)
+        self.events("eval", result)
+        return result
+
+    def _log(self, record: dict) -> None:
+        with open(self.run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _handle_commands(self) -> None:
+        for cmd in self.commands.drain():
+            try:
+                if cmd.name == "save":
+                    self.save()
+                elif cmd.name == "quit":
+                    self.stop_requested = True
+                elif cmd.name == "lr":
+                    # the new value is the schedule's peak; warmup/cosine continue relative to it
+                    t = self.cfg.train
+                    factor = lr_factor(self.step, t.warmup_steps, t.steps, t.schedule)
+                    self.scheduler.base_lrs = [cmd.value for _ in self.scheduler.base_lrs]
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = cmd.value * factor
+                    self.events(
+                        "info",
+                        {"message": f"learning rate set to {cmd.value:g} (now {cmd.value * factor:g})"},
+                    )
+                elif cmd.name == "eval":
+                    self.evaluate()
+                elif cmd.name == "export":
+                    self.export()
+                cmd.reply(ok=True)
+            except ValleError as exc:
+                cmd.reply(ok=False, error=str(exc))
+                self.events("warn", {"message": str(exc)})
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_requested = True
+        self.events("info", {"message": f"signal {signal.Signals(signum).name}: saving and stopping"})
+
+    def train(self, eval_only: bool = False) -> RunInfo:
+        from valle_cli.data.loader import batch_stream
+
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        dump_config(self.cfg, self.run / "config.yaml")
+        if eval_only:
+            self.evaluate(max_batches=1_000_000)
+            return RunInfo(self.run, self.step, self.resumed_from)
+        t = self.cfg.train
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        stream = batch_stream(self.ds, self.sampler, self.cfg.data.num_workers)
+        bad = 0
+        started, start_tokens = time.time(), self.tokens
+        self.model.train()
+        try:
+            while self.step < t.steps and not self.stop_requested:
+                self.optimizer.zero_grad(set_to_none=True)
+                record: dict = {}
+                finite = True
+                step_tokens = 0
+                for _ in range(t.grad_accumulation):
+                    batch = next(stream)
+                    out = self._forward(self._samples(batch))
+                    if not torch.isfinite(out.loss):
+                        finite = False
+                        break
+                    self.scaler.scale(out.loss / t.grad_accumulation).backward()
+                    step_tokens += sum(out.counts.values())
+                    for k, v in out.losses.items():
+                        record[f"loss.{k}"] = record.get(f"loss.{k}", 0.0) + v / t.grad_accumulation
+                    for k, v in out.accuracy.items():
+                        record[f"acc.{k}"] = v
+                if not finite:
+                    bad += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.events(
+                        "warn",
+                        {"message": f"step {self.step + 1}: non-finite loss, step skipped ({bad} in a row)"},
+                    )
+                    if bad >= MAX_NONFINITE:
+                        raise TrainingError(
+                            f"{bad} non-finite losses in a row; stopped (the last checkpoint is the last good state)",
+                            "lower train.lr, use fp32 or bf16 instead of fp16, or check the data",
+                        )
+                    continue
+                bad = 0
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), t.grad_clip or float("inf")
+                )
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.step += 1
+                self.tokens += step_tokens
+                elapsed = max(time.time() - started, 1e-9)
+                record.update(
+                    step=self.step,
+                    kind="train",
+                    loss=record.get("loss.response", 0.0),
+                    lr=self.optimizer.param_groups[0]["lr"],
+                    grad_norm=float(grad_norm),
+                    tokens=self.tokens,
+                    tokens_per_s=(self.tokens - start_tokens) / elapsed,
+                    time=time.time(),
+                )
+                self._log(record)
+                self.events("step", record)
+                if self.step % t.eval_every == 0:
+                    self.evaluate()
+                if self.step % t.save_every == 0:
+                    self.save()
+                self._handle_commands()
+            if not latest(self.run) or latest(self.run).name != f"step-{self.step:08d}":
+                self.save()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        self.events("done", {"step": self.step})
+        return RunInfo(self.run, self.step, self.resumed_from)
