@@ -109,7 +109,9 @@ def test_missing_file():
 def test_file_starts_from_preset_and_overrides_apply_last(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("preset: tiny\nmodel:\n  n_layers: 3\ntrain:\n  lr: 1e-4\n")
-    cfg = load_config(path, ["model.n_layers=5", "train.lora.rank=8", "data.paths=[a, b]"])
+    cfg = load_config(
+        path, ["model.n_layers=5", "train.lora.rank=8", "train.init_from=base", "data.paths=[a, b]"]
+    )
     assert cfg.model.d_model == 64  # from the preset
     assert cfg.model.n_layers == 5  # override beats file beats preset
     assert cfg.train.lr == pytest.approx(1e-4)  # "1e-4" without a dot is a YAML string; coerced to float

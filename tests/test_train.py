@@ -272,3 +272,61 @@ def test_eval_only_and_config_errors(dataset, tmp_path):
         stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 1 and "data.paths is empty" in proc.stderr
+
+
+def test_lora_trains_only_adapters_and_leaves_the_base_untouched(dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from valle_cli.model.lora import merge_lora
+
+    base_run = tmp_path / "base"
+    Trainer(config(dataset, "train.steps=3"), base_run).train()
+    base = load_file(str(latest(base_run) / "model.safetensors"))
+    cfg = config(
+        dataset,
+        "train.steps=4",
+        f"train.init_from={base_run}",
+        "train.lora.rank=4",
+        "train.lora.alpha=8",
+        "train.lr=1e-2",
+    )
+    trainer = Trainer(cfg, tmp_path / "lora")
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    trainer.train()
+    ck = load_checkpoint(latest(tmp_path / "lora"))
+    assert ck["model"] and all("lora_" in k for k in ck["model"])  # adapters only
+    assert ck["meta"]["lora"]["rank"] == 4 and ck["meta"]["lora"]["base"] == str(base_run)
+    state = trainer.model.state_dict()
+    for k, v in base.items():  # the base weights, wherever they sit now, are bit-identical
+        key = k if k in state else k.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        assert torch.equal(state[key], v), k
+    assert any(ck["model"][k].abs().sum() > 0 for k in ck["model"] if "lora_B" in k)  # the adapters learned
+    # merging folds the adapters in: same outputs, plain linear layers again
+    from valle_cli.model.valle import Sample
+
+    b = trainer.ds
+    s = Sample(
+        torch.tensor([1, 5, 6, 2]),
+        torch.from_numpy(b.codes(0)[:, :20].astype("int64")),
+        torch.from_numpy(b.codes(1)[:, :30].astype("int64")),
+        level=2,
+    )
+    trainer.model.eval()
+    before = trainer.model([s], return_hidden=True).hidden
+    assert merge_lora(trainer.model) == len(trainer.lora)
+    torch.testing.assert_close(trainer.model([s], return_hidden=True).hidden, before, atol=1e-5, rtol=1e-4)
+    # resuming the LoRA run restores the adapters
+    again = Trainer(cfg, tmp_path / "lora")
+    again.resume()
+    assert again.step == 4
+
+
+def test_lora_needs_a_base_and_a_matching_one(dataset, tmp_path):
+    from valle_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no base model"):
+        config(dataset, "train.lora.rank=4")
+    Trainer(config(dataset, "train.steps=1"), tmp_path / "base").train()
+    with pytest.raises(TrainingError, match="does not fit this model"):
+        Trainer(config(dataset, f"train.init_from={tmp_path / 'base'}", "model.n_layers=3"), tmp_path / "x")

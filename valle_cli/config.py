@@ -116,6 +116,7 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
+    name: str = "lora"  # names the adapter in checkpoints and exports
     rank: int = 0  # 0 = no LoRA (full fine-tuning or training from scratch)
     alpha: float = 16.0
     dropout: float = 0.0
@@ -149,6 +150,7 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 0
     out_dir: str = "runs/valle"
+    init_from: str | None = None  # weights to start from: a run folder, a step-* checkpoint or an export
     deepspeed_config: str | None = None  # a DeepSpeed JSON merged over ours
     zero_stage: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -169,6 +171,11 @@ class TrainConfig:
             )
         if self.lora.rank < 0 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
             raise ConfigError("train.lora needs rank >= 0, alpha > 0 and dropout in [0, 1)")
+        if self.lora.rank > 0 and not self.init_from:
+            raise ConfigError(
+                "train.lora.rank > 0 but there is no base model to adapt",
+                "set train.init_from to a trained run folder, checkpoint or export",
+            )
         unknown = set(self.loss_weights) - {"text", "prompt", "response"}
         if unknown:
             raise ConfigError(

@@ -17,6 +17,7 @@ No printing: events go to a callback `(kind, payload)`: "step", "eval", "save", 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -110,9 +111,15 @@ class Trainer:
         self.symbols = SymbolMap.from_dict(self.ds.header["symbols"])
         self.device = resolve_train_device(t.device)
         torch.manual_seed(t.seed)
-        self.model = VALLE(cfg.model, len(self.symbols), int(codec["codebook_size"]), t.loss_weights).to(
-            self.device
-        )
+        self.model = VALLE(cfg.model, len(self.symbols), int(codec["codebook_size"]), t.loss_weights)
+        if t.init_from:
+            self._load_base(Path(t.init_from))
+        self.lora: list[str] = []
+        if t.lora.rank > 0:
+            from valle_cli.model.lora import apply_lora
+
+            self.lora = apply_lora(self.model, t.lora.rank, t.lora.alpha, t.lora.dropout, t.lora.targets)
+        self.model.to(self.device)
         self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.schedule)
@@ -134,6 +141,33 @@ class Trainer:
 
     # -- run folder, checkpoints ------------------------------------------------------------------------------
 
+    def _load_base(self, path: Path) -> None:
+        """Start from trained weights: a run folder (its latest checkpoint), a step-* folder or an export."""
+        from safetensors.torch import load_file
+
+        if path.is_dir() and not (path / "model.safetensors").is_file():
+            found = latest(path)
+            if found is None:
+                raise TrainingError(
+                    f"train.init_from {path} has no checkpoint", "point it at a trained run folder"
+                )
+            path = found
+        file = path / "model.safetensors" if path.is_dir() else path
+        if not file.is_file():
+            raise TrainingError(
+                f"train.init_from {path} does not exist", "point it at a run, checkpoint or export"
+            )
+        state = load_file(str(file))
+        if any("lora_" in k for k in state):
+            raise TrainingError(f"{path} holds LoRA adapters only", "point train.init_from at the base model")
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise TrainingError(
+                f"train.init_from {path} does not fit this model ({len(missing)} missing, {len(unexpected)} "
+                f"unexpected tensors, e.g. {(missing or unexpected)[0]})",
+                "use the same model section (preset, d_model, n_layers, ...) as the base model",
+            )
+
     def meta(self) -> dict:
         from valle_cli import __version__
 
@@ -146,6 +180,13 @@ class Trainer:
             "languages": self.ds.languages,
             "created_by": f"valle {__version__}",
             "stats": {"step": self.step, "tokens": self.tokens},
+            "lora": None
+            if not self.lora
+            else {
+                **dataclasses.asdict(self.cfg.train.lora),
+                "base": self.cfg.train.init_from,
+                "layers": self.lora,
+            },
         }
 
     def save(self) -> Path:
@@ -162,15 +203,13 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
         }
         state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict()}
+        weights = self.model.state_dict()
+        if self.lora:  # adapters only: the base model stays where train.init_from points
+            from valle_cli.model.lora import lora_state_dict
+
+            weights = lora_state_dict(self.model)
         path = save_checkpoint(
-            self.run,
-            self.step,
-            self.model.state_dict(),
-            self.meta(),
-            opt,
-            state,
-            rng,
-            self.cfg.train.keep_last,
+            self.run, self.step, weights, self.meta(), opt, state, rng, self.cfg.train.keep_last
         )
         self.events("save", {"step": self.step, "path": str(path)})
         return path
@@ -180,7 +219,12 @@ class Trainer:
         if found is None:
             return
         ck = load_checkpoint(found)
-        self.model.load_state_dict(ck["model"])
+        if self.lora:
+            missing, unexpected = self.model.load_state_dict(ck["model"], strict=False)
+            if unexpected or any("lora_" in k for k in missing):
+                raise TrainingError(f"{found} does not hold this run's LoRA adapters", "use a new run folder")
+        else:
+            self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"]["optimizer"])
         self.scheduler.load_state_dict(ck["optimizer"]["scheduler"])
         self.scaler.load_state_dict(ck["optimizer"]["scaler"])
