@@ -10,7 +10,9 @@ import typer
 def train(
     config_file: str = typer.Argument(..., help="Config YAML (or a preset name) with data.paths set."),
     set_: list[str] = typer.Option(None, "--set", help="Override: section.key=value (repeatable)."),
-    run: Path = typer.Option(None, "--run", "-r", help="Run folder (default: train.out_dir)."),
+    run: Path = typer.Option(
+        None, "--out-dir", "-o", help="Run folder (default: the config's train.out_dir)."
+    ),
     eval_only: bool = typer.Option(False, "--eval", help="Only evaluate the latest checkpoint, then exit."),
 ) -> None:
     """Train the AR+NAR model. Rerun on the same run folder to resume from its latest checkpoint. While it

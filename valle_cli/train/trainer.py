@@ -109,7 +109,17 @@ class Trainer:
                 "prepare the data at a higher bandwidth or lower model.n_levels",
             )
         self.symbols = SymbolMap.from_dict(self.ds.header["symbols"])
-        self.device = resolve_train_device(t.device)
+        from valle_cli.train import distributed
+
+        self.dist = distributed.from_env(t.backend)
+        if t.backend == "deepspeed":
+            raise TrainingError(
+                "train.backend=deepspeed is not available in this release yet",
+                "use local (one process) or torchrun for DDP",
+            )
+        self.device = (
+            distributed.setup(self.dist, t.device) if self.dist.enabled else resolve_train_device(t.device)
+        )
         torch.manual_seed(t.seed)
         self.model = VALLE(cfg.model, len(self.symbols), int(codec["codebook_size"]), t.loss_weights)
         if t.init_from:
@@ -130,13 +140,23 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and t.precision == "fp16")
         train_idx, self.val_idx = split_indices(self.ds, cfg.data)
-        self.sampler = Sampler(self.ds, train_idx, cfg.data, seed=t.seed)
+        self.sampler = Sampler(
+            self.ds, train_idx, cfg.data, seed=t.seed, shard=(self.dist.rank, self.dist.world)
+        )
+        self.net = self.model  # what forward runs through: the model, or its DDP wrapper
+        if self.dist.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,  # heads of RVQ levels not drawn in a batch get no gradient
+            )
         weights = t.level_weights or [1.0] * cfg.model.n_levels
         self.level_probs = torch.tensor(weights, dtype=torch.float64) / sum(weights)
         self.level_rng = torch.Generator().manual_seed(t.seed + 1)
         self.step = 0
         self.tokens = 0
         self.stop_requested = False
+        self._signalled = False
         self.resumed_from: Path | None = None
 
     # -- run folder, checkpoints ------------------------------------------------------------------------------
@@ -189,7 +209,9 @@ class Trainer:
             },
         }
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not self.dist.main:
+            return None
         rng = {
             "python": random.getstate(),
             "numpy": np.random.get_state(),
@@ -240,9 +262,11 @@ class Trainer:
         self.resumed_from = found
         self.events("info", {"message": f"resumed from {found} (step {self.step})"})
 
-    def export(self) -> Path:
+    def export(self) -> Path | None:
         from safetensors.torch import save_file
 
+        if not self.dist.main:
+            return None
         out = self.run / "exports" / f"step-{self.step:08d}.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
         from valle_cli.fsutil import atomic_path
@@ -267,11 +291,12 @@ class Trainer:
             for b, level in zip(batch, levels, strict=True)
         ]
 
-    def _forward(self, samples):
+    def _forward(self, samples, net=None):
+        net = net or self.net
         if self.autocast_dtype is None:
-            return self.model(samples)
+            return net(samples)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            return self.model(samples)
+            return net(samples)
 
     def evaluate(self, max_batches: int = 8) -> dict:
         """Loss and accuracy per level on held-out utterances (each one scored at every level)."""
@@ -286,7 +311,7 @@ class Trainer:
             for batch_items in sampler.epoch_batches()[:max_batches]:
                 batch = [load_item(self.ds, it) for it in batch_items]
                 for level in range(self.cfg.model.n_levels):
-                    out = self._forward(self._samples(batch, [level] * len(batch)))
+                    out = self._forward(self._samples(batch, [level] * len(batch)), self.model)
                     n = out.counts[f"l{level}"]
                     acc = totals.setdefault(f"l{level}", [0.0, 0.0, 0])
                     acc[0] += out.losses["response"] * n
@@ -303,11 +328,23 @@ class Trainer:
         return result
 
     def _log(self, record: dict) -> None:
+        if not self.dist.main:
+            return
         with open(self.run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _handle_commands(self) -> None:
-        for cmd in self.commands.drain():
+        from valle_cli.train import distributed
+
+        mine = self.commands.drain() if self.dist.main else []
+        # every rank applies the same commands at the same step; replies come from rank 0's objects
+        names = distributed.broadcast([(c.name, c.value) for c in mine], self.dist)
+        # a signal on any rank stops every rank, at this same step
+        self.stop_requested = self.stop_requested or distributed.any_true(self._signalled, self.dist)
+        from valle_cli.train.commands import Command
+
+        cmds = mine or [Command(n, v) for n, v in names]
+        for cmd in cmds:
             try:
                 if cmd.name == "save":
                     self.save()
@@ -334,15 +371,20 @@ class Trainer:
                 self.events("warn", {"message": str(exc)})
 
     def _on_signal(self, signum, frame) -> None:
-        self.stop_requested = True
+        self._signalled = True  # acted on at the next step boundary, on every rank together
         self.events("info", {"message": f"signal {signal.Signals(signum).name}: saving and stopping"})
 
     def train(self, eval_only: bool = False) -> RunInfo:
         from valle_cli.data.loader import batch_stream
+        from valle_cli.train import distributed
 
-        self.run.mkdir(parents=True, exist_ok=True)
+        if self.dist.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+        if self.dist.enabled:
+            torch.distributed.barrier()
         self.resume()
-        dump_config(self.cfg, self.run / "config.yaml")
+        if self.dist.main:
+            dump_config(self.cfg, self.run / "config.yaml")
         if eval_only:
             self.evaluate(max_batches=1_000_000)
             return RunInfo(self.run, self.step, self.resumed_from)
@@ -361,8 +403,8 @@ class Trainer:
                 for _ in range(t.grad_accumulation):
                     batch = next(stream)
                     out = self._forward(self._samples(batch))
-                    if not torch.isfinite(out.loss):
-                        finite = False
+                    if distributed.any_true(not bool(torch.isfinite(out.loss)), self.dist):
+                        finite = False  # every rank skips together (DDP ranks must run the same backwards)
                         break
                     self.scaler.scale(out.loss / t.grad_accumulation).backward()
                     step_tokens += sum(out.counts.values())
@@ -382,6 +424,7 @@ class Trainer:
                             f"{bad} non-finite losses in a row; stopped (the last checkpoint is the last good state)",
                             "lower train.lr, use fp32 or bf16 instead of fp16, or check the data",
                         )
+                    self._handle_commands()
                     continue
                 bad = 0
                 self.scaler.unscale_(self.optimizer)
@@ -413,6 +456,9 @@ class Trainer:
                 self._handle_commands()
             if not latest(self.run) or latest(self.run).name != f"step-{self.step:08d}":
                 self.save()
+            from valle_cli.train import distributed
+
+            distributed.check_in_sync(self.model, self.dist)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
