@@ -24,6 +24,7 @@ for path in ["pyproject.toml", *sorted(glob.glob("plugins/*/pyproject.toml"))]:
     parts.append([path, data.get("build-system", {}).get("requires"), project.get("requires-python"),
                   project.get("dependencies"), project.get("optional-dependencies")])
 parts.append(open("constraints/torch.txt").read())
+parts.append("recipe 2: dev extra + deepspeed")  # bump when the install steps below change
 print(hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16])
 PYEOF
 )
@@ -42,6 +43,8 @@ if [ ! -f "$venv/.complete" ]; then
   # The pair first, so nothing else can pull in a different torch.
   "$venv/bin/python" -m pip install -q -c constraints/torch.txt torch torchaudio
   "$venv/bin/python" -m pip install -q -c constraints/torch.txt -e '.[dev]'
+  # DeepSpeed builds against the installed torch, so it needs that torch in its build environment
+  "$venv/bin/python" -m pip install -q -c constraints/torch.txt --no-build-isolation '.[deepspeed]'
   touch "$venv/.complete"
   # keep the two newest virtualenvs; each is ~5 GB
   ls -1dt "$cache"/*/ 2>/dev/null | tail -n +3 | xargs -r rm -rf

@@ -232,8 +232,8 @@ def test_truncated_checkpoint_is_named(dataset, tmp_path):
     (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:100])
     with pytest.raises(CheckpointError, match="may be truncated"):
         Trainer(cfg, tmp_path / "run").train()
-    (ck / "rng.pt").unlink()
-    with pytest.raises(CheckpointError, match="lacks rng.pt"):
+    (ck / "rng-0.pt").unlink()
+    with pytest.raises(CheckpointError, match="lacks rng-0.pt"):
         load_checkpoint(ck)
 
 
@@ -381,3 +381,72 @@ def test_ddp_backend_outside_torchrun_says_how(dataset, tmp_path):
 
     with pytest.raises(ValleError, match="not started by torchrun"):
         Trainer(config(dataset, "train.backend=ddp"), tmp_path / "run")
+
+
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")
+def test_deepspeed_zero1_two_processes_and_resume(dataset, tmp_path):
+    """DeepSpeed ZeRO-1 with 2 gloo processes on CPU; a second invocation resumes from its checkpoint."""
+    run = tmp_path / "ds"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+    def launch(steps: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                "29541",
+                "-m",
+                "valle_cli.cli.app",
+                "train",
+                "tiny",
+                "--out-dir",
+                str(run),
+                "--set",
+                f"data.paths=[{dataset}]",
+                "--set",
+                "data.batch_size=2",
+                "--set",
+                f"train.steps={steps}",
+                "--set",
+                "train.save_every=2",
+                "--set",
+                "train.backend=deepspeed",
+                "--set",
+                "train.zero_stage=1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+
+    proc = launch(2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ck = latest(run)
+    assert ck.name == "step-00000002" and (ck / "deepspeed").is_dir()
+    assert (ck / "rng-0.pt").is_file() and (ck / "rng-1.pt").is_file()
+    proc = launch(4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")
+def test_deepspeed_single_process_matches_its_own_resume(dataset, tmp_path):
+    cfg = config(dataset, "train.backend=deepspeed", "train.steps=3", "train.save_every=3")
+    info = Trainer(cfg, tmp_path / "run").train()
+    assert info.step == 3 and (latest(tmp_path / "run") / "deepspeed").is_dir()
+    with pytest.raises(TrainingError, match="written by the deepspeed backend"):
+        Trainer(config(dataset, "train.steps=4"), tmp_path / "run").train()

@@ -2,8 +2,8 @@
 
 A checkpoint folder holds `model.safetensors` (weights, with the format version, config, symbol map and codec
 in its metadata), `optimizer.pt` (optimizer, scheduler, grad scaler), `trainer.json` (step, sampler position,
-metrics so far) and `rng.pt` (Python, numpy and torch generator states). It is written into a hidden
-temporary folder and renamed into place, then `latest` (a one-line file naming it) is replaced atomically.
+metrics so far), `rng-RANK.pt` (each rank's Python, numpy and torch generator states) and, with DeepSpeed,
+`deepspeed/` (its engine state: ZeRO optimizer shards). It is written into a hidden temporary folder and renamed into place, then `latest` (a one-line file naming it) is replaced atomically.
 A failed save (a full disk) removes its temporary folder and leaves the previous checkpoint and `latest`
 untouched. Loading checks that every file is there and names what is missing.
 """
@@ -22,7 +22,7 @@ from valle_cli.fsutil import atomic_path
 
 FORMAT = "valle-checkpoint"
 VERSION = 1
-FILES = ("model.safetensors", "optimizer.pt", "trainer.json", "rng.pt")
+FILES = ("model.safetensors", "optimizer.pt", "trainer.json", "rng-0.pt")
 
 
 class CheckpointError(ValleError):
@@ -31,6 +31,16 @@ class CheckpointError(ValleError):
 
 def step_dir(run: Path, step: int) -> Path:
     return run / f"step-{step:08d}"
+
+
+def staging_dir(run: Path, step: int) -> Path:
+    """The hidden folder a checkpoint is assembled in before it is renamed into place."""
+    return run / f".{step_dir(run, step).name}.tmp"
+
+
+def write_rng(tmp: Path, rank: int, rng_state: dict) -> None:
+    """Each rank saves its own generators (DDP/DeepSpeed ranks draw different random numbers)."""
+    torch.save(rng_state, tmp / f"rng-{rank}.pt")
 
 
 def save_checkpoint(
@@ -42,25 +52,30 @@ def save_checkpoint(
     trainer_state: dict,
     rng_state: dict,
     keep_last: int = 3,
+    staged: bool = False,
 ) -> Path:
+    """Write the checkpoint of `step` and point `latest` at it. With `staged`, the staging folder already
+    exists and holds files other ranks or DeepSpeed put there; otherwise it is made afresh."""
     from safetensors.torch import save_file
 
     final = step_dir(run, step)
-    tmp = run / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(run, step)
     try:
-        tmp.mkdir(parents=True)
+        if not staged:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
         save_file(
             tensors, str(tmp / "model.safetensors"), metadata={k: json.dumps(v) for k, v in meta.items()}
         )
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(rng_state, tmp / "rng.pt")
+        write_rng(tmp, 0, rng_state)
         (tmp / "trainer.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, **trainer_state}))
-        for f in tmp.iterdir():
-            fd = os.open(f, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -95,8 +110,8 @@ def latest(run: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Everything a checkpoint folder holds: model state, meta, optimizer, trainer state, rng."""
+def load_checkpoint(path: Path, rank: int = 0) -> dict:
+    """Everything a checkpoint folder holds: model state, meta, optimizer, trainer state, this rank's rng."""
     from safetensors import safe_open
 
     missing = [f for f in FILES if not (path / f).is_file()]
@@ -111,7 +126,10 @@ def load_checkpoint(path: Path) -> dict:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         trainer = json.loads((path / "trainer.json").read_text())
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+        rng_file = path / f"rng-{rank}.pt"
+        rng = torch.load(
+            rng_file if rng_file.is_file() else path / "rng-0.pt", map_location="cpu", weights_only=False
+        )
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it may be truncated",

@@ -49,10 +49,19 @@ def from_env(backend: str) -> Dist:
 
 
 def setup(d: Dist, device_name: str) -> torch.device:
-    """Join the process group; returns this rank's device."""
+    """Join the process group (a group of one for DeepSpeed in a single process); returns this rank's device."""
     cuda = torch.cuda.is_available() and device_name != "cpu"
     if cuda:
         torch.cuda.set_device(d.local_rank)
+    if not d.enabled:  # DeepSpeed without a launcher: a process group of one
+        for key, value in (
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return torch.device("cuda", d.local_rank) if cuda else torch.device("cpu")
@@ -93,3 +102,8 @@ def any_true(flag: bool, d: Dist) -> bool:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -112,14 +113,10 @@ class Trainer:
         from valle_cli.train import distributed
 
         self.dist = distributed.from_env(t.backend)
-        if t.backend == "deepspeed":
-            raise TrainingError(
-                "train.backend=deepspeed is not available in this release yet",
-                "use local (one process) or torchrun for DDP",
-            )
-        self.device = (
-            distributed.setup(self.dist, t.device) if self.dist.enabled else resolve_train_device(t.device)
-        )
+        if self.dist.enabled or t.backend == "deepspeed":
+            self.device = distributed.setup(self.dist, t.device)
+        else:
+            self.device = resolve_train_device(t.device)
         torch.manual_seed(t.seed)
         self.model = VALLE(cfg.model, len(self.symbols), int(codec["codebook_size"]), t.loss_weights)
         if t.init_from:
@@ -143,8 +140,16 @@ class Trainer:
         self.sampler = Sampler(
             self.ds, train_idx, cfg.data, seed=t.seed, shard=(self.dist.rank, self.dist.world)
         )
-        self.net = self.model  # what forward runs through: the model, or its DDP wrapper
-        if self.dist.enabled:
+        self.net = self.model  # what forward runs through: the model, its DDP wrapper or DeepSpeed engine
+        self.engine = None
+        if t.backend == "deepspeed":
+            from valle_cli.train.deepspeed_backend import initialize
+
+            self.engine, self.optimizer, self.scheduler = initialize(
+                self.model, self.optimizer, self.scheduler, cfg
+            )
+            self.net = self.engine
+        elif self.dist.enabled:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -209,18 +214,61 @@ class Trainer:
             },
         }
 
-    def save(self) -> Path | None:
-        if not self.dist.main:
-            return None
-        rng = {
+    def _rng_state(self) -> dict:
+        return {
             "python": random.getstate(),
             "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
             "levels": self.level_rng.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+
+    def save(self) -> Path | None:
+        """Write a checkpoint. Collective under torchrun/DeepSpeed: every rank must call it at the same step."""
+        from valle_cli.train import distributed
+        from valle_cli.train.checkpoint import CheckpointError, staging_dir, write_rng
+
+        staged = self.dist.enabled or self.engine is not None
+        tmp = staging_dir(self.run, self.step)
+        error = None
+        if staged:
+            if self.dist.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            distributed.barrier()
+            try:
+                if not self.dist.main:
+                    write_rng(tmp, self.dist.rank, self._rng_state())
+                if self.engine is not None:  # its ZeRO optimizer shards, one set per rank
+                    self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+            except OSError as exc:
+                error = f"saving the checkpoint of step {self.step} failed ({exc.strerror or exc})"
+            distributed.barrier()
+        path = None
+        if self.dist.main and error is None:
+            try:
+                path = self._save_main(staged)
+            except CheckpointError as exc:
+                error = str(exc)
+        error = distributed.broadcast(error, self.dist) if self.dist.enabled else error
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True) if self.dist.main else None
+            raise (
+                CheckpointError(error)
+                if "previous checkpoint is intact" in error
+                else CheckpointError(
+                    error + "; the previous checkpoint is intact",
+                    "free disk space; training can resume from `latest`",
+                )
+            )
+        if path is not None:
+            self.events("save", {"step": self.step, "path": str(path)})
+        return path
+
+    def _save_main(self, staged: bool) -> Path:
+        rng = self._rng_state()
         opt = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.engine is None else None,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
@@ -231,24 +279,44 @@ class Trainer:
 
             weights = lora_state_dict(self.model)
         path = save_checkpoint(
-            self.run, self.step, weights, self.meta(), opt, state, rng, self.cfg.train.keep_last
+            self.run,
+            self.step,
+            weights,
+            self.meta(),
+            opt,
+            state,
+            rng,
+            self.cfg.train.keep_last,
+            staged=staged,
         )
-        self.events("save", {"step": self.step, "path": str(path)})
         return path
 
     def resume(self) -> None:
         found = latest(self.run)
         if found is None:
             return
-        ck = load_checkpoint(found)
+        ck = load_checkpoint(found, self.dist.rank)
         if self.lora:
             missing, unexpected = self.model.load_state_dict(ck["model"], strict=False)
             if unexpected or any("lora_" in k for k in missing):
                 raise TrainingError(f"{found} does not hold this run's LoRA adapters", "use a new run folder")
         else:
             self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"]["optimizer"])
-        self.scheduler.load_state_dict(ck["optimizer"]["scheduler"])
+        if self.engine is not None:
+            if not (found / "deepspeed").is_dir():
+                raise TrainingError(
+                    f"{found} was not written by the deepspeed backend", "resume with its backend"
+                )
+            self.engine.load_checkpoint(
+                str(found / "deepspeed"), tag="state", load_module_strict=not self.lora
+            )
+        else:
+            if ck["optimizer"]["optimizer"] is None:
+                raise TrainingError(
+                    f"{found} was written by the deepspeed backend", "resume with train.backend=deepspeed"
+                )
+            self.optimizer.load_state_dict(ck["optimizer"]["optimizer"])
+            self.scheduler.load_state_dict(ck["optimizer"]["scheduler"])
         self.scaler.load_state_dict(ck["optimizer"]["scaler"])
         self.step, self.tokens = int(ck["trainer"]["step"]), int(ck["trainer"]["tokens"])
         self.sampler.load_state_dict(ck["trainer"]["sampler"])
@@ -398,6 +466,7 @@ class Trainer:
             while self.step < t.steps and not self.stop_requested:
                 self.optimizer.zero_grad(set_to_none=True)
                 record: dict = {}
+                outs: list = []
                 finite = True
                 step_tokens = 0
                 for _ in range(t.grad_accumulation):
@@ -406,7 +475,10 @@ class Trainer:
                     if distributed.any_true(not bool(torch.isfinite(out.loss)), self.dist):
                         finite = False  # every rank skips together (DDP ranks must run the same backwards)
                         break
-                    self.scaler.scale(out.loss / t.grad_accumulation).backward()
+                    if self.engine is None:
+                        self.scaler.scale(out.loss / t.grad_accumulation).backward()
+                    else:
+                        outs.append(out)  # DeepSpeed: backward once every micro-batch is known to be finite
                     step_tokens += sum(out.counts.values())
                     for k, v in out.losses.items():
                         record[f"loss.{k}"] = record.get(f"loss.{k}", 0.0) + v / t.grad_accumulation
@@ -427,13 +499,13 @@ class Trainer:
                     self._handle_commands()
                     continue
                 bad = 0
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.model.parameters(), t.grad_clip or float("inf")
-                )
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
+                if self.engine is not None:
+                    for out in outs:
+                        self.engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps itself
+                        self.engine.step()  # optimizer and scheduler step at the accumulation boundary
+                    grad_norm = self.engine.get_global_grad_norm() or 0.0
+                else:
+                    grad_norm = self._optimizer_step(t)
                 self.step += 1
                 self.tokens += step_tokens
                 elapsed = max(time.time() - started, 1e-9)
@@ -447,20 +519,30 @@ class Trainer:
                     tokens_per_s=(self.tokens - start_tokens) / elapsed,
                     time=time.time(),
                 )
-                self._log(record)
-                self.events("step", record)
-                if self.step % t.eval_every == 0:
-                    self.evaluate()
-                if self.step % t.save_every == 0:
-                    self.save()
-                self._handle_commands()
+                self._after_step(record)
             if not latest(self.run) or latest(self.run).name != f"step-{self.step:08d}":
                 self.save()
-            from valle_cli.train import distributed
-
             distributed.check_in_sync(self.model, self.dist)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
         self.events("done", {"step": self.step})
         return RunInfo(self.run, self.step, self.resumed_from)
+
+    def _optimizer_step(self, t) -> float:
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(grad_norm)
+
+    def _after_step(self, record: dict) -> None:
+        t = self.cfg.train
+        self._log(record)
+        self.events("step", record)
+        if self.step % t.eval_every == 0:
+            self.evaluate()
+        if self.step % t.save_every == 0:
+            self.save()
+        self._handle_commands()

@@ -1,0 +1,73 @@
+"""The `deepspeed` training backend: ZeRO stages 0-2 over torchrun or deepspeed's launcher.
+
+Our config becomes a DeepSpeed config (micro batch, gradient accumulation, clipping, ZeRO stage, bf16/fp16
+on GPUs); a user's DeepSpeed JSON (`train.deepspeed_config`) is merged over it, key by key, so anything
+DeepSpeed offers can be set. Our optimizer and schedule are handed to DeepSpeed, which steps them. Nothing
+compiles: DeepSpeed's fused ops are not needed for ZeRO 0-2 with a torch optimizer, so it starts in seconds,
+on CPUs too (gloo). Install with `pip install --no-build-isolation deepspeed` (it builds against your torch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from valle_cli.errors import ValleError
+
+
+def deepspeed_config(cfg) -> dict:
+    t = cfg.train
+    ours: dict = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accumulation,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    import torch
+
+    if torch.cuda.is_available() and t.precision in ("bf16", "fp16"):
+        ours["bf16" if t.precision == "bf16" else "fp16"] = {"enabled": True}
+    if t.deepspeed_config:
+        path = Path(t.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValleError(
+                f"cannot read train.deepspeed_config {path}: {exc}", "give a DeepSpeed JSON file"
+            ) from None
+        ours = _merge(ours, user)
+    return ours
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def initialize(model, optimizer, scheduler, cfg):
+    """(engine, optimizer, scheduler) from deepspeed.initialize."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
+    try:
+        import deepspeed
+    except ImportError:
+        raise ValleError(
+            "train.backend=deepspeed needs the deepspeed package",
+            "pip install --no-build-isolation 'deepspeed>=0.15,<1' (or pip install -e '.[deepspeed]')",
+        ) from None
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    engine, opt, _, sched = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+    )
+    return engine, opt, sched
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
