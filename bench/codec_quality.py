@@ -16,15 +16,11 @@ Needs the dev extra (pocketsphinx, resemblyzer) and `pip install ./plugins/valle
 from __future__ import annotations
 
 import argparse
-import re
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from report import command, write_section  # bench/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -94,17 +90,15 @@ def main() -> None:
             flush=True,
         )
     if args.write:
-        write_section(args, rows, codec)
+        write_figures(args, rows, codec)
 
 
-def write_section(args, rows, codec) -> None:
+def write_figures(args, rows, codec) -> None:
     import platform
 
     fitted = set(getattr(codec, "meta", {}).get("voices", []))
-    cmd = " ".join(["python bench/codec_quality.py", *(a for a in sys.argv[1:] if a != "--write"), "--write"])
+    cmd = command("codec_quality.py")
     lines = [
-        "## Offline codec (mel) round trips",
-        "",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, one CPU thread; "
         f"codec `{args.codec}` ({codec.n_codebooks} levels x {codec.codebook_size} codes, "
@@ -128,13 +122,7 @@ def write_section(args, rows, codec) -> None:
         "samples its durations at random, so its originals differ a little from run to run.",
         "",
     ]
-    section = "\n".join(lines)
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(r"## Offline codec \(mel\) round trips\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text)
-    print(f"wrote {path}")
+    write_section("Offline codec (mel) round trips", lines)
 
 
 if __name__ == "__main__":

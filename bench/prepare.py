@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import soundfile as sf
+from report import command, write_section  # bench/ is on sys.path when run as a script
 
-ROOT = Path(__file__).resolve().parents[1]
 VOICES = [
     "espeak:en-us+f3",
     "espeak:en-gb+m3",
@@ -112,7 +110,7 @@ def main() -> None:
                 )
     index = bench_index(args.index_size)
     if args.write:
-        write_section(args, rows, index)
+        write_figures(args, rows, index)
 
 
 def bench_index(n: int) -> dict:
@@ -158,13 +156,11 @@ def bench_index(n: int) -> dict:
     return {"n": n, "build_s": build, "open_ms": opened * 1000, "access_ms": access * 1000}
 
 
-def write_section(args, rows, index) -> None:
+def write_figures(args, rows, index) -> None:
     import torch
 
-    cmd = " ".join(["python bench/prepare.py", *(a for a in sys.argv[1:] if a != "--write"), "--write"])
+    cmd = command("prepare.py")
     lines = [
-        "## valle prepare throughput",
-        "",
         f"Command: `{cmd}`  ",
         f"Machine: {platform.machine()}, 2 CPU cores, torch {torch.__version__}, no GPU; {args.workers} loader "
         "workers, batches of 16. Corpus: espeak-ng and mbrola voices, English sentences of 2-4 s with sidecar "
@@ -186,13 +182,7 @@ def write_section(args, rows, index) -> None:
         f"{index['access_ms']:.1f} ms. Writing that index took {index['build_s']:.1f} s.",
         "",
     ]
-    section = "\n".join(lines)
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(r"## valle prepare throughput\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text)
-    print(f"wrote {path}")
+    write_section("valle prepare throughput", lines)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from report import command, write_section  # bench/ is on sys.path when run as a script
 
 
 def make_dataset(root: Path) -> Path:
@@ -144,17 +144,15 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     if args.write:
-        write_section(args, rows)
+        write_figures(args, rows)
 
 
-def write_section(args, rows) -> None:
+def write_figures(args, rows) -> None:
     import torch
 
-    cmd = " ".join(["python bench/train.py", *(a for a in sys.argv[1:] if a != "--write"), "--write"])
+    cmd = command("train.py")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     lines = [
-        "## Training throughput",
-        "",
         f"Command: `{cmd}`  ",
         f"Machine: {platform.machine()}, {device}, torch {torch.__version__}. Offline mel codec, batches of 4 "
         f"utterances (2-4 s each, prompts 3-6 s), fp32, {args.steps} steps per row; tokens/s counts scored "
@@ -168,14 +166,7 @@ def write_section(args, rows) -> None:
         lines.append(
             f"| {r['setup']} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} |"
         )
-    lines.append("")
-    section = "\n".join(lines)
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(r"## Training throughput\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text)
-    print(f"wrote {path}")
+    write_section("Training throughput", lines)
 
 
 if __name__ == "__main__":

@@ -108,3 +108,58 @@ def test_attention_mask_shape_and_rules():
     # seq 1: non-causal, one real cached key, two real new tokens, the third query is padding
     assert allowed[1, 0].tolist() == [True, False, True, True, False]
     assert allowed[1, 2].tolist() == [True, False, True, True, True]  # padding query: real keys and itself
+
+
+@pytest.mark.parametrize("backbone_name", NAMES)
+def test_gradient_checkpointing_gives_the_same_gradients(backbone_name):
+    def grads(checkpointing: bool):
+        torch.manual_seed(0)
+        cfg = load_config(
+            "tiny",
+            [
+                f"model.backbone={backbone_name}",
+                "model.n_experts=4",
+                f"model.gradient_checkpointing={checkpointing}",
+            ],
+        ).model
+        bb = build_backbone(cfg).train()
+        if checkpointing and backbone_name != "transformer":
+            assert bb.model.is_activation_checkpointing
+        torch.manual_seed(1)
+        x = torch.randn(2, 7, 64)
+        out = run(bb, x, torch.tensor([7, 4]), torch.tensor([True, False]))
+        out.hidden.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and plain
+    for n in plain:
+        torch.testing.assert_close(plain[n], ckpt[n], atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_kernel_choice_is_applied():
+    cfg = load_config("tiny", ["model.backbone=transformer", "model.sdpa_kernel=math"]).model
+    bb = build_backbone(cfg).eval()
+    assert bb.sdpa_kernel == "math"
+    x = torch.randn(1, 5, 64)
+    torch.manual_seed(0)
+    auto = build_backbone(load_config("tiny", ["model.backbone=transformer"]).model).eval()
+    auto.load_state_dict(bb.state_dict())
+    torch.testing.assert_close(
+        run(bb, x, torch.tensor([5]), True).hidden, run(auto, x, torch.tensor([5]), True).hidden
+    )
+    from torch.nn.attention import SDPBackend
+
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        seen.append(torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled())
+        return original(*a, **k)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        run(bb, x, torch.tensor([5]), True)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    assert seen and all(seen), SDPBackend.MATH  # only the math kernel was allowed inside the backbone

@@ -41,6 +41,7 @@ class ModelConfig:
     dropout: float = 0.1
     n_levels: int = 8  # RVQ levels modelled (must not exceed the codec's)
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    sdpa_kernel: Literal["auto", "math", "efficient", "flash", "cudnn"] = "auto"  # torch's choice unless set
     max_position: int = 4096
     n_experts: int = 8  # mixtral only
     experts_per_token: int = 2  # mixtral only

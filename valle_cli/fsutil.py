@@ -40,10 +40,7 @@ def atomic_path(target: str | os.PathLike, error: type[ValleError] = ValleError)
     """Yield a temporary path to write; on success it replaces `target`."""
     p = Path(target)
     folder = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise error(f"cannot write {p}: it is a folder", "give a file name")
-    if not folder.is_dir():
-        raise error(f"cannot write {p}: folder {folder} does not exist", "create it or pick another path")
+    check_writable(p, error)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:

@@ -76,6 +76,11 @@ class Backbone(torch.nn.Module):
     supports_cache: ClassVar[bool] = True
     supports_noncausal: ClassVar[bool] = True
     has_aux_loss: ClassVar[bool] = False
+    sdpa_kernel: str = "auto"  # model.sdpa_kernel: restrict torch's attention kernel choice
+
+    def __call__(self, *args, **kwargs):
+        with sdpa_context(self.sdpa_kernel):
+            return super().__call__(*args, **kwargs)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Backbone:  # pragma: no cover - every backbone overrides
@@ -92,6 +97,23 @@ class Backbone(torch.nn.Module):
         raise NotImplementedError
 
 
+def sdpa_context(kind: str):
+    """A context that restricts torch's scaled_dot_product_attention to one kernel ('auto': no restriction)."""
+    import contextlib
+
+    if kind == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "math": SDPBackend.MATH,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }[kind]
+    return sdpa_kernel(backend)
+
+
 def build_backbone(cfg: ModelConfig) -> Backbone:
     from valle_cli import plugins
 
@@ -99,4 +121,6 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     backbone = cls.from_config(cfg)
     if not isinstance(backbone, Backbone):
         raise ConfigError(f"backbone plugin {cfg.backbone!r} did not build a valle Backbone")
+    if cfg.sdpa_kernel != "auto":
+        backbone.sdpa_kernel = cfg.sdpa_kernel
     return backbone

@@ -33,6 +33,24 @@ def _attn(cfg: ModelConfig) -> str:
     return cfg.attn_implementation
 
 
+def _shape(cfg: ModelConfig) -> dict:
+    """The decoder-stack settings shared by the Llama and Mixtral configs (no token ids: we feed embeddings)."""
+    return {
+        "vocab_size": 1,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_heads,
+        "max_position_embeddings": cfg.max_position,
+        "attention_dropout": cfg.dropout,
+        "attn_implementation": _attn(cfg),
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+
+
 class HFBackbone(Backbone):
     """Common driver for transformers decoder stacks."""
 
@@ -41,7 +59,7 @@ class HFBackbone(Backbone):
         self.model = model
         model.embed_tokens.weight.requires_grad_(False)  # unused: valle feeds inputs_embeds
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def _call(self, inputs_embeds, attention_mask, position_ids, cache, use_cache, **extra):
         from transformers import DynamicCache
@@ -66,20 +84,7 @@ class LlamaBackbone(HFBackbone):
     def from_config(cls, cfg: ModelConfig) -> LlamaBackbone:
         from transformers import LlamaConfig, LlamaModel
 
-        config = LlamaConfig(
-            vocab_size=1,
-            hidden_size=cfg.d_model,
-            intermediate_size=cfg.ffn_dim,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_heads,
-            max_position_embeddings=cfg.max_position,
-            attention_dropout=cfg.dropout,
-            attn_implementation=_attn(cfg),
-            bos_token_id=None,
-            eos_token_id=None,
-            pad_token_id=None,
-        )
+        config = LlamaConfig(**_shape(cfg))
         return cls(LlamaModel(config), cfg.gradient_checkpointing)
 
     def forward(
@@ -102,21 +107,10 @@ class MixtralBackbone(HFBackbone):
         from transformers import MixtralConfig, MixtralModel
 
         config = MixtralConfig(
-            vocab_size=1,
-            hidden_size=cfg.d_model,
-            intermediate_size=cfg.ffn_dim,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_heads,
-            max_position_embeddings=cfg.max_position,
-            attention_dropout=cfg.dropout,
+            **_shape(cfg),
             num_local_experts=cfg.n_experts,
             num_experts_per_tok=cfg.experts_per_token,
             router_aux_loss_coef=cfg.router_aux_loss_coef,
-            attn_implementation=_attn(cfg),
-            bos_token_id=None,
-            eos_token_id=None,
-            pad_token_id=None,
         )
         return cls(MixtralModel(config), cfg.gradient_checkpointing, cfg.router_aux_loss_coef)
 

@@ -433,6 +433,11 @@ class Trainer:
                     self.evaluate()
                 elif cmd.name == "export":
                     self.export()
+                elif cmd.name == "status":
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    cmd.reply(ok=True, step=self.step, lr=lr, tokens=self.tokens, run=str(self.run))
+                    self.events("info", {"message": f"step {self.step}, lr {lr:.3g}, {self.tokens} tokens"})
+                    continue
                 cmd.reply(ok=True)
             except ValleError as exc:
                 cmd.reply(ok=False, error=str(exc))
