@@ -1,0 +1,1 @@
+"""Inference: KV-cached AR decoding, NAR passes, samplers."""
