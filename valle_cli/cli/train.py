@@ -8,12 +8,22 @@ import typer
 
 
 def train(
-    config_file: str = typer.Argument(..., help="Config YAML (or a preset name) with data.paths set."),
+    config_file: str = typer.Argument(None, help="Config YAML (or a preset name) with data.paths set."),
     set_: list[str] = typer.Option(None, "--set", help="Override: section.key=value (repeatable)."),
     run: Path = typer.Option(
         None, "--out-dir", "-o", help="Run folder (default: the config's train.out_dir)."
     ),
     eval_only: bool = typer.Option(False, "--eval", help="Only evaluate the latest checkpoint, then exit."),
+    try_me: bool = typer.Option(
+        False,
+        "--try-me",
+        help="Quick check: memorize one utterance, then synthesize it (output: -o, default try-me/).",
+    ),
+    text: str = typer.Option(
+        None, help="--try-me: the sentence (spoken by an offline voice unless --audio)."
+    ),
+    audio: Path = typer.Option(None, help="--try-me: your own recording of --text."),
+    steps: int = typer.Option(400, help="--try-me: training steps."),
 ) -> None:
     """Train the AR+NAR model. Rerun on the same run folder to resume from its latest checkpoint. While it
     runs, type `save`, `quit`, `lr 1e-4`, `eval` or `export` and Enter."""
@@ -23,8 +33,17 @@ def train(
     from valle_cli.train.commands import Commands
     from valle_cli.train.trainer import Trainer
 
-    cfg = load_config(config_file, set_ or [])
     console = Console(stderr=True, highlight=False, soft_wrap=True)
+    if try_me:
+        _try_me(console, run or Path("try-me"), text, audio, steps)
+        return
+    if config_file is None:
+        from valle_cli.errors import ConfigError
+
+        raise ConfigError(
+            "valle train needs a config file or preset", "e.g. valle train small --set data.paths=[DIR]"
+        )
+    cfg = load_config(config_file, set_ or [])
 
     def events(kind: str, p: dict) -> None:
         if kind == "step":
@@ -51,3 +70,34 @@ def train(
     trainer = Trainer(cfg, run or Path(cfg.train.out_dir), events, commands)
     info = trainer.train(eval_only=eval_only)
     console.print(f"stopped at step {info.step}; run folder {info.run}", markup=False)
+
+
+def _try_me(console, output: Path, text: str | None, audio: Path | None, steps: int) -> None:
+    from valle_cli.errors import ValleError
+    from valle_cli.train.tryme import DEFAULT_TEXT, try_me
+
+    if audio is not None and not text:
+        raise ValleError(
+            "--audio needs --text, the words spoken in it", 'e.g. --audio me.wav --text "Hello there."'
+        )
+
+    def events(kind: str, p: dict) -> None:
+        if kind == "step" and (p["step"] % 50 == 0 or p["step"] == 1):
+            console.print(f"step {p['step']:>4} loss {p['loss']:.3f}", markup=False)
+
+    report = try_me(output, text or DEFAULT_TEXT, audio, steps, events)
+    levels = " ".join(f"{m:.0%}" for m in report.level_match)
+    console.print(
+        f"trained {report.steps} steps in {report.train_seconds:.0f} s (loss {report.first_loss:.2f} -> "
+        f"{report.last_loss:.3f}); synthesized in {report.synth_seconds:.1f} s",
+        markup=False,
+    )
+    console.print(
+        f"generated {report.generated_frames} frames for a {report.frames}-frame utterance"
+        f"{', stopped by itself' if report.stopped else ', did not stop'}; tokens equal to the real ones per RVQ "
+        f"level: {levels}",
+        markup=False,
+    )
+    console.print(
+        f"listen: {output / 'try-me.wav'} (voice: {report.voice}; prompt: its first 3 s)", markup=False
+    )
