@@ -450,3 +450,40 @@ def test_deepspeed_single_process_matches_its_own_resume(dataset, tmp_path):
     assert info.step == 3 and (latest(tmp_path / "run") / "deepspeed").is_dir()
     with pytest.raises(TrainingError, match="written by the deepspeed backend"):
         Trainer(config(dataset, "train.steps=4"), tmp_path / "run").train()
+
+
+def test_eval_samples_and_gradient_accumulation(dataset, tmp_path):
+    cfg = config(
+        dataset, "train.steps=2", "train.eval_every=2", "train.eval_samples=1", "train.grad_accumulation=2"
+    )
+    events = []
+    trainer = Trainer(cfg, tmp_path / "run", lambda k, p: events.append((k, p)))
+    per_epoch = len(trainer.sampler.epoch_batches())
+    trainer.train()
+    consumed = trainer.sampler.epoch * per_epoch + trainer.sampler.position
+    assert consumed == 4  # 2 optimizer steps x 2 accumulated batches
+    wavs = list((tmp_path / "run" / "samples" / "step-00000002").glob("*.wav"))
+    assert len(wavs) == 1
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    assert train_rows[-1]["tokens"] > 0
+
+
+def test_deepspeed_config_merges_the_users_json(dataset, tmp_path):
+    from valle_cli.train.deepspeed_backend import deepspeed_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(
+        json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "gradient_clipping": 0.5})
+    )
+    merged = deepspeed_config(
+        config(dataset, "train.zero_stage=1", f"train.deepspeed_config={user}", "train.grad_accumulation=3")
+    )
+    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert merged["gradient_clipping"] == 0.5 and merged["gradient_accumulation_steps"] == 3
+    user.write_text("{not json")
+    from valle_cli.errors import ValleError
+
+    with pytest.raises(ValleError, match="cannot read train.deepspeed_config"):
+        deepspeed_config(config(dataset, f"train.deepspeed_config={user}"))

@@ -147,6 +147,7 @@ class TrainConfig:
         default_factory=lambda: {"text": 0.0, "prompt": 0.0, "response": 1.0}
     )
     eval_every: int = 1000
+    eval_samples: int = 0  # at each evaluation, synthesize this many held-out utterances into run/samples/
     save_every: int = 1000
     keep_last: int = 3
     seed: int = 0

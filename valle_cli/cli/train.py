@@ -45,15 +45,30 @@ def train(
         )
     cfg = load_config(config_file, set_ or [])
 
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    # One live progress line (step, loss, lr, tokens/s, ETA); events and command replies print above it.
+    bar = Progress(
+        TextColumn("train"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    task = bar.add_task("train", total=cfg.train.steps, stats="starting")
+
     def events(kind: str, p: dict) -> None:
         if kind == "step":
+            stats = f"loss {p['loss']:.3f} lr {p['lr']:.2e} {p['tokens_per_s']:.0f} tok/s"
+            bar.update(task, completed=p["step"], stats=stats)
+        elif kind == "eval":
             acc = " ".join(f"{k[4:]} {v:.2f}" for k, v in p.items() if k.startswith("acc."))
             console.print(
-                f"step {p['step']:>7} loss {p['loss']:.3f} lr {p['lr']:.2e} {p['tokens_per_s']:.0f} tok/s  {acc}",
-                markup=False,
+                f"eval at step {p['step']}: loss {p.get('loss', float('nan')):.3f}  acc {acc}", markup=False
             )
-        elif kind == "eval":
-            console.print(f"eval at step {p['step']}: loss {p.get('loss', float('nan')):.3f}", markup=False)
         elif kind == "save":
             console.print(f"saved {p['path']}", markup=False)
         elif kind == "warn":
@@ -68,7 +83,9 @@ def train(
     commands = Commands()
     commands.read_stdin(reply)
     trainer = Trainer(cfg, run or Path(cfg.train.out_dir), events, commands)
-    info = trainer.train(eval_only=eval_only)
+    bar.update(task, completed=trainer.step)
+    with bar:
+        info = trainer.train(eval_only=eval_only)
     console.print(f"stopped at step {info.step}; run folder {info.run}", markup=False)
 
 

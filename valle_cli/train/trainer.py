@@ -391,9 +391,45 @@ class Trainer:
             result[f"loss.{key}"] = loss / n
             result[f"acc.{key}"] = hits / n
         result["loss"] = float(np.mean([result[f"loss.l{q}"] for q in range(self.cfg.model.n_levels)]))
+        if self.cfg.train.eval_samples > 0 and self.dist.main:
+            self._synthesize_samples(sampler, self.cfg.train.eval_samples)
         self._log(result)
         self.events("eval", result)
         return result
+
+    def _synthesize_samples(self, sampler, n: int) -> None:
+        """Greedy synthesis of n held-out utterances from their prompts -> run/samples/step-N/*.wav."""
+        from valle_cli.audio.io import save_audio
+        from valle_cli.codecs.base import build_codec
+        from valle_cli.config import CodecConfig
+        from valle_cli.data.loader import load_item
+        from valle_cli.infer.engine import SamplingConfig, generate
+
+        if getattr(self, "_codec", None) is None:
+            c = self.ds.header["codec"]
+            try:
+                self._codec = build_codec(
+                    CodecConfig(name=c["name"], bandwidth=c["bandwidth"], path=c["path"]), "cpu"
+                )
+            except ValleError as exc:
+                self.events("warn", {"message": f"no eval samples: {exc}"})
+                self.cfg.train.eval_samples = 0
+                return
+        folder = self.run / "samples" / f"step-{self.step:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        items = [it for batch in sampler.epoch_batches() for it in batch][:n]
+        self.model.eval()
+        for it in items:
+            item = load_item(self.ds, it)
+            sc = SamplingConfig(ar_temp=0.0, max_ar_steps=2 * self.ds.frames(it.index) + 75)
+            out = generate(
+                self.model, item["phonemes"], item["prompt"][: self.cfg.model.n_levels], item["language"], sc
+            )
+            if out.codes.shape[1]:
+                wav = self._codec.decode(out.codes[None])[0, 0]
+                save_audio(folder / (item["uid"].replace("/", "__") + ".wav"), wav, self._codec.sample_rate)
+        self.model.train()
+        self.events("info", {"message": f"eval samples in {folder}"})
 
     def _log(self, record: dict) -> None:
         if not self.dist.main:
