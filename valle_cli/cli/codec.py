@@ -21,26 +21,12 @@ def fit(
 ) -> None:
     """Fit mel-codec codebooks on your audio (minutes on a CPU); use them with --set codec.path=FILE."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from valle_cli.cli.progress import stage_progress
     from valle_cli.codecs.tools import fit_folder
 
     console = Console(stderr=True, soft_wrap=True)
-    with Progress(
-        TextColumn("{task.description:>14}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total or None)
-            bar.update(tasks[stage], completed=done)
-
+    with stage_progress(console) as progress:
         report = fit_folder(
             audio,
             output,
