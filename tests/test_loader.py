@@ -122,3 +122,15 @@ def test_ranks_get_disjoint_equal_shards(ds):
     assert len(b0) == len(b1)
     ids0 = {it.index for b in b0 for it in b}
     assert ids0.isdisjoint({it.index for b in b1 for it in b})
+
+
+def test_bucketing_groups_similar_lengths(ds):
+    def spread(bucket: bool) -> float:
+        s = Sampler(ds, np.arange(len(ds)), cfg(batch_size=4, sample_by="utterance", bucket=bucket), seed=2)
+        return float(
+            np.mean([np.ptp([ds.frames(it.index) + it.prompt_frames for it in b]) for b in s.epoch_batches()])
+        )
+
+    assert spread(True) < 0.5 * spread(False)
+    s = Sampler(ds, np.arange(len(ds)), cfg(batch_size=4, sample_by="utterance", bucket=True), seed=2)
+    assert sorted(it.index for b in s.epoch_batches() for it in b) == list(range(len(ds)))  # nothing lost

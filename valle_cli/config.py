@@ -89,6 +89,7 @@ class DataConfig:
     sample_by: Literal["utterance", "speaker", "group"] = "speaker"
     batch_size: int = 8
     max_tokens: int = 0  # >0: batches are filled up to this many tokens instead of batch_size
+    bucket: bool = True  # batch utterances of similar length together (less padding)
     num_workers: int = 2
     val_fraction: float = 0.02
 

@@ -10,7 +10,7 @@
   `data.similar_prompt_prob`, otherwise any other one; a random window of `data.prompt_duration` seconds. A
   speaker with a single utterance prompts from that utterance itself.
 - Batches hold `data.batch_size` utterances, or, when `data.max_tokens` > 0, as many as fit that many tokens
-  (text + prompt + response frames).
+  (text + prompt + response frames); with `data.bucket` (default) similar lengths share a batch.
 
 Everything is a function of (seed, epoch, position): `state_dict()` is two integers, and a resumed run draws
 exactly the batches the uninterrupted run would have drawn. Codes are read in DataLoader worker processes.
@@ -128,7 +128,16 @@ class Sampler:
         start = int(rng.integers(0, total - length + 1))
         return Item(i, p, start, length)
 
-    def _batches(self, items: list[Item]) -> list[list[Item]]:
+    def _batches(self, items: list[Item], rng: np.random.Generator | None = None) -> list[list[Item]]:
+        """Cut the epoch's items into batches. With `data.bucket`, items are sorted by length within windows
+        of 50 batches first (so a batch holds similar lengths and little padding), then the batches are
+        shuffled, so the order of lengths stays random."""
+        if self.cfg.bucket and rng is not None:
+            window = 50 * max(self.cfg.batch_size, 1)
+            cost = lambda it: int(self.frames[it.index] + it.prompt_frames)  # noqa: E731
+            items = [
+                it for s in range(0, len(items), window) for it in sorted(items[s : s + window], key=cost)
+            ]
         out: list[list[Item]] = []
         cur: list[Item] = []
         tokens = 0
@@ -146,13 +155,15 @@ class Sampler:
             tokens += cost
         if cur:
             out.append(cur)
+        if self.cfg.bucket and rng is not None:
+            out = [out[i] for i in rng.permutation(len(out))]
         # every rank gets the same number of batches: drop the remainder
         usable = len(out) - len(out) % self.world
         return out[self.rank : usable : self.world]
 
     def epoch_batches(self) -> list[list[Item]]:
         """This rank's batches of the current epoch (a pure function of seed and epoch)."""
-        batches = self._batches(self._order(self.epoch))
+        batches = self._batches(self._order(self.epoch), np.random.default_rng([self.seed, self.epoch, 1]))
         if not batches:
             raise DatasetError("the dataset is too small for one batch per process", "lower data.batch_size")
         return batches
