@@ -73,3 +73,90 @@ def test_samplers():
     torch.testing.assert_close(freq, p, atol=0.04, rtol=0)
     cold = torch.stack([pick(logits, 0.1, generator=g) for _ in range(200)])
     assert (cold == 1).float().mean() > 0.99
+
+
+# -- each sampler's defining behaviour ---------------------------------------------------------------------
+
+from valle_cli.infer.sampling import (  # noqa: E402
+    SamplerSettings,
+    TokenSampler,
+    dry_penalty,
+    dynamic_temperature,
+    length_penalty,
+    repetition_penalty,
+)
+
+
+def test_min_p_keeps_tokens_near_the_best():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = filter_logits(logits, min_p=0.25)  # threshold 0.125
+    assert torch.isfinite(kept[:3]).all() and torch.isinf(kept[3])
+
+
+def test_repetition_penalty_and_its_decay():
+    logits = torch.tensor([2.0, 2.0, -1.0, 2.0])
+    out = repetition_penalty(logits, [0, 2], penalty=2.0, decay=1.0)
+    assert out[0] == 1.0 and out[2] == -2.0 and out[1] == 2.0  # positive divided, negative multiplied
+    far = repetition_penalty(logits, [0, 3, 3, 3, 3], penalty=2.0, decay=0.5)
+    assert far[3] == 1.0  # most recent: full penalty
+    assert 1.0 < far[0] < 2.0  # five tokens ago: decayed penalty
+
+
+def test_length_penalty_moves_the_stop_logit():
+    logits = torch.zeros(5)
+    assert length_penalty(logits, 4, 100, 1.0)[4] < 0 < length_penalty(logits, 4, 100, -1.0)[4]
+    assert torch.equal(length_penalty(logits, 4, 100, 0.0), logits)
+
+
+def test_dry_penalizes_continuing_a_repeat():
+    history = [5, 6, 7, 5, 6]  # continuing with 7 would repeat "5 6 7"
+    out = dry_penalty(torch.zeros(10), history, multiplier=1.0, base=2.0, allowed_length=2)
+    assert out[7] == -1.0 and (out[[0, 1, 2, 3, 4, 5, 6, 8, 9]] == 0).all()
+    longer = dry_penalty(torch.zeros(10), [5, 6, 7, 8, 5, 6, 7], multiplier=1.0, base=2.0, allowed_length=2)
+    assert longer[8] == -2.0  # a match of 3: base ** 1
+    assert (dry_penalty(torch.zeros(10), history, 1.0, 2.0, allowed_length=3) == 0).all()
+
+
+def test_dynamic_temperature_follows_entropy():
+    confident = torch.tensor([10.0, 0.0, 0.0, 0.0])
+    unsure = torch.zeros(4)
+    assert dynamic_temperature(confident, 0.2, 1.0) < 0.25
+    assert dynamic_temperature(unsure, 0.2, 1.0) == pytest.approx(1.0)
+
+
+def test_mirostat_tracks_the_target_surprise():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1024, generator=g) * 3
+    s = TokenSampler(SamplerSettings(temperature=1.0, mirostat_tau=3.0, mirostat_eta=0.2), generator=g)
+    surprises = []
+    probs = logits.softmax(-1)
+    for _ in range(300):
+        tok = s(logits)
+        surprises.append(float(-probs[tok].log2()))
+    assert abs(sum(surprises[100:]) / 200 - 3.0) < 0.6  # mean surprise settles near tau
+    assert s.mu is not None
+
+
+def test_repetition_aware_sampling_breaks_loops():
+    logits = torch.tensor([5.0, 0.0, 0.0, 0.0])  # token 0 dominates
+    g = torch.Generator().manual_seed(0)
+    plain = TokenSampler(SamplerSettings(temperature=1.0, top_p=0.5), generator=g)
+    ras = TokenSampler(
+        SamplerSettings(temperature=1.0, top_p=0.5, ras_window=10, ras_threshold=0.5), generator=g
+    )
+    a = [plain(logits) for _ in range(200)]
+    b = [ras(logits) for _ in range(200)]
+    assert a.count(0) == 200  # the nucleus alone repeats forever
+    assert b.count(0) < 200  # RAS re-draws from the full distribution once 0 fills the window
+
+
+def test_engine_uses_the_penalties(model):
+    ph, prompt = inputs()
+    with torch.no_grad():
+        model.heads[0].bias[7] += 3.0  # make greedy decoding loop on token 7
+    base = generate(model, ph, prompt, sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=30))
+    pen = generate(
+        model, ph, prompt, sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=30, repetition_penalty=5.0)
+    )
+    reps = lambda c: len(c[0]) - len(set(c[0].tolist()))  # noqa: E731
+    assert reps(base.codes) > 0 and reps(pen.codes) < reps(base.codes)

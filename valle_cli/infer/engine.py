@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from valle_cli.backbones.base import attention_mask
-from valle_cli.infer.sampling import pick
+from valle_cli.infer.sampling import SamplerSettings, TokenSampler, pick
 from valle_cli.model.valle import VALLE, Sample
 
 
@@ -25,8 +25,39 @@ class SamplingConfig:
     nar_temp: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_penalty_decay: float = 1.0
+    length_penalty: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    min_ar_temp: float = -1.0  # >= 0: dynamic temperature between it and ar_temp
+    mirostat_tau: float = 0.0
+    mirostat_eta: float = 0.1
+    ras_window: int = 0  # VALL-E 2 repetition-aware sampling window (0 = off)
+    ras_threshold: float = 0.1
     max_ar_steps: int = 1500
     seed: int | None = None
+
+    def ar_settings(self) -> SamplerSettings:
+        return SamplerSettings(
+            temperature=self.ar_temp,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            repetition_penalty_decay=self.repetition_penalty_decay,
+            length_penalty=self.length_penalty,
+            dry_multiplier=self.dry_multiplier,
+            dry_base=self.dry_base,
+            dry_allowed_length=self.dry_allowed_length,
+            min_temp=self.min_ar_temp,
+            mirostat_tau=self.mirostat_tau,
+            mirostat_eta=self.mirostat_eta,
+            ras_window=self.ras_window,
+            ras_threshold=self.ras_threshold,
+        )
 
 
 @dataclass
@@ -56,6 +87,7 @@ def generate(
     prefix, _, _ = model.prefix(base)  # (P, D)
     start = model.audio_emb[0](torch.tensor([model.start_id], device=dev))
     tokens: list[int] = []
+    sampler = TokenSampler(sc.ar_settings(), stop_id=model.stop_id, generator=gen)
     stopped = False
     cache = None
     x = torch.cat([prefix, start])[None]  # (1, P+1, D)
@@ -75,7 +107,7 @@ def generate(
             mask = attention_mask(torch.tensor([t], device=dev), True, t, dtype=full.dtype)
             out = model.backbone(full[None], mask, torch.arange(t, device=dev)[None])
         logits = model.heads[0](out.hidden[0, -1])  # (K+1,)
-        token = int(pick(logits, sc.ar_temp, sc.top_k, sc.top_p, gen))
+        token = sampler(logits)
         if token == model.stop_id:
             stopped = True
             break
