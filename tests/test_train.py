@@ -487,3 +487,79 @@ def test_deepspeed_config_merges_the_users_json(dataset, tmp_path):
 
     with pytest.raises(ValleError, match="cannot read train.deepspeed_config"):
         deepspeed_config(config(dataset, f"train.deepspeed_config={user}"))
+
+
+def test_export_and_load(dataset, tmp_path):
+    from valle_cli.infer.load import ModelLoadError, export_model, load_model
+    from valle_cli.model.valle import Sample
+
+    run = tmp_path / "run"
+    trainer = Trainer(config(dataset, "train.steps=2"), run)
+    trainer.train()
+    ds = trainer.ds
+    s = Sample(
+        torch.tensor([1, 5, 6, 2]),
+        torch.from_numpy(ds.codes(0)[:, :20].astype("int64")),
+        torch.from_numpy(ds.codes(1)[:, :30].astype("int64")),
+        level=3,
+    )
+    trainer.model.eval()
+    want = trainer.model([s], return_hidden=True).hidden
+    for name, dtype, tol in (
+        ("m.safetensors", "fp32", 1e-6),
+        ("m.pt", "fp32", 1e-6),
+        ("h.safetensors", "fp16", 2e-2),
+    ):
+        out = export_model(run, tmp_path / name, dtype)
+        loaded = load_model(out)
+        assert loaded.meta["dtype"] == dtype and loaded.meta["codec"]["name"] == "mel"
+        torch.testing.assert_close(loaded.model([s], return_hidden=True).hidden, want, atol=tol, rtol=tol)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "valle_cli.cli.app",
+            "export",
+            str(run),
+            "-o",
+            str(tmp_path / "c.pt"),
+            "--dtype",
+            "bf16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "bf16" in proc.stderr, proc.stderr
+    (tmp_path / "bad.safetensors").write_bytes((tmp_path / "m.safetensors").read_bytes()[:500])
+    with pytest.raises(ModelLoadError, match="may be truncated"):
+        load_model(tmp_path / "bad.safetensors")
+
+
+def test_export_lora_merged_and_alone(dataset, tmp_path):
+    from valle_cli.infer.load import ModelLoadError, export_model, load_model
+    from valle_cli.model.valle import Sample
+
+    Trainer(config(dataset, "train.steps=2"), tmp_path / "base").train()
+    lora_cfg = config(
+        dataset, "train.steps=3", f"train.init_from={tmp_path / 'base'}", "train.lora.rank=4", "train.lr=1e-2"
+    )
+    trainer = Trainer(lora_cfg, tmp_path / "lora")
+    trainer.train()
+    ds = trainer.ds
+    s = Sample(
+        torch.tensor([1, 5, 6, 2]),
+        torch.from_numpy(ds.codes(0)[:, :20].astype("int64")),
+        torch.from_numpy(ds.codes(1)[:, :30].astype("int64")),
+        level=0,
+    )
+    trainer.model.eval()
+    want = trainer.model([s], return_hidden=True).hidden
+    merged = load_model(export_model(tmp_path / "lora", tmp_path / "merged.safetensors"))
+    assert merged.meta["lora"] is None
+    torch.testing.assert_close(merged.model([s], return_hidden=True).hidden, want, atol=1e-5, rtol=1e-4)
+    alone = export_model(tmp_path / "lora", tmp_path / "adapters.safetensors", lora_only=True)
+    beside = load_model(alone)  # adapters loaded beside their base, then merged
+    torch.testing.assert_close(beside.model([s], return_hidden=True).hidden, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ModelLoadError, match="not a LoRA run"):
+        export_model(tmp_path / "base", tmp_path / "x.safetensors", lora_only=True)

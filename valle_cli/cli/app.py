@@ -14,7 +14,7 @@ import sys
 import typer
 
 from valle_cli import __version__
-from valle_cli.cli import codec, config, dataset, later, plugins_cmd, prepare, train
+from valle_cli.cli import codec, config, dataset, export, later, plugins_cmd, prepare, train
 
 app = typer.Typer(
     name="valle",
@@ -50,6 +50,9 @@ app.command("prepare", help="Turn voices/{group}/{speaker}/ audio into a trainin
 app.command("train", help="Train or fine-tune the AR+NAR model; rerun to resume; live commands on stdin.")(
     train.train
 )
+app.command(
+    "export", help="Export a checkpoint or run folder to one safetensors/pt file (LoRA merged or alone)."
+)(export.export)
 later.register(app)
 app.command("plugins", help="List codec, backbone and transcriber plugins and whether each loads.")(
     plugins_cmd.plugins
