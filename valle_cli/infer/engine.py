@@ -19,45 +19,25 @@ from valle_cli.infer.sampling import SamplerSettings, TokenSampler, pick
 from valle_cli.model.valle import VALLE, Sample
 
 
-@dataclass
 class SamplingConfig:
-    ar_temp: float = 0.95  # 0 = greedy
-    nar_temp: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repetition_penalty_decay: float = 1.0
-    length_penalty: float = 0.0
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    min_ar_temp: float = -1.0  # >= 0: dynamic temperature between it and ar_temp
-    mirostat_tau: float = 0.0
-    mirostat_eta: float = 0.1
-    ras_window: int = 0  # VALL-E 2 repetition-aware sampling window (0 = off)
-    ras_threshold: float = 0.1
-    max_ar_steps: int = 1500
-    seed: int | None = None
+    """How to sample: the AR sampler's settings (`SamplerSettings`, named like the original's CLI flags:
+    ar_temp, min_ar_temp, top_k, top_p, min_p, repetition_penalty, ..., ras_threshold), the NAR temperature,
+    the AR step limit and the seed. The NAR passes reuse top-k/top-p."""
 
-    def ar_settings(self) -> SamplerSettings:
-        return SamplerSettings(
-            temperature=self.ar_temp,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            repetition_penalty_decay=self.repetition_penalty_decay,
-            length_penalty=self.length_penalty,
-            dry_multiplier=self.dry_multiplier,
-            dry_base=self.dry_base,
-            dry_allowed_length=self.dry_allowed_length,
-            min_temp=self.min_ar_temp,
-            mirostat_tau=self.mirostat_tau,
-            mirostat_eta=self.mirostat_eta,
-            ras_window=self.ras_window,
-            ras_threshold=self.ras_threshold,
-        )
+    def __init__(
+        self,
+        ar_temp: float = 0.95,
+        nar_temp: float = 0.0,
+        max_ar_steps: int = 1500,
+        seed: int | None = None,
+        min_ar_temp: float = -1.0,
+        **ar_settings,
+    ):
+        self.ar = SamplerSettings(temperature=ar_temp, min_temp=min_ar_temp, **ar_settings)
+        self.nar_temp, self.max_ar_steps, self.seed = nar_temp, max_ar_steps, seed
+
+    def __repr__(self) -> str:
+        return f"SamplingConfig(ar={self.ar}, nar_temp={self.nar_temp}, max_ar_steps={self.max_ar_steps}, seed={self.seed})"
 
 
 @dataclass
@@ -87,7 +67,7 @@ def generate(
     prefix, _, _ = model.prefix(base)  # (P, D)
     start = model.audio_emb[0](torch.tensor([model.start_id], device=dev))
     tokens: list[int] = []
-    sampler = TokenSampler(sc.ar_settings(), stop_id=model.stop_id, generator=gen)
+    sampler = TokenSampler(sc.ar, stop_id=model.stop_id, generator=gen)
     stopped = False
     cache = None
     x = torch.cat([prefix, start])[None]  # (1, P+1, D)
@@ -125,5 +105,5 @@ def generate(
         hidden = model.backbone(batch.inputs_embeds, mask, batch.position_ids).hidden[0]
         n = codes.shape[1]
         logits = model.heads[level](hidden[t - n :])  # (F, K)
-        codes[level] = pick(logits, sc.nar_temp, sc.top_k, sc.top_p, gen)
+        codes[level] = pick(logits, sc.nar_temp, sc.ar.top_k, sc.ar.top_p, gen)
     return Generated(codes.cpu(), stopped, len(tokens))
