@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -52,14 +51,37 @@ def test_unknown_kind():
         plugins.names("vocoder")
 
 
+def fake_plugin(folder, dist: str, version: str, module: str, source: str, entry: str) -> None:
+    """A real installed distribution: a module plus a dist-info declaring one valle.codecs entry point."""
+    (folder / f"{module}.py").write_text(source)
+    info = folder / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[valle.codecs]\n{entry} = {module}:C\n")
+
+
+def run_plugins_command(site) -> subprocess.CompletedProcess:
+    code = f"import sys; sys.path.insert(0, {str(site)!r})\nfrom valle_cli.cli.app import main\nmain(['plugins'])"
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+
+
 @pytest.fixture
 def broken_plugin(tmp_path, monkeypatch):
     """A real installed distribution (a dist-info on sys.path) whose codec module fails to import."""
-    (tmp_path / "broken_codec.py").write_text("raise ImportError('needs libfoo, which is missing')\n")
-    dist = tmp_path / "valle_broken-1.2.3.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: valle-broken\nVersion: 1.2.3\n")
-    (dist / "entry_points.txt").write_text("[valle.codecs]\nbroken = broken_codec:BrokenCodec\n")
+    fake_plugin(
+        tmp_path,
+        "valle-broken",
+        "1.2.3",
+        "broken_codec",
+        "raise ImportError('needs libfoo, which is missing')\n",
+        "broken",
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
@@ -76,21 +98,7 @@ def test_broken_plugin_is_reported_not_fatal(broken_plugin):
 
 
 def test_valle_plugins_command_shows_broken_plugin(broken_plugin):
-    env_path = str(broken_plugin)
-    code = textwrap.dedent(
-        f"""
-        import sys; sys.path.insert(0, {env_path!r})
-        from valle_cli.cli.app import main
-        main(['plugins'])
-        """
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "250"},
-    )
+    proc = run_plugins_command(broken_plugin)
     assert proc.returncode == 0, proc.stderr
     lines = {ln.split("│")[1].strip(): ln for ln in proc.stdout.splitlines() if ln.count("│") > 3}
     assert "yes" in lines["mel"]
@@ -107,19 +115,15 @@ def test_overridden_adds_and_hides():
     assert "fake" not in plugins.names("codec")
 
 
-def test_markup_in_a_plugin_error_is_shown_verbatim(tmp_path, monkeypatch):
-    (tmp_path / "markup_codec.py").write_text("raise ImportError('pip install badplug[gpu] [/]')\n")
-    dist = tmp_path / "valle_markup-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: valle-markup\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[valle.codecs]\nmarkup = markup_codec:C\n")
-    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r})\nfrom valle_cli.cli.app import main\nmain(['plugins'])"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "250"},
+def test_markup_in_a_plugin_error_is_shown_verbatim(tmp_path):
+    fake_plugin(
+        tmp_path,
+        "valle-markup",
+        "0.1",
+        "markup_codec",
+        "raise ImportError('pip install badplug[gpu] [/]')\n",
+        "markup",
     )
+    proc = run_plugins_command(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "pip install badplug[gpu] [/]" in proc.stdout

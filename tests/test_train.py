@@ -63,6 +63,11 @@ def config(dataset: Path, *extra: str):
     )
 
 
+def sets(*overrides: str) -> list[str]:
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]"""
+    return [x for o in overrides for x in ("--set", o)]
+
+
 def cli(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "valle_cli.cli.app", "train", *args],
@@ -101,20 +106,15 @@ def test_resume_after_kill_matches_an_uninterrupted_run(dataset, tmp_path):
         "tiny",
         "--out-dir",
         str(killed),
-        "--set",
-        f"data.paths=[{dataset}]",
-        "--set",
-        "data.batch_size=2",
-        "--set",
-        "data.val_fraction=0.2",
-        "--set",
-        "train.warmup_steps=2",
-        "--set",
-        "train.eval_every=1000",
-        "--set",
-        "train.steps=20",
-        "--set",
-        "train.save_every=10",
+        *sets(
+            f"data.paths=[{dataset}]",
+            "data.batch_size=2",
+            "data.val_fraction=0.2",
+            "train.warmup_steps=2",
+            "train.eval_every=1000",
+            "train.steps=20",
+            "train.save_every=10",
+        ),
     ]
     proc = cli(*args, stdin=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -138,12 +138,7 @@ def test_sigterm_saves_and_stops(dataset, tmp_path):
         "tiny",
         "--out-dir",
         str(run),
-        "--set",
-        f"data.paths=[{dataset}]",
-        "--set",
-        "train.steps=100000",
-        "--set",
-        "data.batch_size=2",
+        *sets(f"data.paths=[{dataset}]", "train.steps=100000", "data.batch_size=2"),
         stdin=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
@@ -164,16 +159,13 @@ def test_stdin_commands(dataset, tmp_path):
         "tiny",
         "--out-dir",
         str(run),
-        "--set",
-        f"data.paths=[{dataset}]",
-        "--set",
-        "train.steps=100000",
-        "--set",
-        "data.batch_size=2",
-        "--set",
-        "train.warmup_steps=0",
-        "--set",
-        "train.schedule=constant",
+        *sets(
+            f"data.paths=[{dataset}]",
+            "train.steps=100000",
+            "data.batch_size=2",
+            "train.warmup_steps=0",
+            "train.schedule=constant",
+        ),
         stdin=subprocess.PIPE,
     )
     deadline = time.time() + 120
@@ -249,10 +241,7 @@ def test_eval_only_and_config_errors(dataset, tmp_path):
             "tiny",
             "--out-dir",
             str(tmp_path / "run"),
-            "--set",
-            f"data.paths=[{dataset}]",
-            "--set",
-            "data.val_fraction=0.3",
+            *sets(f"data.paths=[{dataset}]", "data.val_fraction=0.3"),
             "--eval",
         ],
         capture_output=True,
@@ -352,16 +341,13 @@ def test_ddp_two_gloo_processes(dataset, tmp_path):
             "tiny",
             "--out-dir",
             str(run),
-            "--set",
-            f"data.paths=[{dataset}]",
-            "--set",
-            "data.batch_size=2",
-            "--set",
-            "train.steps=4",
-            "--set",
-            "train.save_every=2",
-            "--set",
-            "train.backend=ddp",
+            *sets(
+                f"data.paths=[{dataset}]",
+                "data.batch_size=2",
+                "train.steps=4",
+                "train.save_every=2",
+                "train.backend=ddp",
+            ),
         ],
         capture_output=True,
         text=True,
@@ -411,18 +397,14 @@ def test_deepspeed_zero1_two_processes_and_resume(dataset, tmp_path):
                 "tiny",
                 "--out-dir",
                 str(run),
-                "--set",
-                f"data.paths=[{dataset}]",
-                "--set",
-                "data.batch_size=2",
-                "--set",
-                f"train.steps={steps}",
-                "--set",
-                "train.save_every=2",
-                "--set",
-                "train.backend=deepspeed",
-                "--set",
-                "train.zero_stage=1",
+                *sets(
+                    f"data.paths=[{dataset}]",
+                    "data.batch_size=2",
+                    f"train.steps={steps}",
+                    "train.save_every=2",
+                    "train.backend=deepspeed",
+                    "train.zero_stage=1",
+                ),
             ],
             capture_output=True,
             text=True,

@@ -52,10 +52,10 @@ def drop_silence(frames: torch.Tensor, keep_fraction: float = 0.1, seed: int = 0
     Loudness is the log of the summed mel magnitudes; frames are natural-log magnitudes, and 50 dB of
     magnitude is ln(10) * 50 / 20 nepers. The reference is the 99th percentile, so one click cannot set it.
     """
-    energy = torch.logsumexp(frames, dim=1)
-    reference = torch.quantile(energy[torch.randperm(len(energy))[:100_000]], 0.99)
-    quiet = energy < reference - np.log(10) * 50 / 20
     gen = torch.Generator().manual_seed(seed)
+    energy = torch.logsumexp(frames, dim=1)
+    reference = torch.quantile(energy[torch.randperm(len(energy), generator=gen)[:100_000]], 0.99)
+    quiet = energy < reference - np.log(10) * 50 / 20
     keep = ~quiet | (torch.rand(len(frames), generator=gen) < keep_fraction)
     return frames[keep]
 
