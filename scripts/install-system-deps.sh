@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian/Ubuntu packages valle uses: espeak-ng (phonemizer backend, test speech), libsndfile,
-# sox, python3-venv and a compiler (webrtcvad, used by the dev extra, builds from source), and the mbrola
-# voices (Debian contrib/non-free, Ubuntu multiverse) that make multi-speaker test speech.
+# libportaudio2 (playback: `valle synth --play`), sox, python3-venv and a compiler (webrtcvad, used by the dev
+# extra, builds from source), and the mbrola voices (Debian contrib/non-free, Ubuntu multiverse) that make
+# multi-speaker test speech.
 # Does nothing when the required packages are there. The mbrola voices are optional: when they cannot be
 # installed, that is remembered (~/.cache/valle/mbrola-unavailable) so later runs do not retry every time.
 set -euo pipefail
 
-required=(espeak-ng libespeak-ng1 libsndfile1 sox python3-venv python3-dev build-essential)
+required=(espeak-ng libespeak-ng1 libsndfile1 libportaudio2 sox python3-venv python3-dev build-essential)
 optional=(mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 mbrola-de2 mbrola-fr1)
 stamp="${XDG_CACHE_HOME:-$HOME/.cache}/valle/mbrola-unavailable"
 

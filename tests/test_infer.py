@@ -3,16 +3,18 @@ samplers do what their names say."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 
 from valle_cli.config import load_config
-from valle_cli.infer.engine import SamplingConfig, generate
+from valle_cli.infer.engine import Request, SamplingConfig, generate, generate_batch
 from valle_cli.infer.sampling import filter_logits, pick
 from valle_cli.model.valle import VALLE
 
 
-@pytest.fixture(params=["llama", "transformer"])
+@pytest.fixture(params=["llama", "mixtral", "transformer"])
 def model(request):
     torch.manual_seed(0)
     cfg = load_config("tiny", [f"model.backbone={request.param}"]).model
@@ -160,3 +162,134 @@ def test_engine_uses_the_penalties(model):
     )
     reps = lambda c: len(c[0]) - len(set(c[0].tolist()))  # noqa: E731
     assert reps(base.codes) > 0 and reps(pen.codes) < reps(base.codes)
+
+
+def requests():
+    """Rows of different text and prompt lengths: one without a prompt, one continuing a prefix."""
+    g = torch.Generator().manual_seed(1)
+    codes = lambda n: torch.randint(0, 1024, (8, n), generator=g)  # noqa: E731
+    return [
+        Request(torch.tensor([1, 10, 11, 12, 2]), codes(30)),
+        Request(torch.tensor([1, *range(20, 34), 2]), codes(7)),
+        Request(torch.tensor([1, *range(40, 46), 2]), codes(0)),
+        Request(torch.tensor([1, *range(50, 58), 2]), codes(12), prefix=codes(5)),
+    ]
+
+
+def test_batched_equals_one_by_one(model):
+    sc = SamplingConfig(ar_temp=0.0, max_ar_steps=30)
+    reqs = requests()
+    for bias in (0.0, 0.3, 0.6, 0.9, 1.2, 1.5):  # a STOP bias at which rows stop at different steps
+        with torch.no_grad():
+            model.heads[0].bias[model.stop_id] = bias
+        batched = generate_batch(model, reqs, sc)
+        if len({o.codes.shape[1] for o in batched}) > 1:
+            break
+    single = [generate_batch(model, [r], sc)[0] for r in reqs]
+    uncached = generate_batch(model, reqs, sc, use_cache=False)
+    assert len({o.codes.shape[1] for o in batched}) > 1  # finished rows rode along with the others
+    for a, b, c in zip(batched, single, uncached, strict=True):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.codes, c.codes)
+        assert a.stopped == b.stopped and a.ar_steps == a.codes.shape[1]
+
+
+def test_prefix_is_conditioned_on_and_not_returned(model):
+    r = requests()[3]
+    sc = SamplingConfig(ar_temp=0.0, max_ar_steps=10)
+    with_prefix = generate(model, r.phonemes, r.prompt, sampling=sc, prefix=r.prefix)
+    without = generate(model, r.phonemes, r.prompt, sampling=sc)
+    assert with_prefix.codes.shape == (8, 10)  # the 5 prefix frames are not in the output
+    assert not torch.equal(with_prefix.codes, without.codes)
+    # the NAR keeps the prefix's own codes: passing the prefix as fixed frames gives the same result
+    from valle_cli.infer.engine import NarItem, nar_fill
+
+    full = torch.cat([r.prefix, with_prefix.codes], 1)
+    only0 = full.clone()
+    only0[1:, 5:] = 0
+    refilled = nar_fill(model, [NarItem(r, only0, fixed=5)], sc)[0]
+    assert torch.equal(refilled, full)
+
+
+def test_sampled_batch_matches_rows_alone(model):
+    """Each row has its own generator seeded alike: a row samples the same in or out of a batch."""
+    reqs = requests()[:2]
+    sc = SamplingConfig(ar_temp=1.0, nar_temp=1.0, top_k=50, max_ar_steps=12, seed=3)
+    batched = generate_batch(model, reqs, sc)
+    for r, b in zip(reqs, batched, strict=True):
+        assert torch.equal(generate_batch(model, [r], sc)[0].codes, b.codes)
+
+
+def test_bf16_and_fp16_run(model):
+    ph, prompt = inputs()
+    for dtype in (torch.bfloat16, torch.float16):
+        m = VALLE(model.cfg, n_symbols=623)
+        m.load_state_dict(model.state_dict())
+        m = m.to(dtype).eval()
+        out = generate(m, ph, prompt, sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=8))
+        assert out.codes.shape == (8, 8) and int(out.codes.max()) < 1024
+
+
+class MarkovDecoder:
+    """A toy decoder over tokens {0: STOP, 1, 2, 3}: log-probs depend only on the last token. Greedy takes 1
+    (p 0.6) and then can only stop with p 0.3; taking 2 (p 0.4) leads to a sure STOP: beam search finds it."""
+
+    table: ClassVar[dict] = {
+        None: [0.0, 0.6, 0.4, 0.0],
+        1: [0.3, 0.0, 0.0, 0.7],
+        3: [0.3, 0.0, 0.0, 0.7],
+        2: [1.0, 0.0, 0.0, 0.0],
+    }
+
+    def __init__(self):
+        self.last: list = [None]
+
+    def logits(self):
+        return torch.tensor([self.table[t] for t in self.last]).clamp_min(1e-9).log()
+
+    def feed(self, tokens):
+        self.last = [int(t) for t in tokens]
+
+    def reorder(self, index):
+        self.last = [self.last[int(i)] for i in index]
+
+
+def test_beam_search_finds_the_likelier_sequence():
+    from valle_cli.infer.beam import beam_search
+
+    seq, stopped = beam_search(MarkovDecoder(), width=2, max_steps=20, stop_id=0, length_norm=0.0)
+    assert stopped and seq == [2]  # p = 0.4 * 1.0, better than any path through 1 (at most 0.6 * 0.3 = 0.18)
+    greedy, stopped = beam_search(MarkovDecoder(), width=1, max_steps=20, stop_id=0, length_norm=0.0)
+    assert greedy[0] == 1  # width 1 is greedy: it takes the locally best token
+
+
+def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well(model):
+    from valle_cli.infer.beam import beam_search
+    from valle_cli.infer.engine import ar_decoder
+
+    ph, prompt = inputs()
+    sc = SamplingConfig(ar_temp=0.0, max_ar_steps=12)
+    greedy = generate(model, ph, prompt, sampling=sc)
+    beam1 = generate(model, ph, prompt, sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=12, beam_width=1))
+    assert torch.equal(greedy.codes, beam1.codes)
+    for bias in (0.6, 1.0, 1.3, 1.6, 2.0, 2.5):  # let hypotheses finish, after a few steps
+        with torch.no_grad():
+            model.heads[0].bias[model.stop_id] = bias
+        out = generate(model, ph, prompt, sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=40))
+        if out.stopped and out.ar_steps >= 2:
+            break
+
+    def logprob(tokens: list[int]) -> float:
+        dec = ar_decoder(model, [Request(ph, prompt)])
+        total = 0.0
+        for t in [*tokens, model.stop_id]:
+            total += float(dec.logits()[0].float().log_softmax(-1)[t])
+            dec.feed(torch.tensor([t]))
+        return total
+
+    with torch.inference_mode():
+        g, g_stop = beam_search(ar_decoder(model, [Request(ph, prompt)]), 1, 40, model.stop_id, 0.0)
+        b, b_stop = beam_search(ar_decoder(model, [Request(ph, prompt)]), 4, 40, model.stop_id, 0.0)
+        assert g_stop and b_stop
+        assert logprob(b) >= logprob(g) - 1e-4
+        out = generate_batch(model, [Request(ph, prompt)], SamplingConfig(beam_width=4, max_ar_steps=40))[0]
+        assert out.stopped and out.codes[0].tolist() == b

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from .conftest import needs_espeak
 
@@ -63,7 +64,10 @@ def test_synth_speaks_the_memorized_sentence(trained, tmp_path):
     [
         (["   ", "--ref", "REF"], "the text is empty"),
         (["Bonjour", "-l", "fr", "--ref", "REF"], "not trained on language 'fr'"),
-        (["Hello"], "no reference audio given"),
+        (["!!! ...", "--ref", "REF"], "no pronounceable words"),
+        (["Hello", "--ref", "REF", "--stream", "-o", "OUT.mp3"], "unknown audio format"),
+        (["Hello", "--ref", "REF", "--input-prompt-length", "0"], "must be positive"),
+        (["Hello", "--prompt-text", "Hi."], "needs a reference clip"),
         (["Hello", "--ref", "SHORT"], "at least 1 s is needed"),
         (["Hello", "--ref", "REF", "-o", "/no/such/folder/x.wav"], "does not exist"),
         (["Hello", "--ref", "/no/such.wav"], "does not exist"),
@@ -74,9 +78,156 @@ def test_bad_input_is_one_clear_line(trained, tmp_path, args, message):
     ref = out / "voices" / "try-me" / "speaker" / "utterance.wav"
     short = tmp_path / "short.wav"
     sf.write(short, (np.sin(np.arange(6000) / 10) * 0.3).astype("float32"), 24_000)
-    args = [str(ref) if a == "REF" else str(short) if a == "SHORT" else a for a in args]
+    names = {"REF": str(ref), "SHORT": str(short), "OUT.mp3": str(tmp_path / "o.mp3")}
+    args = [names.get(a, a) for a in args]
     if "-o" not in args:
         args += ["-o", str(tmp_path / "o.wav")]
     proc = synth(*args, "--model", str(out / "run"))
     assert proc.returncode == 1, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def ref_of(out):
+    return out / "voices" / "try-me" / "speaker" / "utterance.wav"
+
+
+def test_stream_writes_the_same_speech_as_whole_synthesis(trained, tmp_path):
+    out, _ = trained
+    whole, streamed = tmp_path / "whole.wav", tmp_path / "streamed.wav"
+    common = [TEXT, "--ref", str(ref_of(out)), "--model", str(out / "run"), "--ar-temp", "0"]
+    assert synth(*common, "-o", str(whole)).returncode == 0
+    proc = synth(*common, "--stream", "-o", str(streamed))
+    assert proc.returncode == 0, proc.stderr
+    assert "first audio after" in proc.stderr
+    a, _ = sf.read(whole, dtype="float32")
+    b, _ = sf.read(streamed, dtype="float32")
+    assert len(a) == len(b)  # the same tokens, so the same length
+    from valle_cli.codecs.base import build_codec
+
+    codec = build_codec("mel", "cpu")
+    mel = lambda w: codec.log_mel(torch.from_numpy(w)[None, None])[0].numpy()  # noqa: E731
+    diff = np.abs(mel(a) - mel(b)).mean(1)  # per frame, nats
+    assert np.median(diff) < 0.15 and diff.mean() < 0.3, (np.median(diff), diff.mean())
+
+
+def test_continuing_the_prompt_speaks_the_rest(trained, tmp_path):
+    """Continuation: given the start of the utterance as the response prefix, the model that memorized it says
+    exactly the rest, at every RVQ level (the prefix's own codes stay fixed in the NAR passes)."""
+    from valle_cli.audio.io import load_audio
+    from valle_cli.infer.engine import SamplingConfig, generate
+    from valle_cli.infer.load import load_model
+    from valle_cli.infer.synth import model_codec
+    from valle_cli.text import phonemize
+    from valle_cli.text.symbols import SymbolMap
+
+    out, report = trained
+    loaded = load_model(out / "run")
+    codec = model_codec(loaded.meta, loaded.model, "cpu")
+    codes = codec.encode(torch.from_numpy(load_audio(ref_of(out), 24_000))[None, None])[0]
+    phonemes = torch.tensor(SymbolMap.from_dict(loaded.meta["symbols"]).encode(phonemize(TEXT, "en")))
+    rest = generate(
+        loaded.model, phonemes, codes, sampling=SamplingConfig(ar_temp=0.0), prefix=codes[:, :120]
+    )
+    assert rest.stopped and rest.codes.shape[1] == report.frames - 120
+    assert (rest.codes == codes[:, 120:]).float().mean() > 0.95
+    o = tmp_path / "rest.wav"
+    proc = synth(
+        TEXT, "--ref", str(ref_of(out)), "--model", str(out / "run"), "--ar-temp", "0",
+        "--input-prompt-prefix", "-o", str(o),
+    )  # fmt: skip
+    # the whole clip is the prefix: nothing is left to say, and the model knows it
+    assert proc.returncode == 1 and "produced no audio" in proc.stderr
+
+
+def test_batch_file_beam_search_and_random_voice(trained, tmp_path):
+    out, report = trained
+    lines = tmp_path / "lines.txt"
+    lines.write_text(f"{TEXT}\n\n{TEXT}\n")
+    proc = synth(
+        "--batch", str(lines), "--ref", str(ref_of(out)), "--model", str(out / "run"), "--ar-temp", "0",
+        "--batch-size", "2", "-o", str(tmp_path / "many"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    files = sorted((tmp_path / "many").glob("*.wav"))
+    assert [f.name for f in files] == ["0001.wav", "0002.wav"]
+    for f in files:
+        wav, sr = sf.read(f)
+        assert abs(len(wav) / sr - report.frames / 75) < 0.05
+    beam = tmp_path / "beam.wav"
+    proc = synth(
+        TEXT, "--ref", str(ref_of(out)), "--model", str(out / "run"), "--beam-width", "3", "-o", str(beam)
+    )
+    assert proc.returncode == 0, proc.stderr
+    wav, sr = sf.read(beam)
+    assert abs(len(wav) / sr - report.frames / 75) < 0.05  # the memorized sequence is also the likeliest
+    rnd = tmp_path / "random.wav"
+    proc = synth(TEXT, "--model", str(out / "run"), "--seed", "1", "--max-ar-steps", "150", "-o", str(rnd))
+    assert proc.returncode == 0, proc.stderr
+    assert "random voice" in proc.stderr and sf.info(rnd).duration > 0
+
+
+def test_play_and_default_model_fail_clearly(trained, tmp_path):
+    from valle_cli.audio.play import check_output_device
+    from valle_cli.errors import AudioError
+
+    out, _ = trained
+    try:
+        check_output_device()
+    except AudioError:
+        proc = synth(
+            TEXT,
+            "--ref",
+            str(ref_of(out)),
+            "--model",
+            str(out / "run"),
+            "--play",
+            "-o",
+            str(tmp_path / "p.wav"),
+        )
+        assert (
+            proc.returncode == 1
+            and "no audio output device" in proc.stderr
+            and "Traceback" not in proc.stderr
+        )
+    proc = subprocess.run(
+        [sys.executable, "-m", "valle_cli.cli.app", "synth", "Hello.", "--ref", str(ref_of(out))],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "COLUMNS": "200"},
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "default model valle-tts/valle-small" in proc.stderr and "cannot be reached" in proc.stderr
+
+
+def test_stt_reads_back_the_phonemes(trained, tmp_path):
+    """A model trained on the stt task transcribes the utterance it learned; one trained without it is refused."""
+    from valle_cli.config import load_config
+    from valle_cli.text import phonemize
+    from valle_cli.train.trainer import Trainer
+    from valle_cli.train.tryme import SETTINGS
+
+    out, _ = trained
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.paths=[{out / 'dataset'}]",
+            "train.steps=250",
+            "data.max_duration=30",
+            *SETTINGS,
+            "train.stt_prob=1",
+        ],
+    )
+    Trainer(cfg, tmp_path / "stt-run", lambda kind, payload: None).train()
+    proc = subprocess.run(
+        [sys.executable, "-m", "valle_cli.cli.app", "stt", str(ref_of(out)), "--model", str(tmp_path / "stt-run")],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    import difflib
+
+    want = phonemize(TEXT, "en")
+    assert difflib.SequenceMatcher(None, proc.stdout.strip(), want).ratio() > 0.9, (proc.stdout, want)
+    proc = subprocess.run(
+        [sys.executable, "-m", "valle_cli.cli.app", "stt", str(ref_of(out)), "--model", str(out / "run")],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "not trained for speech-to-text" in proc.stderr

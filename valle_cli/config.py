@@ -144,6 +144,7 @@ class TrainConfig:
     level_weights: list[float] = field(
         default_factory=list
     )  # chance of training each RVQ level; [] = uniform
+    stt_prob: float = 0.0  # chance a sample trains speech-to-text (audio -> phonemes, `valle stt`) instead
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {"text": 0.0, "prompt": 0.0, "response": 1.0}
     )
@@ -172,6 +173,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.level_weights must be non-negative and not all zero, got {self.level_weights}"
             )
+        if not 0 <= self.stt_prob <= 1:
+            raise ConfigError(f"train.stt_prob must be in [0, 1], got {self.stt_prob}")
         if self.lora.rank < 0 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
             raise ConfigError("train.lora needs rank >= 0, alpha > 0 and dropout in [0, 1)")
         if self.lora.rank > 0 and not self.init_from:

@@ -71,6 +71,28 @@ def attention_mask(
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
+def padded_mask(
+    key_valid: torch.Tensor, total: int, causal: bool = True, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Additive attention mask (B, 1, T, S) for the last `total` of S positions, padding anywhere.
+
+    `key_valid` (B, S) says which keys are real: batched decoding pads on the left (so every row's next token
+    lands in the same column) and keeps finished rows going, which `attention_mask` (right padding) cannot say.
+    Queries are the last `total` positions; with `causal` each sees only keys at or before itself. Every query
+    sees itself, so a padding query has no empty row.
+    """
+    b, s = key_valid.shape
+    device = key_valid.device
+    k = torch.arange(s, device=device)
+    q = torch.arange(s - total, s, device=device)
+    allowed = key_valid[:, None, :].expand(b, total, s)
+    if causal:
+        allowed = allowed & (k[None, :] <= q[:, None])[None]
+    allowed = allowed | (k[None, :] == q[:, None])[None]
+    mask = torch.zeros(b, 1, total, s, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
 class Backbone(torch.nn.Module):
     name: ClassVar[str] = "backbone"
     supports_cache: ClassVar[bool] = True

@@ -41,8 +41,8 @@ class KVCache:
             self.values[layer] = torch.cat([self.values[layer], v], dim=2)
         return self.keys[layer], self.values[layer]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep/duplicate batch rows (beam search)."""
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        """Keep/duplicate batch rows (beam search); named like transformers' `Cache.reorder_cache`."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
 

@@ -14,7 +14,7 @@ import sys
 import typer
 
 from valle_cli import __version__
-from valle_cli.cli import codec, config, dataset, export, later, plugins_cmd, prepare, synth, train
+from valle_cli.cli import codec, config, dataset, export, later, plugins_cmd, prepare, stt, synth, train
 
 app = typer.Typer(
     name="valle",
@@ -51,11 +51,13 @@ app.command("train", help="Train or fine-tune the AR+NAR model; rerun to resume;
     train.train
 )
 app.command(
-    "export", help="Export a checkpoint or run folder to one safetensors/pt file (LoRA merged or alone)."
+    "export",
+    help="Export a checkpoint or run folder to one file (LoRA merged or alone) or a hub folder (--hf).",
 )(export.export)
 app.command("synth", help='Synthesize speech: valle synth "text" --ref voice.wav --model RUN -o out.wav.')(
     synth.synth
 )
+app.command("stt", help="Transcribe audio to IPA phonemes with the model's speech-to-text task.")(stt.stt)
 later.register(app)
 app.command("plugins", help="List codec, backbone and transcriber plugins and whether each loads.")(
     plugins_cmd.plugins

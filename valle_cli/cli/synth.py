@@ -1,20 +1,59 @@
-"""`valle synth "text" --ref voice.wav -o out.wav --model RUN|FILE`: zero-shot speech in the reference voice."""
+"""`valle synth "text" --ref voice.wav -o out.wav --model RUN|FILE|HUB-ID`: zero-shot speech in the reference voice.
+
+Also `--stream` (audio written, and with `--play` heard, while the model generates), `--batch FILE` (one output
+file per line, generated in padded batches) and every sampler flag of the original. The command only parses
+options and reports; the work is in valle_cli.infer.
+"""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import typer
 
+# The model used when --model is not given: a hub id (downloaded once, then cached), overridable per user.
+DEFAULT_MODEL = "valle-tts/valle-small"
+DEFAULT_MODEL_ENV = "VALLE_DEFAULT_MODEL"
+
 
 def synth(
     text: str = typer.Argument(
-        ..., help="Text to speak; each line is generated separately, joined in one file."
+        None, help="Text to speak; each line is generated separately, all joined in one file."
     ),
-    ref: list[Path] = typer.Option(None, "--ref", "-r", help="Reference audio of the voice (repeatable)."),
-    output: Path = typer.Option(Path("out.wav"), "--output", "-o", help="Where to write the audio."),
-    model: Path = typer.Option(None, "--model", "-m", help="Run folder, step-* checkpoint or exported file."),
+    ref: list[Path] = typer.Option(
+        None, "--ref", "-r", help="Reference audio of the voice (repeatable); none: a random voice."
+    ),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Where to write the audio (default out.wav; a folder with --batch)."
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help=f"Run folder, step-* checkpoint, exported file or hub id (default: ${DEFAULT_MODEL_ENV} or {DEFAULT_MODEL}).",
+    ),
     language: str = typer.Option("en", "--language", "-l", help="Language of the text."),
+    batch: Path = typer.Option(None, "--batch", help="A text file: one output file per line, in -o FOLDER."),
+    batch_size: int = typer.Option(8, help="Segments generated together (padded)."),
+    split_sentences: bool = typer.Option(False, help="Also generate each sentence of a line separately."),
+    rolling_context: bool = typer.Option(False, help="Each segment continues the previous one's audio."),
+    prompt_text: str = typer.Option(
+        None, help="Transcript of the reference: speak each segment as its continuation."
+    ),
+    input_prompt_prefix: bool = typer.Option(
+        False, help="The text starts with the reference's transcript: continue the reference."
+    ),
+    input_prompt_length: float = typer.Option(
+        None,
+        help="Seconds of reference audio in the prompt, trimmed or repeated (default: the model's training "
+        "prompt length, trimmed only).",
+    ),
+    stream: bool = typer.Option(
+        False, help="Produce audio in chunks while generating; report time to first audio."
+    ),
+    play: bool = typer.Option(False, help="Play the audio (as it comes with --stream)."),
     ar_temp: float = typer.Option(0.95, help="AR sampling temperature (0 = greedy)."),
     nar_temp: float = typer.Option(0.0, help="NAR sampling temperature (0 = greedy)."),
     top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = all)."),
@@ -23,6 +62,10 @@ def synth(
     repetition_penalty: float = typer.Option(1.0, help="Penalty for tokens already generated (1 = off)."),
     repetition_penalty_decay: float = typer.Option(1.0, help="How fast the penalty fades with distance."),
     length_penalty: float = typer.Option(0.0, help="> 0 favours longer output, < 0 shorter."),
+    beam_width: int = typer.Option(
+        1, help="Beam search over AR sequences with this many beams (1 = sample)."
+    ),
+    beam_length_norm: float = typer.Option(1.0, help="Beam scores are log-prob / length ** this."),
     dry_multiplier: float = typer.Option(0.0, help="DRY penalty strength (0 = off)."),
     dry_base: float = typer.Option(1.75, help="DRY exponent base."),
     dry_allowed_length: int = typer.Option(2, help="DRY: repeats up to this long are free."),
@@ -31,30 +74,54 @@ def synth(
     mirostat_eta: float = typer.Option(0.1, help="Mirostat learning rate."),
     ras_window: int = typer.Option(0, help="VALL-E 2 repetition-aware sampling window (0 = off)."),
     ras_threshold: float = typer.Option(0.1, help="Repetition-aware sampling threshold."),
-    max_ar_steps: int = typer.Option(1500, help="Longest output per line, in frames (75 per second)."),
-    input_prompt_length: float = typer.Option(6.0, help="Seconds of reference audio used as the prompt."),
-    seed: int = typer.Option(None, help="Seed for reproducible sampling."),
+    max_ar_steps: int = typer.Option(1500, help="Longest output per segment, in frames (75 per second)."),
+    seed: int = typer.Option(None, help="Seed for reproducible sampling (and a reproducible random voice)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 weights and activations."),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the backbone (pays off for long runs)."
+    ),
 ) -> None:
     """Speak TEXT in the voice of the reference clip(s)."""
     from rich.console import Console
 
-    from valle_cli.audio.io import save_audio
-    from valle_cli.codecs.base import resolve_device
     from valle_cli.errors import ValleError
     from valle_cli.fsutil import check_writable
     from valle_cli.infer.engine import SamplingConfig
-    from valle_cli.infer.load import load_model
-    from valle_cli.infer.synth import synthesize
+    from valle_cli.infer.synth import SynthOptions
 
-    if model is None:
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    if batch is None and not text:
+        raise ValleError("no text given", 'valle synth "Hello there." --ref voice.wav (or --batch lines.txt)')
+    if batch is not None and text:
+        raise ValleError("give either TEXT or --batch FILE, not both")
+    if batch is not None and (stream or play):
+        raise ValleError("--batch writes one file per line; it cannot --stream or --play", "drop those flags")
+    if (
+        batch_size < 1
+        or beam_width < 1
+        or max_ar_steps < 1
+        or (input_prompt_length is not None and input_prompt_length <= 0)
+    ):
         raise ValleError(
-            "no --model given, and this release ships no default model yet",
-            "train one (`valle train`, or `valle train --try-me` for a quick check) and pass its run folder",
+            "--batch-size, --beam-width, --max-ar-steps and --input-prompt-length must be positive"
         )
-    check_writable(output, ValleError)
-    dev = str(resolve_device(device))
-    loaded = load_model(model, dev)
+    if play:
+        from valle_cli.audio.play import check_output_device
+
+        check_output_device()  # before any work: no device, no long wait for nothing
+    if batch is not None:
+        output = output or Path("out")
+        if output.suffix.lower() in (".wav", ".flac", ".ogg"):
+            raise ValleError(f"with --batch, -o names a folder, got {output}", "use -o out/")
+    else:
+        output = output or Path("out.wav")
+        check_writable(output, ValleError)
+        if output.suffix.lower() not in (".wav", ".flac", ".ogg"):
+            raise ValleError(
+                f"cannot write {output}: unknown audio format", "use a .wav, .flac or .ogg file name"
+            )
+    loaded, dev = _load(model, device, dtype, compile, err)
     sampling = SamplingConfig(
         ar_temp=ar_temp,
         nar_temp=nar_temp,
@@ -74,14 +141,186 @@ def synth(
         ras_threshold=ras_threshold,
         max_ar_steps=max_ar_steps,
         seed=seed,
+        beam_width=beam_width,
+        beam_length_norm=beam_length_norm,
     )
-    result = synthesize(loaded, text, list(ref or []), language, sampling, input_prompt_length, dev)
-    save_audio(output, result.audio, result.sample_rate)
-    seconds = result.audio.size / result.sample_rate
-    unfinished = sum(not s for s in result.stopped)
-    Console(stderr=True, soft_wrap=True, highlight=False).print(
-        f"{result.lines} line(s), {seconds:.2f} s of audio in {result.seconds:.2f} s with {model}"
-        + (f"; {unfinished} line(s) hit --max-ar-steps" if unfinished else "")
+    opts = SynthOptions(
+        language=language,
+        prompt_seconds=input_prompt_length,
+        split_sentences=split_sentences,
+        prompt_text=prompt_text,
+        prompt_prefix=input_prompt_prefix,
+        rolling_context=rolling_context,
+        batch_size=batch_size,
+    )
+    refs = list(ref or [])
+    if not refs:
+        err.print(
+            "no --ref given: speaking in a random voice" + ("" if seed is not None else " (--seed keeps it)")
+        )
+    if batch is not None:
+        _run_batch(loaded, batch, refs, opts, sampling, dev, output, err)
+    elif stream:
+        _run_stream(loaded, text, refs, opts, sampling, dev, output, play, err)
+    else:
+        _run_whole(loaded, text, refs, opts, sampling, dev, output, play, err)
+
+
+def _load(model: str | None, device: str, dtype: str, compile: bool, err):
+    import torch
+
+    from valle_cli.codecs.base import resolve_device
+    from valle_cli.errors import ValleError
+    from valle_cli.infer.load import DTYPES, load_model
+
+    if dtype not in DTYPES:
+        raise ValleError(f"unknown --dtype {dtype!r}", "use fp32, fp16 or bf16")
+    dev = str(resolve_device(device))
+    source = model or os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL
+    if model is None:
+        err.print(f"no --model given: using the default model {source}", markup=False)
+    loaded = load_model(source, dev)
+    if dtype != "fp32":
+        loaded.model.to(DTYPES[dtype])
+    if compile:
+        loaded.model.backbone.compile(dynamic=True)
+    torch.set_grad_enabled(False)
+    return loaded, dev
+
+
+def _progress(err, total_hint: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn(total_hint),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def _summary(err, what: str, seconds_audio: float, wall: float, source, output, extra: str = "") -> None:
+    rtf = wall / seconds_audio if seconds_audio else float("nan")
+    err.print(
+        f"{what}, {seconds_audio:.2f} s of audio in {wall:.2f} s (real-time factor {rtf:.2f}) with {source}"
+        + extra
         + f" -> {output}",
         markup=False,
+    )
+
+
+def _run_whole(loaded, text, refs, opts, sampling, dev, output, play, err) -> None:
+    from valle_cli.audio.io import save_audio
+    from valle_cli.infer.synth import segments, synthesize
+
+    n = len(segments(text, opts.split_sentences))
+    if n > 1:
+        with _progress(err, "segments") as bar:
+            task = bar.add_task("synth", total=n)
+            result = synthesize(
+                loaded, text, refs, opts, sampling, dev, lambda done, total: bar.update(task, completed=done)
+            )
+    else:
+        result = synthesize(loaded, text, refs, opts, sampling, dev)
+    save_audio(output, result.audio, result.sample_rate)
+    unfinished = sum(not s for s in result.stopped)
+    _summary(
+        err,
+        f"{result.lines} line(s)"
+        + (f" in {result.segments} segments" if result.segments != result.lines else ""),
+        result.audio.size / result.sample_rate,
+        result.seconds,
+        loaded.source,
+        output,
+        f"; {unfinished} segment(s) hit --max-ar-steps" if unfinished else "",
+    )
+    if play:
+        from valle_cli.audio.play import Player
+
+        with Player(result.sample_rate) as player:
+            player.write(result.audio)
+
+
+def _run_stream(loaded, text, refs, opts, sampling, dev, output, play, err) -> None:
+    import soundfile as sf
+
+    from valle_cli.errors import ValleError
+    from valle_cli.fsutil import atomic_path
+    from valle_cli.infer.synth import synthesize_stream
+
+    t0 = time.time()
+    first = None
+    total = 0
+    player = None
+    with atomic_path(output, ValleError) as tmp:
+        writer = None
+        try:
+            for chunk, sr in synthesize_stream(loaded, text, refs, opts, sampling, dev):
+                if writer is None:
+                    fmt = output.suffix.lstrip(".").upper()
+                    writer = sf.SoundFile(tmp, "w", sr, 1, "VORBIS" if fmt == "OGG" else "PCM_16", format=fmt)
+                    if play:
+                        from valle_cli.audio.play import Player
+
+                        player = Player(sr)
+                if first is None and chunk.size:
+                    first = time.time() - t0
+                writer.write(chunk)
+                writer.flush()
+                if player:
+                    player.write(chunk)
+                total += chunk.size
+        finally:
+            if writer is not None:
+                writer.close()
+            if player is not None:
+                player.close()
+        if not total:
+            raise ValleError("the model produced no audio (it stopped at once)", "check the model")
+    _summary(
+        err,
+        "streamed",
+        total / sr,
+        time.time() - t0,
+        loaded.source,
+        output,
+        f"; first audio after {first:.2f} s" if first is not None else "",
+    )
+
+
+def _run_batch(loaded, batch, refs, opts, sampling, dev, output, err) -> None:
+    from valle_cli.audio.io import save_audio
+    from valle_cli.errors import ValleError
+    from valle_cli.infer.synth import synthesize_lines
+
+    try:
+        lines = [ln for ln in batch.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValleError(f"cannot read the batch file {batch} ({exc})", "give a UTF-8 text file") from None
+    if not lines:
+        raise ValleError(f"the batch file {batch} has no text", "put one sentence on each line")
+    output.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with _progress(err, "lines") as bar:
+        task = bar.add_task("batch", total=len(lines))
+        audios, sr = synthesize_lines(
+            loaded, lines, refs, opts, sampling, dev, lambda done, total: bar.update(task, completed=done)
+        )
+    seconds = 0.0
+    width = max(4, len(str(len(lines))))
+    for i, audio in enumerate(audios, 1):
+        if audio.size:
+            save_audio(output / f"{i:0{width}d}.wav", audio, sr)
+            seconds += audio.size / sr
+    empty = sum(a.size == 0 for a in audios)
+    _summary(
+        err,
+        f"{len(lines)} line(s)",
+        seconds,
+        time.time() - t0,
+        loaded.source,
+        output,
+        f"; {empty} line(s) produced no audio" if empty else "",
     )

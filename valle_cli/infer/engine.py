@@ -1,20 +1,30 @@
 """Generating speech tokens with a trained VALL-E model: a KV-cached AR pass for RVQ level 0, then one
-non-causal NAR pass per level 1..Q-1.
+non-causal NAR pass per level 1..Q-1, for one request or a batch of them.
 
-AR: the prefix (language, task, level, text, prompt) is run once and its keys/values kept in the backbone's
-cache; each step then feeds one token. `use_cache=False` recomputes the whole sequence every step (what the
-original does); both give the same tokens (tested), the cached one in a fraction of the time.
-NAR: level L reads the sum of the embeddings of levels 0..L-1 of the response so far and predicts level L at
-every position at once.
+- `Decoder` runs any causal pass of the model one token at a time (the AR here, `stt` in infer/stt.py): the
+  prefix of every row is run once and its keys/values kept in the backbone's cache; each step feeds one token
+  per row. Rows are padded on the **left** so every row's next token lands in the same column; a (B, S)
+  `valid` mask says which keys are real and `position_ids` count real tokens only, so a row decodes exactly as
+  it would alone. `use_cache=False` recomputes the whole sequence every step (what the original does); both
+  give the same tokens (tested), the cached one in a fraction of the time.
+- `ar_tokens` samples level 0 for a batch, each row with its own `TokenSampler` and its own generator seeded
+  with the same seed, so a line's output does not depend on what else is in its batch.
+- `nar_fill` fills levels 1..Q-1 for a batch (right-padded, no causal mask): level L reads the sum of the
+  embeddings of levels 0..L-1. Frames before `fixed` keep the codes they have (a continuation prefix, or frames
+  already streamed), so the same function serves plain, continued and streamed generation.
+- A `Request` may carry `prefix` codes that open the response (VALL-E's continuation: the prompt's own codes,
+  or the previous sentence with rolling context); they are conditioned on and not returned.
+- `beam_width > 1` uses beam search (infer/beam.py) on the AR instead of sampling.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
-from valle_cli.backbones.base import attention_mask
+from valle_cli.backbones.base import attention_mask, padded_mask
 from valle_cli.infer.sampling import SamplerSettings, TokenSampler, pick
 from valle_cli.model.valle import VALLE, Sample
 
@@ -22,7 +32,8 @@ from valle_cli.model.valle import VALLE, Sample
 class SamplingConfig:
     """How to sample: the AR sampler's settings (`SamplerSettings`, named like the original's CLI flags:
     ar_temp, min_ar_temp, top_k, top_p, min_p, repetition_penalty, ..., ras_threshold), the NAR temperature,
-    the AR step limit and the seed. The NAR passes reuse top-k/top-p."""
+    the AR step limit, the seed, and beam search (`beam_width` > 1; scores are summed log-probabilities divided
+    by length ** `beam_length_norm`). The NAR passes reuse top-k/top-p."""
 
     def __init__(
         self,
@@ -31,23 +42,225 @@ class SamplingConfig:
         max_ar_steps: int = 1500,
         seed: int | None = None,
         min_ar_temp: float = -1.0,
+        beam_width: int = 1,
+        beam_length_norm: float = 1.0,
         **ar_settings,
     ):
         self.ar = SamplerSettings(temperature=ar_temp, min_temp=min_ar_temp, **ar_settings)
         self.nar_temp, self.max_ar_steps, self.seed = nar_temp, max_ar_steps, seed
+        self.beam_width, self.beam_length_norm = beam_width, beam_length_norm
+
+    def generator(self) -> torch.Generator | None:
+        return torch.Generator().manual_seed(self.seed) if self.seed is not None else None
 
     def __repr__(self) -> str:
-        return f"SamplingConfig(ar={self.ar}, nar_temp={self.nar_temp}, max_ar_steps={self.max_ar_steps}, seed={self.seed})"
+        return (
+            f"SamplingConfig(ar={self.ar}, nar_temp={self.nar_temp}, max_ar_steps={self.max_ar_steps}, "
+            f"seed={self.seed}, beam_width={self.beam_width})"
+        )
+
+
+@dataclass
+class Request:
+    """What to say and in which voice."""
+
+    phonemes: torch.Tensor  # (Lt,) ids with BOS/EOS
+    prompt: torch.Tensor  # (Q, Fp) codes of the reference voice; Fp = 0: no reference (a random voice)
+    language: int = 0
+    prefix: torch.Tensor | None = None  # (Q, Fc) codes the response continues from; not returned
+
+    @property
+    def prefix_frames(self) -> int:
+        return 0 if self.prefix is None else int(self.prefix.shape[1])
 
 
 @dataclass
 class Generated:
-    codes: torch.Tensor  # (Q, F) long
+    codes: torch.Tensor  # (Q, F) long, without the request's prefix
     stopped: bool  # the AR emitted STOP (False: it hit max_ar_steps)
     ar_steps: int
 
 
+@dataclass
+class Decoder:
+    """Token-by-token causal decoding of a batch of rows over the backbone, with or without a KV cache.
+
+    `prefixes` are each row's input embeddings (L_b, D) up to and including the input of the first step;
+    `embed` maps tokens (B,) to inputs (B, D) and `head` hidden states (B, D) to logits.
+    """
+
+    backbone: torch.nn.Module
+    prefixes: list[torch.Tensor]
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    head: Callable[[torch.Tensor], torch.Tensor]
+    use_cache: bool = True
+    cache: object = None
+    x: torch.Tensor = field(init=False)  # (B, L, D): everything fed so far (kept whole only without a cache)
+    valid: torch.Tensor = field(init=False)  # (B, S) bool: real keys
+    positions: torch.Tensor = field(init=False)  # (B, S) long
+    fed: int = field(init=False, default=0)  # how many columns the backbone has seen (with a cache)
+
+    def __post_init__(self) -> None:
+        first = self.prefixes[0]
+        b, n = len(self.prefixes), max(len(p) for p in self.prefixes)
+        self.x = first.new_zeros(b, n, first.shape[-1])
+        self.valid = torch.zeros(b, n, dtype=torch.bool, device=first.device)
+        self.positions = torch.zeros(b, n, dtype=torch.long, device=first.device)
+        for row, p in enumerate(self.prefixes):
+            self.x[row, n - len(p) :] = p
+            self.valid[row, n - len(p) :] = True
+            self.positions[row, n - len(p) :] = torch.arange(len(p), device=first.device)
+
+    def logits(self) -> torch.Tensor:
+        """Next-token logits (B, V) after everything fed so far."""
+        if self.use_cache:
+            new = self.x[:, self.fed :]
+            t = new.shape[1]
+            mask = padded_mask(self.valid, t, dtype=new.dtype)
+            out = self.backbone(new, mask, self.positions[:, -t:], cache=self.cache, use_cache=True)
+            self.cache = out.cache
+            self.x, self.fed = self.x[:, -1:], 1  # the cache holds the rest: keep only the last input
+        else:
+            t = self.x.shape[1]
+            mask = padded_mask(self.valid, t, dtype=self.x.dtype)
+            out = self.backbone(self.x, mask, self.positions)
+        return self.head(out.hidden[:, -1])
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        """Append one token (B,) per row."""
+        emb = self.embed(tokens.to(self.x.device))[:, None]  # (B, 1, D)
+        self.x = torch.cat([self.x, emb], 1)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(len(tokens), 1)], 1)
+        self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], 1)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep/duplicate rows (beam search): row i becomes old row index[i]."""
+        index = index.to(self.x.device)
+        self.x, self.valid, self.positions = self.x[index], self.valid[index], self.positions[index]
+        if self.cache is not None:
+            self.cache.reorder_cache(index)
+
+
+def ar_prefix(model: VALLE, req: Request) -> torch.Tensor:
+    """Input embeddings (L, D) of the AR pass up to the first step: header, text, prompt, START, prefix codes."""
+    dev = model.sep.device
+    q = model.n_levels
+    empty = torch.zeros(q, 0, dtype=torch.long, device=dev)
+    pre, _, _ = model.prefix(Sample(req.phonemes.to(dev), req.prompt[:q].to(dev), empty, 0, req.language))
+    parts = [pre, model.audio_emb[0](torch.tensor([model.start_id], device=dev))]
+    if req.prefix_frames:
+        parts.append(model.audio_emb[0](req.prefix[0].to(dev)))
+    return torch.cat(parts)
+
+
+def ar_decoder(model: VALLE, requests: list[Request], use_cache: bool = True) -> Decoder:
+    return Decoder(
+        model.backbone, [ar_prefix(model, r) for r in requests], model.audio_emb[0], model.heads[0], use_cache
+    )
+
+
+def ar_tokens(
+    model: VALLE, requests: list[Request], sc: SamplingConfig, use_cache: bool = True
+) -> Iterator[list[int | None]]:
+    """Sample level 0 for a batch, one step at a time: yields each row's new token, None once it stopped."""
+    dec = ar_decoder(model, requests, use_cache)
+    samplers = [TokenSampler(sc.ar, model.stop_id, sc.generator()) for _ in requests]
+    done = [False] * len(requests)
+    for _ in range(sc.max_ar_steps):
+        logits = dec.logits()  # (B, K+1)
+        step: list[int | None] = []
+        for row, sampler in enumerate(samplers):
+            token = None if done[row] else sampler(logits[row])
+            if token == model.stop_id:
+                done[row], token = True, None
+            step.append(token)
+        if all(done):
+            return
+        yield step
+        dec.feed(torch.tensor([model.start_id if t is None else t for t in step]))
+
+
+@dataclass
+class NarItem:
+    """One row of a NAR pass: the request, its response codes (Q, F) with level 0 set, and how many leading
+    frames already hold all their levels (kept as they are)."""
+
+    request: Request
+    codes: torch.Tensor
+    fixed: int = 0
+
+
+def nar_fill(
+    model: VALLE, items: list[NarItem], sc: SamplingConfig, generators: list | None = None
+) -> list[torch.Tensor]:
+    """Fill levels 1..Q-1 of every item's frames from `fixed` on; one batched non-causal pass per level."""
+    live = [i for i, it in enumerate(items) if it.codes.shape[1] > it.fixed]
+    out = [it.codes.clone() for it in items]
+    gens = generators or [sc.generator() for _ in items]
+    for level in range(1, model.n_levels):
+        if not live:
+            break
+        samples = [
+            Sample(
+                items[i].request.phonemes, items[i].request.prompt, out[i], level, items[i].request.language
+            )
+            for i in live
+        ]
+        batch = model.assemble(samples)
+        t = batch.inputs_embeds.shape[1]
+        mask = attention_mask(batch.lengths, False, t, dtype=batch.inputs_embeds.dtype)
+        hidden = model.backbone(batch.inputs_embeds, mask, batch.position_ids).hidden  # (B, T, D)
+        starts = {b: start for b, start, _, _, part in batch.targets if part == "response"}
+        for b, i in enumerate(live):
+            fixed, n = items[i].fixed, out[i].shape[1]
+            logits = model.heads[level](hidden[b, starts[b] + fixed : starts[b] + n])  # (n - fixed, K)
+            out[i][level, fixed:] = pick(logits, sc.nar_temp, sc.ar.top_k, sc.ar.top_p, gens[i]).to(out[i])
+    return out
+
+
+def _with_prefix(model: VALLE, req: Request, level0: list[int]) -> torch.Tensor:
+    """Response codes (Q, Fc + F): the request's prefix (all levels) then the new level-0 tokens."""
+    dev = model.sep.device
+    fc = req.prefix_frames
+    codes = torch.zeros(model.n_levels, fc + len(level0), dtype=torch.long, device=dev)
+    if fc:
+        codes[:, :fc] = req.prefix[: model.n_levels].to(dev)
+    if level0:
+        codes[0, fc:] = torch.tensor(level0, device=dev)
+    return codes
+
+
 @torch.inference_mode()
+def generate_batch(
+    model: VALLE, requests: list[Request], sampling: SamplingConfig | None = None, use_cache: bool = True
+) -> list[Generated]:
+    """Codes for every request: AR (sampled, or beam search) for level 0, then the NAR levels, all batched."""
+    sc = sampling or SamplingConfig()
+    if not requests:
+        return []
+    if sc.beam_width > 1:
+        from valle_cli.infer.beam import beam_ar
+
+        level0 = [beam_ar(model, r, sc, use_cache) for r in requests]
+    else:
+        level0 = [([], False) for _ in requests]
+        for step in ar_tokens(model, requests, sc, use_cache):
+            for row, token in enumerate(step):
+                if token is not None:
+                    level0[row][0].append(token)
+        # a row that never yielded None before the loop ended either stopped (fewer tokens) or hit the limit
+        level0 = [(toks, len(toks) < sc.max_ar_steps) for toks, _ in level0]
+    items = [
+        NarItem(r, _with_prefix(model, r, toks), r.prefix_frames)
+        for r, (toks, _) in zip(requests, level0, strict=True)
+    ]
+    filled = nar_fill(model, items, sc)
+    return [
+        Generated(codes[:, r.prefix_frames :].cpu(), stopped, len(toks))
+        for r, codes, (toks, stopped) in zip(requests, filled, level0, strict=True)
+    ]
+
+
 def generate(
     model: VALLE,
     phonemes: torch.Tensor,
@@ -55,55 +268,7 @@ def generate(
     language: int = 0,
     sampling: SamplingConfig | None = None,
     use_cache: bool = True,
+    prefix: torch.Tensor | None = None,
 ) -> Generated:
     """phonemes (Lt,) with BOS/EOS, prompt codes (Q, Fp) -> generated codes (Q, F)."""
-    sc = sampling or SamplingConfig()
-    gen = torch.Generator().manual_seed(sc.seed) if sc.seed is not None else None
-    dev = model.sep.device
-    q = model.n_levels
-    base = Sample(
-        phonemes.to(dev), prompt[:q].to(dev), torch.zeros(q, 0, dtype=torch.long, device=dev), 0, language
-    )
-    prefix, _, _ = model.prefix(base)  # (P, D)
-    start = model.audio_emb[0](torch.tensor([model.start_id], device=dev))
-    tokens: list[int] = []
-    sampler = TokenSampler(sc.ar, stop_id=model.stop_id, generator=gen)
-    stopped = False
-    cache = None
-    x = torch.cat([prefix, start])[None]  # (1, P+1, D)
-    past = 0
-    for _ in range(sc.max_ar_steps):
-        if use_cache:
-            t = x.shape[1]
-            mask = attention_mask(torch.tensor([t], device=dev), True, t, past=past, dtype=x.dtype)
-            pos = torch.arange(past, past + t, device=dev)[None]
-            out = model.backbone(x, mask, pos, cache=cache, use_cache=True)
-            cache, past = out.cache, past + t
-        else:
-            full = torch.cat(
-                [prefix, start, model.audio_emb[0](torch.tensor(tokens, device=dev, dtype=torch.long))]
-            )
-            t = full.shape[0]
-            mask = attention_mask(torch.tensor([t], device=dev), True, t, dtype=full.dtype)
-            out = model.backbone(full[None], mask, torch.arange(t, device=dev)[None])
-        logits = model.heads[0](out.hidden[0, -1])  # (K+1,)
-        token = sampler(logits)
-        if token == model.stop_id:
-            stopped = True
-            break
-        tokens.append(token)
-        x = model.audio_emb[0](torch.tensor([[token]], device=dev))  # (1, 1, D)
-    codes = torch.zeros(q, len(tokens), dtype=torch.long, device=dev)
-    if not tokens:
-        return Generated(codes.cpu(), stopped, 0)
-    codes[0] = torch.tensor(tokens, device=dev)
-    for level in range(1, q):
-        s = Sample(base.phonemes, base.prompt, codes, level, language)
-        batch = model.assemble([s])
-        t = batch.inputs_embeds.shape[1]
-        mask = attention_mask(batch.lengths, False, t, dtype=batch.inputs_embeds.dtype)
-        hidden = model.backbone(batch.inputs_embeds, mask, batch.position_ids).hidden[0]
-        n = codes.shape[1]
-        logits = model.heads[level](hidden[t - n :])  # (F, K)
-        codes[level] = pick(logits, sc.nar_temp, sc.ar.top_k, sc.ar.top_p, gen)
-    return Generated(codes.cpu(), stopped, len(tokens))
+    return generate_batch(model, [Request(phonemes, prompt, language, prefix)], sampling, use_cache)[0]

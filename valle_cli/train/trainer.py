@@ -5,7 +5,8 @@ and per evaluation), checkpoints (`step-NNNNNNNN/`, `latest`; see checkpoint.py)
 `valle train` on a run folder that has checkpoints resumes from `latest`: model, optimizer, scheduler, grad
 scaler, sampler position and every RNG, so the resumed run continues exactly as the uninterrupted one would.
 
-Each step: draw a batch, give each sample an RVQ level (from `train.level_weights`, uniform by default),
+Each step: draw a batch, give each sample an RVQ level (from `train.level_weights`, uniform by default) or,
+with chance `train.stt_prob`, the speech-to-text task (its audio in, its phonemes out: what `valle stt` runs),
 forward, backward (gradient accumulation over `train.grad_accumulation` batches), clip, optimizer and
 scheduler step. A non-finite loss skips the step with a warning; `MAX_NONFINITE` in a row abort the run with
 a checkpoint of the last good state. SIGINT/SIGTERM and the `quit` command save and stop at the next step
@@ -350,13 +351,19 @@ class Trainer:
     def _samples(self, batch: list[dict], levels: list[int] | None = None):
         from valle_cli.model.valle import Sample
 
+        q = self.cfg.model.n_levels
+        stt = [False] * len(batch)
         if levels is None:
             levels = torch.multinomial(
                 self.level_probs, len(batch), replacement=True, generator=self.level_rng
             ).tolist()
+            if self.cfg.train.stt_prob > 0:  # drawn only when on, so runs without stt keep their RNG stream
+                stt = (torch.rand(len(batch), generator=self.level_rng) < self.cfg.train.stt_prob).tolist()
         return [
-            Sample(b["phonemes"], b["prompt"], b["response"][: self.cfg.model.n_levels], level, b["language"])
-            for b, level in zip(batch, levels, strict=True)
+            Sample(b["phonemes"], b["response"][:q], b["response"][:q, :0], 0, b["language"], "stt")
+            if is_stt
+            else Sample(b["phonemes"], b["prompt"], b["response"][:q], level, b["language"])
+            for b, level, is_stt in zip(batch, levels, stt, strict=True)
         ]
 
     def _forward(self, samples, net=None):

@@ -1,0 +1,202 @@
+"""Decoding speed per preset: KV-cached vs uncached AR steps at several context lengths, the bare backbone's
+single-token forward, NAR passes, codec decoding, real-time factor and streaming's time to first audio.
+
+Random-weight models (speed does not depend on the weights) with STOP suppressed. For each context length L
+(text + prompt + response so far):
+- cached step: one step of the engine (`ar_tokens`: backbone with KV cache, level-0 head, sampler, bookkeeping)
+  with L tokens in the cache;
+- bare step: the backbone alone on one token with the same cache (the floor the engine's overhead adds to);
+- uncached step: the whole L-token sequence through the backbone, as the original does every step.
+Then, for a 3 s prompt and ~50 phonemes: the 7 NAR passes and the codec decode for a 4 s response, the real-time
+factor of the whole generation (AR + NAR + codec) / audio seconds, and the time to the first audio chunk when
+streaming (default `StreamSettings`).
+
+Usage:  python bench/decode.py [--presets tiny,small,base] [--lengths 300,600,900] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from report import command, write_section  # bench/ is on sys.path when run as a script
+
+PHONEMES = torch.tensor([1, *range(10, 60), 2])  # ~50 phonemes: a sentence
+PROMPT_FRAMES = 225  # 3 s
+
+
+def build(preset: str):
+    from valle_cli.config import load_config
+    from valle_cli.model.valle import VALLE
+
+    torch.manual_seed(0)
+    model = VALLE(load_config(preset).model, n_symbols=623).eval()
+    with torch.no_grad():
+        model.heads[0].bias[model.stop_id] = -1e4
+    return model
+
+
+def request_of_length(model, length: int):
+    """A request whose AR prefix (header, text, prompt, START) is `length` tokens long."""
+    from valle_cli.infer.engine import Request
+
+    prompt_frames = length - len(PHONEMES) - 6
+    g = torch.Generator().manual_seed(0)
+    return Request(PHONEMES, torch.randint(0, 1024, (model.n_levels, prompt_frames), generator=g))
+
+
+def per_step(fn, n: int) -> float:
+    """Median seconds of n calls of fn (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def steps_at(model, length: int, n_cached: int, n_uncached: int) -> dict:
+    from valle_cli.backbones.base import padded_mask
+    from valle_cli.infer.engine import SamplingConfig, ar_decoder, ar_tokens
+
+    req = request_of_length(model, length)
+    # the engine's own step: next() on the token generator runs logits + sampling, and the feed of the last one
+    gen = ar_tokens(model, [req], SamplingConfig(ar_temp=0.0, max_ar_steps=10_000))
+    next(gen)  # prefill
+    cached = per_step(lambda: next(gen), n_cached)
+    # the bare backbone on one token, with a cache of the same length (masks made outside the timing)
+    dec = ar_decoder(model, [req])
+    dec.logits()
+    d = model.cfg.d_model
+    x = torch.randn(1, 1, d)
+    state = {"cache": dec.cache, "pos": length}
+    masks = {}
+
+    def bare():
+        s = state["pos"]
+        mask = masks.get(s)
+        if mask is None:
+            mask = masks[s] = padded_mask(torch.ones(1, s + 1, dtype=torch.bool), 1)
+        out = model.backbone(x, mask, torch.tensor([[s]]), cache=state["cache"], use_cache=True)
+        state["cache"], state["pos"] = out.cache, s + 1
+
+    for s in range(length, length + n_cached + 2):  # masks for every step, made before timing
+        masks[s] = padded_mask(torch.ones(1, s + 1, dtype=torch.bool), 1)
+    bare_s = per_step(bare, n_cached)
+    full = ar_decoder(model, [req], use_cache=False)
+    uncached = per_step(full.logits, n_uncached)
+    return {"cached": cached, "bare": bare_s, "uncached": uncached}
+
+
+@torch.inference_mode()
+def generation(model, codec, response_frames: int) -> dict:
+    from valle_cli.infer.engine import NarItem, Request, SamplingConfig, generate
+    from valle_cli.infer.stream import ChunkDecoder, stream_codes
+
+    g = torch.Generator().manual_seed(0)
+    req = Request(PHONEMES, torch.randint(0, 1024, (model.n_levels, PROMPT_FRAMES), generator=g))
+    sc = SamplingConfig(ar_temp=0.0, max_ar_steps=response_frames)
+    t0 = time.perf_counter()
+    out = generate(model, req.phonemes, req.prompt, sampling=sc)
+    gen_s = time.perf_counter() - t0
+    from valle_cli.infer.engine import nar_fill
+
+    only0 = out.codes.clone()
+    only0[1:] = 0
+    nar_s = per_step(lambda: nar_fill(model, [NarItem(req, only0)], sc), 2)
+    codec_s = per_step(lambda: codec.decode(out.codes[None]), 2)
+    t0 = time.perf_counter()
+    dec = ChunkDecoder(codec)
+    first = None
+    for chunk in stream_codes(model, req, sc):
+        if dec.push(chunk.codes, chunk.last).size and first is None:
+            first = time.perf_counter() - t0
+    stream_total = time.perf_counter() - t0
+    audio = response_frames / 75
+    return {
+        "nar": nar_s,
+        "codec": codec_s,
+        "rtf": (gen_s + codec_s) / audio,
+        "first_audio": first,
+        "stream_rtf": stream_total / audio,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", default="tiny,small,base")
+    ap.add_argument("--lengths", default="300,600,900")
+    ap.add_argument("--steps", type=int, default=20, help="cached/bare steps timed per length")
+    ap.add_argument("--uncached-steps", type=int, default=3)
+    ap.add_argument("--response-seconds", type=float, default=4.0)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    from valle_cli.codecs.base import build_codec
+
+    codec = build_codec("mel", "cpu")
+    lengths = [int(v) for v in args.lengths.split(",")]
+    rows, gens = [], []
+    for preset in args.presets.split(","):
+        model = build(preset)
+        for length in lengths:
+            r = steps_at(model, length, args.steps, args.uncached_steps)
+            rows.append((preset, length, r))
+            print(
+                f"{preset} L={length}: cached {r['cached'] * 1e3:.1f} ms/step ({1 / r['cached']:.1f} steps/s), "
+                f"bare backbone {r['bare'] * 1e3:.1f} ms ({r['cached'] / r['bare']:.2f}x), "
+                f"uncached {r['uncached'] * 1e3:.0f} ms ({r['uncached'] / r['cached']:.1f}x slower)",
+                flush=True,
+            )
+        g = generation(model, codec, int(args.response_seconds * 75))
+        gens.append((preset, g))
+        print(
+            f"{preset}: NAR {g['nar']:.2f} s, codec {g['codec']:.2f} s, RTF {g['rtf']:.2f}, "
+            f"streaming first audio {g['first_audio']:.2f} s (RTF {g['stream_rtf']:.2f})",
+            flush=True,
+        )
+        del model
+    if args.write:
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+        lines = [
+            f"Command: `{command('decode.py')}`  ",
+            f"Machine: {platform.machine()}, {device}, torch {torch.__version__}, {torch.get_num_threads()} "
+            "threads, fp32, random weights, batch 1, greedy. L = tokens before the step (text + prompt + "
+            "response so far). Cached = one engine step (KV-cached backbone + head + sampler + bookkeeping); "
+            "bare = the backbone alone on one token with the same cache; uncached = the whole sequence again, "
+            "as the original does every step. Medians.",
+            "",
+            "| preset | L | cached ms/step | steps/s | bare backbone ms | cached / bare | uncached ms/step | "
+            "uncached / cached |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for preset, length, r in rows:
+            lines.append(
+                f"| {preset} | {length} | {r['cached'] * 1e3:.1f} | {1 / r['cached']:.1f} | {r['bare'] * 1e3:.1f} | "
+                f"{r['cached'] / r['bare']:.2f}x | {r['uncached'] * 1e3:.0f} | {r['uncached'] / r['cached']:.1f}x |"
+            )
+        secs = args.response_seconds
+        lines += [
+            "",
+            f"Whole generation of {secs:g} s of audio after a 3 s prompt and ~50 phonemes (mel codec): the 7 NAR "
+            "passes, the codec decode, the real-time factor (AR + NAR + codec time / audio time; < 1 is faster "
+            "than real time) and streaming's time to the first audio chunk (default settings: 36-frame chunks, "
+            "8 frames of lookahead).",
+            "",
+            "| preset | NAR s | codec decode s | RTF | streaming: first audio s | streaming RTF |",
+            "|---|---|---|---|---|---|",
+        ]
+        for preset, g in gens:
+            lines.append(
+                f"| {preset} | {g['nar']:.2f} | {g['codec']:.2f} | {g['rtf']:.2f} | {g['first_audio']:.2f} | "
+                f"{g['stream_rtf']:.2f} |"
+            )
+        write_section("Decoding speed (valle synth)", lines)
+
+
+if __name__ == "__main__":
+    main()

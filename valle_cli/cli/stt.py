@@ -1,0 +1,36 @@
+"""`valle stt audio.wav --model RUN`: audio -> IPA phonemes with the model's own speech-to-text task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def stt(
+    audio: list[Path] = typer.Argument(..., help="Audio file(s) to transcribe."),
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Run folder, step-* checkpoint, exported file or hub id (trained with stt).",
+    ),
+    language: str = typer.Option("en", "--language", "-l", help="Language of the speech."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+) -> None:
+    """Print the IPA phonemes the model hears in each file (one line per file)."""
+    from rich.console import Console
+
+    from valle_cli.cli.synth import _load
+    from valle_cli.infer.stt import stt as run
+
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    loaded, dev = _load(model, device, "fp32", False, err)
+    for path in audio:
+        result = run(loaded, path, language, dev)
+        prefix = f"{path}\t" if len(audio) > 1 else ""
+        typer.echo(prefix + result.ipa)
+        note = "" if result.finished else "; stopped at the symbol limit"
+        err.print(
+            f"{path}: {result.audio_seconds:.2f} s of audio in {result.seconds:.2f} s{note}", markup=False
+        )

@@ -1,0 +1,119 @@
+"""Streaming generation: audio comes out in chunks while the AR is still running.
+
+Tokens: the AR runs exactly as in `generate` (same sampler, same seed, so the same level-0 tokens). Every
+`chunk_frames` new frames, the NAR passes fill levels 1..Q-1 on a window of the response: up to `nar_context`
+frames before the first unfinished frame (their codes are kept, so chunks join consistently) through the newest
+frame. The last `lookahead` frames are not released yet: their NAR input still lacks right context, and they are
+redone with the next chunk. When the AR stops, the rest is filled and released.
+
+Audio: `ChunkDecoder` decodes each released chunk with `codec_context` frames of earlier codes in front (the
+codec's own receptive field / Griffin-Lim's context) and holds back the last `crossfade` frames, which it blends
+with the same frames as decoded by the next chunk (equal-power fade). Away from the joins the audio matches the
+whole-utterance decode; near them it differs by a measured bound (tests/test_stream.py, docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from valle_cli.infer.engine import NarItem, Request, SamplingConfig, _with_prefix, ar_tokens, nar_fill
+
+
+@dataclass
+class StreamSettings:
+    chunk_frames: int = 36  # release audio every this many new frames (75 frames = 1 s)
+    lookahead: int = 8  # newest frames held back until later ones exist
+    nar_context: int = 225  # earlier response frames the NAR window keeps
+    codec_context: int = 24  # earlier frames decoded in front of a chunk
+    crossfade: int = 4  # frames blended between consecutive chunks
+
+    def validate(self) -> None:
+        if self.chunk_frames < 1 or min(self.lookahead, self.nar_context, self.codec_context) < 0:
+            raise ValueError("stream settings: chunk_frames >= 1 and the others >= 0")
+        if not 0 <= self.crossfade <= self.chunk_frames:
+            raise ValueError("stream settings: crossfade must be between 0 and chunk_frames")
+
+
+@dataclass
+class CodeChunk:
+    codes: torch.Tensor  # (Q, n) final codes of newly released frames
+    start: int  # index of the first of them in the response (prefix excluded)
+    last: bool
+
+
+@torch.inference_mode()
+def stream_codes(
+    model, req: Request, sampling: SamplingConfig | None = None, settings: StreamSettings | None = None
+) -> Iterator[CodeChunk]:
+    """Final codes of one request, chunk by chunk, while the AR runs. Yields at least one chunk."""
+    sc = sampling or SamplingConfig()
+    st = settings or StreamSettings()
+    st.validate()
+    fc = req.prefix_frames
+    tokens: list[int] = []
+    codes = _with_prefix(model, req, [])  # (Q, Fc): grows as the AR runs
+    done = fc  # frames (prefix included) whose every level is final
+    nar_gen = [sc.generator()]
+
+    def fill(upto_final: int) -> torch.Tensor:
+        nonlocal codes, done
+        n = fc + len(tokens)
+        full = torch.zeros(model.n_levels, n, dtype=torch.long, device=codes.device)
+        full[:, : codes.shape[1]] = codes
+        full[0, fc:] = torch.tensor(tokens, device=codes.device)
+        w0 = max(0, done - st.nar_context)
+        window = nar_fill(model, [NarItem(req, full[:, w0:], done - w0)], sc, nar_gen)[0]
+        full[:, done:] = window[:, done - w0 :]
+        codes = full
+        released = full[:, done:upto_final].cpu()
+        done = upto_final
+        return released
+
+    for step in ar_tokens(model, [req], sc):
+        tokens.append(step[0])
+        n = fc + len(tokens)
+        if n - st.lookahead - done >= st.chunk_frames:
+            start = done - fc
+            yield CodeChunk(fill(n - st.lookahead), start, False)
+    start = done - fc
+    if fc + len(tokens) > done:
+        yield CodeChunk(fill(fc + len(tokens)), start, True)
+    else:
+        yield CodeChunk(torch.zeros(model.n_levels, 0, dtype=torch.long), start, True)
+
+
+class ChunkDecoder:
+    """Turns released code chunks of one utterance into audio chunks (see the module docstring)."""
+
+    def __init__(self, codec, context: int = 24, crossfade: int = 4):
+        self.codec, self.context, self.crossfade = codec, context, crossfade
+        self.codes: torch.Tensor | None = None  # (Q, F) every final frame so far
+        self.tail: np.ndarray | None = None  # held-back samples of the last `crossfade` frames
+
+    def push(self, chunk: torch.Tensor, last: bool) -> np.ndarray:
+        """Audio for the new frames (Q, n); with `last`, everything still held back too."""
+        hop = self.codec.hop_length
+        a = 0 if self.codes is None else self.codes.shape[1]
+        self.codes = chunk if self.codes is None else torch.cat([self.codes, chunk], 1)
+        b = self.codes.shape[1]
+        if b == a:
+            out, self.tail = (self.tail if last and self.tail is not None else np.zeros(0, np.float32)), None
+            return out.astype(np.float32)
+        xf = 0 if self.tail is None else len(self.tail) // hop  # frames held back by the previous chunk
+        w = max(0, a - xf - self.context)
+        wav = self.codec.decode(self.codes[None, :, w:b].to(self.codec.device))[0, 0].cpu().numpy()
+        cur = wav[(a - xf - w) * hop :]  # samples of frames [a - xf, b)
+        pieces = []
+        if xf:
+            n = xf * hop
+            t = (np.arange(n, dtype=np.float32) + 0.5) / n
+            pieces.append(self.tail * np.cos(t * np.pi / 2) + cur[:n] * np.sin(t * np.pi / 2))
+            cur = cur[n:]
+        keep = 0 if last else min(self.crossfade, b - a) * hop
+        pieces.append(cur[: len(cur) - keep])
+        self.tail = cur[len(cur) - keep :] if keep else None
+        return np.concatenate(pieces).astype(np.float32)

@@ -1,0 +1,78 @@
+"""Speech to phonemes with the model's own `stt` task: the engine behind `valle stt`.
+
+The audio is encoded with the model's codec; the sequence is `[language] [stt] [level] <sep0> audio <sep1>`
+followed by BOS, and the text head predicts phonemes one at a time (KV-cached, greedy) until EOS. It works only
+for models trained with `train.stt_prob > 0`; the metadata's `stt_prob` says whether that is so, and a model
+without it is refused with that remedy rather than left to print noise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from valle_cli.errors import ValleError
+from valle_cli.infer.engine import Decoder
+from valle_cli.infer.load import Loaded
+from valle_cli.model.valle import Sample
+
+
+@dataclass
+class SttResult:
+    ipa: str
+    ids: list[int]
+    seconds: float  # wall time
+    audio_seconds: float
+    finished: bool  # EOS reached (False: hit max_symbols)
+
+
+@torch.inference_mode()
+def transcribe_codes(
+    model,
+    codes: torch.Tensor,
+    bos_id: int,
+    eos_id: int,
+    language: int = 0,
+    max_symbols: int = 1000,
+    use_cache: bool = True,
+) -> tuple[list[int], bool]:
+    """Audio codes (Q, F) -> phoneme ids (without BOS/EOS) and whether EOS was reached; greedy."""
+    dev = model.sep.device
+    q = model.n_levels
+    empty = torch.zeros(q, 0, dtype=torch.long, device=dev)
+    sample = Sample(empty[0], codes[:q].to(dev), empty, 0, language, "stt")
+    pre, _, _ = model.prefix(sample)
+    prefix = torch.cat([pre, model.text_emb(torch.tensor([bos_id], device=dev))])
+    dec = Decoder(model.backbone, [prefix], model.text_emb, model.text_head, use_cache)
+    ids: list[int] = []
+    for _ in range(max_symbols):
+        token = int(dec.logits()[0].argmax())
+        if token == eos_id:
+            return ids, True
+        ids.append(token)
+        dec.feed(torch.tensor([token]))
+    return ids, False
+
+
+def stt(loaded: Loaded, audio: Path, language: str = "en", device: str = "cpu") -> SttResult:
+    from valle_cli.audio.io import load_audio
+    from valle_cli.infer.synth import model_codec, model_language
+    from valle_cli.text.symbols import SymbolMap
+
+    meta, model = loaded.meta, loaded.model
+    if not float(meta.get("config", {}).get("train", {}).get("stt_prob", 0.0)) > 0:
+        raise ValleError(
+            f"{loaded.source} was not trained for speech-to-text (train.stt_prob is 0)",
+            "train or fine-tune with --set train.stt_prob=0.2 to teach it the stt task",
+        )
+    t0 = time.time()
+    lang = model_language(meta, language)
+    codec = model_codec(meta, model, device)
+    wav = load_audio(audio, codec.sample_rate, min_duration=0.2)
+    codes = codec.encode(torch.from_numpy(wav)[None, None])[0]
+    symbols = SymbolMap.from_dict(meta["symbols"])
+    ids, finished = transcribe_codes(model, codes, symbols.bos_id, symbols.eos_id, lang)
+    return SttResult(symbols.decode(ids), ids, time.time() - t0, wav.size / codec.sample_rate, finished)
