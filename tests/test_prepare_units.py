@@ -82,3 +82,20 @@ def test_code_embedding_is_a_unit_vector_of_histograms():
     e = code_embedding(codes, codebook_size=4)
     assert e.shape == (8,) and np.linalg.norm(e) == pytest.approx(1.0)
     assert e[2] == 0 and e[4 + 2] > e[0]
+
+
+def test_output_folder_lock_and_stale_temporaries(tmp_path):
+    """One prepare per output folder; the temporaries a killed run left are removed, live files are not."""
+    from valle_cli.errors import DatasetError
+    from valle_cli.fsutil import lock_folder, remove_stale_temporaries
+
+    held = lock_folder(tmp_path / "out", "valle prepare", DatasetError)
+    with pytest.raises(DatasetError, match="another valle prepare is writing"):
+        lock_folder(tmp_path / "out", "valle prepare", DatasetError)
+    held.close()
+    lock_folder(tmp_path / "out", "valle prepare", DatasetError).close()  # free again once released
+    (tmp_path / "out" / "u").mkdir()
+    (tmp_path / "out" / "u" / ".a.npy.x1y2.tmp").write_bytes(b"half")
+    (tmp_path / "out" / "u" / "a.npy").write_bytes(b"whole")
+    assert remove_stale_temporaries(tmp_path / "out") == 1
+    assert [p.name for p in (tmp_path / "out" / "u").iterdir()] == ["a.npy"]

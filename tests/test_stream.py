@@ -27,14 +27,18 @@ def test_stream_yields_the_tokens_of_whole_generation(model):
     req = Request(torch.tensor([1, *range(10, 30), 2]), torch.randint(0, 1024, (8, 40), generator=g))
     sc = SamplingConfig(ar_temp=1.0, top_k=40, max_ar_steps=100, seed=4)
     whole = generate(model, req.phonemes, req.prompt, sampling=sc)
-    st = StreamSettings(chunk_frames=20, lookahead=5)
-    chunks = list(stream_codes(model, req, sc, st))
+    chunks = list(stream_codes(model, req, sc, StreamSettings(chunk_frames=20, lookahead=5, growth=1)))
     assert len(chunks) >= 4 and chunks[-1].last and not any(c.last for c in chunks[:-1])
     assert [c.start for c in chunks] == list(np.cumsum([0] + [c.codes.shape[1] for c in chunks[:-1]]))
     streamed = torch.cat([c.codes for c in chunks], 1)
     assert streamed.shape == whole.codes.shape
     assert torch.equal(streamed[0], whole.codes[0])  # the AR tokens are the same, seed for seed
     assert int(streamed.max()) < 1024
+    grown = list(
+        stream_codes(model, req, sc, StreamSettings(chunk_frames=10, lookahead=5, max_chunk_frames=40))
+    )
+    assert [c.codes.shape[1] for c in grown[:3]] == [10, 20, 40]  # chunks double after the first, up to 40
+    assert torch.equal(torch.cat([c.codes for c in grown], 1)[0], whole.codes[0])
 
 
 def test_stream_with_one_window_equals_whole_generation(model):
@@ -42,7 +46,7 @@ def test_stream_with_one_window_equals_whole_generation(model):
     g = torch.Generator().manual_seed(2)
     req = Request(torch.tensor([1, 5, 6, 7, 2]), torch.randint(0, 1024, (8, 20), generator=g))
     sc = SamplingConfig(ar_temp=0.0, max_ar_steps=30)
-    chunks = list(stream_codes(model, req, sc, StreamSettings(chunk_frames=100)))
+    chunks = list(stream_codes(model, req, sc, StreamSettings(chunk_frames=100, max_chunk_frames=100)))
     assert len(chunks) == 1
     assert torch.equal(chunks[0].codes, generate(model, req.phonemes, req.prompt, sampling=sc).codes)
 
@@ -108,3 +112,18 @@ def test_play_without_an_audio_device_says_so():
         assert "-o file" in exc.remedy or "--play" in exc.remedy
     else:
         pytest.skip(f"this machine has an audio device ({name})")
+
+
+def test_a_model_whose_codec_or_symbols_do_not_fit_is_refused():
+    from valle_cli.errors import ValleError
+    from valle_cli.infer.synth import model_codec
+    from valle_cli.text.symbols import default_symbol_map
+
+    symbols = default_symbol_map().to_dict()
+    cfg = load_config("tiny").model
+    small_book = VALLE(cfg, n_symbols=len(symbols["symbols"]), codebook_size=512)
+    with pytest.raises(ValleError, match="trained on 8 x 512"):
+        model_codec({"codec": {"name": "mel"}, "symbols": symbols}, small_book, "cpu")
+    fewer_symbols = VALLE(cfg, n_symbols=100)
+    with pytest.raises(ValleError, match="symbol map has 623 symbols but its weights expect 100"):
+        model_codec({"codec": {"name": "mel"}, "symbols": symbols}, fewer_symbols, "cpu")

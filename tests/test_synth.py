@@ -160,6 +160,13 @@ def test_batch_file_beam_search_and_random_voice(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr
     wav, sr = sf.read(beam)
     assert abs(len(wav) / sr - report.frames / 75) < 0.05  # the memorized sequence is also the likeliest
+    rolled = tmp_path / "rolled.wav"
+    proc = synth(
+        f"{TEXT} {TEXT}\n{TEXT}", "--ref", str(ref_of(out)), "--model", str(out / "run"), "--ar-temp", "0",
+        "--split-sentences", "--rolling-context", "--max-ar-steps", "300", "-o", str(rolled),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "2 line(s) in 3 segments" in proc.stderr and sf.info(rolled).duration > 2 * 0.25
     rnd = tmp_path / "random.wav"
     proc = synth(TEXT, "--model", str(out / "run"), "--seed", "1", "--max-ar-steps", "150", "-o", str(rnd))
     assert proc.returncode == 0, proc.stderr

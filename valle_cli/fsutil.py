@@ -64,3 +64,34 @@ def atomic_path(target: str | os.PathLike, error: type[ValleError] = ValleError)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def lock_folder(folder: str | os.PathLike, what: str, error: type[ValleError] = ValleError):
+    """Hold an exclusive lock on `folder` while the returned file stays open (released if the process dies).
+
+    A second process asking for the same folder gets `error` at once instead of writing over the first."""
+    import fcntl
+
+    p = Path(folder)
+    p.mkdir(parents=True, exist_ok=True)
+    handle = open(p / ".lock", "w")  # noqa: SIM115 - the open file is the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise error(
+            f"another {what} is writing to {p}", "wait for it to finish, or use another output folder"
+        ) from None
+    return handle
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files `atomic_path` leaves when its process is killed; returns how many.
+
+    Call it only while holding the folder's lock (`lock_folder`), so no live writer's file is touched."""
+    removed = 0
+    for tmp in Path(folder).rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -1,7 +1,9 @@
 """Streaming generation: audio comes out in chunks while the AR is still running.
 
-Tokens: the AR runs exactly as in `generate` (same sampler, same seed, so the same level-0 tokens). Every
-`chunk_frames` new frames, the NAR passes fill levels 1..Q-1 on a window of the response: up to `nar_context`
+Tokens: the AR runs exactly as in `generate` (same sampler, same seed, so the same level-0 tokens). After
+`chunk_frames` new frames (the first chunk: small, for a short time to first audio), then after chunks that grow
+by `growth` up to `max_chunk_frames` (fewer NAR re-runs), the NAR passes fill levels 1..Q-1 on a window of the
+response: up to `nar_context`
 frames before the first unfinished frame (their codes are kept, so chunks join consistently) through the newest
 frame. The last `lookahead` frames are not released yet: their NAR input still lacks right context, and they are
 redone with the next chunk. When the AR stops, the rest is filled and released.
@@ -25,7 +27,9 @@ from valle_cli.infer.engine import NarItem, Request, SamplingConfig, _with_prefi
 
 @dataclass
 class StreamSettings:
-    chunk_frames: int = 36  # release audio every this many new frames (75 frames = 1 s)
+    chunk_frames: int = 36  # the first chunk's frames (75 frames = 1 s)
+    growth: float = 2.0  # each later chunk this many times the last
+    max_chunk_frames: int = 225  # ... up to this
     lookahead: int = 8  # newest frames held back until later ones exist
     nar_context: int = 225  # earlier response frames the NAR window keeps
     codec_context: int = 24  # earlier frames decoded in front of a chunk
@@ -34,6 +38,8 @@ class StreamSettings:
     def validate(self) -> None:
         if self.chunk_frames < 1 or min(self.lookahead, self.nar_context, self.codec_context) < 0:
             raise ValueError("stream settings: chunk_frames >= 1 and the others >= 0")
+        if self.growth < 1 or self.max_chunk_frames < self.chunk_frames:
+            raise ValueError("stream settings: growth >= 1 and max_chunk_frames >= chunk_frames")
         if not 0 <= self.crossfade <= self.chunk_frames:
             raise ValueError("stream settings: crossfade must be between 0 and chunk_frames")
 
@@ -73,12 +79,14 @@ def stream_codes(
         done = upto_final
         return released
 
+    size = float(st.chunk_frames)
     for step in ar_tokens(model, [req], sc):
         tokens.append(step[0])
         n = fc + len(tokens)
-        if n - st.lookahead - done >= st.chunk_frames:
+        if n - st.lookahead - done >= int(size):
             start = done - fc
             yield CodeChunk(fill(n - st.lookahead), start, False)
+            size = min(size * st.growth, st.max_chunk_frames)
     start = done - fc
     if fc + len(tokens) > done:
         yield CodeChunk(fill(fc + len(tokens)), start, True)

@@ -32,7 +32,7 @@ from valle_cli.data.dataset import (
     write_utterance,
 )
 from valle_cli.errors import DatasetError, ValleError
-from valle_cli.fsutil import atomic_path
+from valle_cli.fsutil import atomic_path, lock_folder, remove_stale_temporaries
 from valle_cli.prepare.discover import Source, discover
 from valle_cli.prepare.similar import code_embedding, top_k_similar
 
@@ -261,6 +261,8 @@ def prepare(opts: PrepareOptions, progress: Progress | None = None) -> PrepareRe
     codec = build_codec(opts.codec, device=opts.device)
     symbols = default_symbol_map()
     codec_info = {**codec.describe(), "bandwidth": opts.codec.bandwidth, "path": opts.codec.path}
+    lock = lock_folder(opts.output, "valle prepare", DatasetError)  # noqa: F841 - held until we return
+    remove_stale_temporaries(opts.output)  # half-written files of a killed earlier run
     _check_settings(
         opts.output, {"codec": codec_info, "symbols_version": symbols.version, "created_by": __version__}
     )
