@@ -68,6 +68,7 @@ def test_synth_speaks_the_memorized_sentence(trained, tmp_path):
         (["Hello", "--ref", "REF", "--stream", "-o", "OUT.mp3"], "unknown audio format"),
         (["Hello", "--ref", "REF", "--input-prompt-length", "0"], "must be positive"),
         (["Hello", "--prompt-text", "Hi."], "needs a reference clip"),
+        (["Hello", "--ref", "REF", "--stream", "--beam-width", "2"], "cannot use beam search"),
         (["Hello", "--ref", "SHORT"], "at least 1 s is needed"),
         (["Hello", "--ref", "REF", "-o", "/no/such/folder/x.wav"], "does not exist"),
         (["Hello", "--ref", "/no/such.wav"], "does not exist"),

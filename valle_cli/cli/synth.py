@@ -106,6 +106,11 @@ def synth(
         raise ValleError(
             "--batch-size, --beam-width, --max-ar-steps and --input-prompt-length must be positive"
         )
+    if stream and beam_width > 1:
+        raise ValleError(
+            "--stream cannot use beam search: the best beam is known only at the end",
+            "drop --beam-width, or drop --stream",
+        )
     if play:
         from valle_cli.audio.play import check_output_device
 
