@@ -50,3 +50,31 @@ def natural_speech():
     voice = "piper:joe" if piper_available() else ("mbrola:us1" if _has_mbrola("us1") else "espeak:en-us")
     wav, sr = say(text, voice)
     return wav.astype(np.float32), sr, text
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A small two-speaker dataset prepared with the offline codec (training and control tests)."""
+    import soundfile as sf
+
+    from valle_cli.audio.speech import say
+    from valle_cli.config import CodecConfig
+    from valle_cli.prepare.pipeline import PrepareOptions, prepare
+
+    from .corpus import SENTENCES
+
+    root = tmp_path_factory.mktemp("train")
+    for spk, voice in (("ann", "espeak:en-us+f3"), ("bo", "espeak:en-gb+m3")):
+        folder = root / "voices" / "g" / spk
+        folder.mkdir(parents=True)
+        for i, text in enumerate(SENTENCES):
+            wav, sr = say(text, voice, speed=170)
+            sf.write(folder / f"{i}.wav", wav, sr)
+            (folder / f"{i}.txt").write_text(text)
+    out = root / "ds"
+    prepare(
+        PrepareOptions(
+            voices=root / "voices", output=out, codec=CodecConfig(name="mel"), device="cpu", workers=1
+        )
+    )
+    return out

@@ -68,7 +68,7 @@ def test_version():
     assert proc.stdout.strip() == f"valle {__version__}"
 
 
-@pytest.mark.parametrize("verb", ["plot", "serve", "tui"])
+@pytest.mark.parametrize("verb", ["serve", "tui"])
 def test_unimplemented_verbs_say_so_plainly(verb):
     proc = run(verb, "x")
     assert proc.returncode == 3

@@ -127,3 +127,15 @@ def test_a_model_whose_codec_or_symbols_do_not_fit_is_refused():
     fewer_symbols = VALLE(cfg, n_symbols=100)
     with pytest.raises(ValleError, match="symbol map has 623 symbols but its weights expect 100"):
         model_codec({"codec": {"name": "mel"}, "symbols": symbols}, fewer_symbols, "cpu")
+
+
+def test_crossfade_keeps_the_level_whatever_the_correlation():
+    from valle_cli.infer.stream import crossfade
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(1280).astype(np.float32), rng.standard_normal(1280).astype(np.float32)
+    np.testing.assert_allclose(crossfade(a, a), a, atol=1e-5)  # identical decodes: no bump, no dip
+    mid = slice(480, 800)
+    for mixed in (crossfade(a, b), crossfade(a, 0.5 * a + b)):  # uncorrelated, partly correlated
+        assert 0.85 < (mixed[mid] ** 2).mean() / (a[mid] ** 2).mean() < 1.3
+    assert (crossfade(a, b)[:8] - a[:8]).std() < 0.1 and (crossfade(a, b)[-8:] - b[-8:]).std() < 0.1

@@ -239,3 +239,25 @@ def test_stt_reads_back_the_phonemes(trained, tmp_path):
         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.returncode == 1 and "not trained for speech-to-text" in proc.stderr
+
+
+def test_continuation_uses_the_whole_reference_once(trained):
+    """--prompt-text: every segment continues the whole (untrimmed) reference; --input-prompt-prefix: only the
+    first segment, whose text holds the transcript; with --split-sentences it is refused."""
+    from valle_cli.errors import TextError
+    from valle_cli.infer.load import load_model
+    from valle_cli.infer.synth import Segment, SynthOptions, _Speaker
+
+    out, report = trained
+    loaded = load_model(out / "run")
+    seg = [Segment(TEXT, 0, 0.25), Segment("And then some.", 1, 0.0)]
+    sp = _Speaker(loaded, [ref_of(out)], SynthOptions(prompt_text=TEXT, prompt_seconds=1.0), "cpu")
+    assert sp.prompt.shape[1] == 75  # the prompt slot is trimmed to 1 s ...
+    for i, s in enumerate(seg):
+        req = sp.request(s, first=i == 0)
+        assert req.prefix_frames == report.frames  # ... the continued reference is all of it
+    sp = _Speaker(loaded, [ref_of(out)], SynthOptions(prompt_prefix=True), "cpu")
+    assert sp.request(seg[0], first=True).prefix_frames == report.frames
+    assert sp.request(seg[1], first=False).prefix is None
+    with pytest.raises(TextError, match="--prompt-text instead"):
+        _Speaker(loaded, [ref_of(out)], SynthOptions(prompt_prefix=True, split_sentences=True), "cpu")

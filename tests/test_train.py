@@ -14,39 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from valle_cli.config import CodecConfig, load_config
+from valle_cli.config import load_config
 from valle_cli.train.checkpoint import CheckpointError, latest, list_checkpoints, load_checkpoint
 from valle_cli.train.trainer import Trainer, TrainingError
 
 from .conftest import needs_espeak
 
 pytestmark = needs_espeak
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    import soundfile as sf
-
-    from valle_cli.audio.speech import say
-    from valle_cli.prepare.pipeline import PrepareOptions, prepare
-
-    from .corpus import SENTENCES
-
-    root = tmp_path_factory.mktemp("train")
-    for spk, voice in (("ann", "espeak:en-us+f3"), ("bo", "espeak:en-gb+m3")):
-        folder = root / "voices" / "g" / spk
-        folder.mkdir(parents=True)
-        for i, text in enumerate(SENTENCES):
-            wav, sr = say(text, voice, speed=170)
-            sf.write(folder / f"{i}.wav", wav, sr)
-            (folder / f"{i}.txt").write_text(text)
-    out = root / "ds"
-    prepare(
-        PrepareOptions(
-            voices=root / "voices", output=out, codec=CodecConfig(name="mel"), device="cpu", workers=1
-        )
-    )
-    return out
 
 
 def config(dataset: Path, *extra: str):

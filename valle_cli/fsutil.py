@@ -73,8 +73,13 @@ def lock_folder(folder: str | os.PathLike, what: str, error: type[ValleError] = 
     import fcntl
 
     p = Path(folder)
-    p.mkdir(parents=True, exist_ok=True)
-    handle = open(p / ".lock", "w")  # noqa: SIM115 - the open file is the lock
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        handle = open(p / ".lock", "w")  # noqa: SIM115 - the open file is the lock
+    except OSError as exc:
+        raise error(
+            f"cannot write in {p}: {exc.strerror or exc}", "check the path and its permissions"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -40,24 +40,47 @@ def check_output_device() -> str:
 
 
 class Player:
-    """Plays mono float chunks in order; `close()` waits until everything has been heard."""
+    """Plays mono float chunks in order from a background thread, so generation goes on while audio plays
+    (a blocking write would stall the next chunk's generation until the last one had nearly finished, leaving
+    a gap at every join). `close()` waits until everything has been heard; `abort()` stops at once."""
 
     def __init__(self, sample_rate: int):
+        import queue
+        import threading
+
         check_output_device()
         sd = _sounddevice()
         self.stream = sd.OutputStream(samplerate=sample_rate, channels=1, dtype="float32")
         self.stream.start()
+        self.queue: queue.Queue[np.ndarray | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._play, name="valle-player", daemon=True)
+        self.thread.start()
+
+    def _play(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            self.stream.write(chunk.reshape(-1, 1))
 
     def write(self, chunk: np.ndarray) -> None:
         if chunk.size:
-            self.stream.write(np.ascontiguousarray(chunk, dtype=np.float32).reshape(-1, 1))
+            self.queue.put(np.ascontiguousarray(chunk, dtype=np.float32))
 
     def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
         self.stream.stop()  # stop() lets the buffered audio finish
+        self.stream.close()
+
+    def abort(self) -> None:
+        self.stream.abort()  # unblocks a pending write; the thread then ends on the sentinel
+        self.queue.put(None)
+        self.thread.join(timeout=2)
         self.stream.close()
 
     def __enter__(self) -> Player:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -14,7 +14,7 @@ import sys
 import typer
 
 from valle_cli import __version__
-from valle_cli.cli import codec, config, dataset, export, later, plugins_cmd, prepare, stt, synth, train
+from valle_cli.cli import codec, config, dataset, export, later, plot, plugins_cmd, prepare, stt, synth, train
 
 app = typer.Typer(
     name="valle",
@@ -58,6 +58,7 @@ app.command("synth", help='Synthesize speech: valle synth "text" --ref voice.wav
     synth.synth
 )
 app.command("stt", help="Transcribe audio to IPA phonemes with the model's speech-to-text task.")(stt.stt)
+app.command("plot", help="Plot training metrics of one or more runs (PNG or in the terminal).")(plot.plot)
 later.register(app)
 app.command("plugins", help="List codec, backbone and transcriber plugins and whether each loads.")(
     plugins_cmd.plugins

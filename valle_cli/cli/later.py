@@ -11,7 +11,6 @@ from valle_cli.errors import NotImplementedYet
 
 # verb -> (help, issue that implements it)
 PLANNED = {
-    "plot": ("Plot training metrics of one or more runs (PNG or in the terminal).", 6),
     "tui": ("Watch and steer a training run in a terminal UI (save, quit, lr, eval).", 6),
     "serve": ("Serve a web UI and an OpenAI-compatible HTTP API for speech synthesis.", 7),
 }

@@ -26,8 +26,7 @@ def stt(
 
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     loaded, dev = _load(model, device, "fp32", False, err)
-    for path in audio:
-        result = run(loaded, path, language, dev)
+    for path, result in zip(audio, run(loaded, audio, language, dev), strict=True):
         prefix = f"{path}\t" if len(audio) > 1 else ""
         typer.echo(prefix + result.ipa)
         note = "" if result.finished else "; stopped at the symbol limit"

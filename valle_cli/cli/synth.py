@@ -117,7 +117,7 @@ def synth(
         check_output_device()  # before any work: no device, no long wait for nothing
     if batch is not None:
         output = output or Path("out")
-        if output.suffix.lower() in (".wav", ".flac", ".ogg"):
+        if output.suffix.lower() in (".wav", ".flac", ".ogg") or (output.exists() and not output.is_dir()):
             raise ValleError(f"with --batch, -o names a folder, got {output}", "use -o out/")
     else:
         output = output or Path("out.wav")
@@ -244,46 +244,55 @@ def _run_whole(loaded, text, refs, opts, sampling, dev, output, play, err) -> No
     if play:
         from valle_cli.audio.play import Player
 
-        with Player(result.sample_rate) as player:
+        with Player(result.sample_rate) as player:  # Ctrl-C stops playback at once
             player.write(result.audio)
 
 
 def _run_stream(loaded, text, refs, opts, sampling, dev, output, play, err) -> None:
+    """Chunks are written to OUTPUT as they come (the file grows while the model runs; a reader sees a valid
+    WAV up to the last chunk) and, with --play, queued for playback."""
     import soundfile as sf
 
     from valle_cli.errors import ValleError
-    from valle_cli.fsutil import atomic_path
     from valle_cli.infer.synth import synthesize_stream
 
     t0 = time.time()
     first = None
-    total = 0
-    player = None
-    with atomic_path(output, ValleError) as tmp:
-        writer = None
-        try:
-            for chunk, sr in synthesize_stream(loaded, text, refs, opts, sampling, dev):
-                if writer is None:
-                    fmt = output.suffix.lstrip(".").upper()
-                    writer = sf.SoundFile(tmp, "w", sr, 1, "VORBIS" if fmt == "OGG" else "PCM_16", format=fmt)
-                    if play:
-                        from valle_cli.audio.play import Player
+    total = sr = 0
+    writer = player = None
+    failed = True
+    try:
+        for chunk, sr in synthesize_stream(loaded, text, refs, opts, sampling, dev):
+            if writer is None:
+                fmt = output.suffix.lstrip(".").upper()
+                try:
+                    writer = sf.SoundFile(
+                        output, "w", sr, 1, "VORBIS" if fmt == "OGG" else "PCM_16", format=fmt
+                    )
+                except (OSError, RuntimeError) as exc:
+                    raise ValleError(
+                        f"cannot write {output} ({exc})", "check the path and free space"
+                    ) from None
+                if play:
+                    from valle_cli.audio.play import Player
 
-                        player = Player(sr)
-                if first is None and chunk.size:
-                    first = time.time() - t0
-                writer.write(chunk)
-                writer.flush()
-                if player:
-                    player.write(chunk)
-                total += chunk.size
-        finally:
-            if writer is not None:
-                writer.close()
-            if player is not None:
-                player.close()
-        if not total:
-            raise ValleError("the model produced no audio (it stopped at once)", "check the model")
+                    player = Player(sr)
+            if first is None and chunk.size:
+                first = time.time() - t0
+            writer.write(chunk)
+            writer.flush()  # the header is updated: the file is valid up to here
+            if player:
+                player.write(chunk)
+            total += chunk.size
+        failed = False
+    finally:
+        if writer is not None:
+            writer.close()
+        if player is not None:
+            player.abort() if failed else player.close()
+    if not total:
+        output.unlink(missing_ok=True)
+        raise ValleError("the model produced no audio (it stopped at once)", "check the model")
     _summary(
         err,
         "streamed",

@@ -82,7 +82,7 @@ def train(
 
     commands = Commands()
     commands.read_stdin(reply)
-    trainer = Trainer(cfg, run or Path(cfg.train.out_dir), events, commands)
+    trainer = Trainer(cfg, run or Path(cfg.train.out_dir), events, commands, control=True)
     bar.update(task, completed=trainer.step)
     with bar:
         info = trainer.train(eval_only=eval_only)

@@ -154,6 +154,7 @@ def ar_prefix(model: VALLE, req: Request) -> torch.Tensor:
 
 
 def ar_decoder(model: VALLE, requests: list[Request], use_cache: bool = True) -> Decoder:
+    use_cache = use_cache and model.backbone.supports_cache  # a plugin without a cache recomputes
     return Decoder(
         model.backbone, [ar_prefix(model, r) for r in requests], model.audio_emb[0], model.heads[0], use_cache
     )

@@ -10,7 +10,10 @@ redone with the next chunk. When the AR stops, the rest is filled and released.
 
 Audio: `ChunkDecoder` decodes each released chunk with `codec_context` frames of earlier codes in front (the
 codec's own receptive field / Griffin-Lim's context) and holds back the last `crossfade` frames, which it blends
-with the same frames as decoded by the next chunk (equal-power fade). Away from the joins the audio matches the
+with the same frames as decoded by the next chunk. The fade follows the two decodes' correlation: a neural
+codec decodes the same frames to nearly the same waveform (an equal-power fade would add 3 dB there), while
+Griffin-Lim's phase differs between windows (a linear fade would dip 3 dB there); `crossfade` keeps the
+energy level for any correlation. Away from the joins the audio matches the
 whole-utterance decode; near them it differs by a measured bound (tests/test_stream.py, docs/benchmarks.md).
 """
 
@@ -94,6 +97,17 @@ def stream_codes(
         yield CodeChunk(torch.zeros(model.n_levels, 0, dtype=torch.long), start, True)
 
 
+def crossfade(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Fade from a to b (same length) at constant energy whatever their correlation r: gains cos/sin scaled by
+    1 / sqrt(1 + 2 r cos sin), which is a plain linear-sum fade for r = 1 and equal power for r = 0."""
+    n = len(a)
+    theta = (np.arange(n, dtype=np.float64) + 0.5) / n * (np.pi / 2)
+    c, s = np.cos(theta), np.sin(theta)
+    denom = float(np.sqrt(np.dot(a, a) * np.dot(b, b)))
+    r = min(max(float(np.dot(a, b)) / denom, 0.0), 1.0) if denom > 0 else 0.0
+    return ((a * c + b * s) / np.sqrt(1 + 2 * r * c * s)).astype(np.float32)
+
+
 class ChunkDecoder:
     """Turns released code chunks of one utterance into audio chunks (see the module docstring)."""
 
@@ -118,8 +132,7 @@ class ChunkDecoder:
         pieces = []
         if xf:
             n = xf * hop
-            t = (np.arange(n, dtype=np.float32) + 0.5) / n
-            pieces.append(self.tail * np.cos(t * np.pi / 2) + cur[:n] * np.sin(t * np.pi / 2))
+            pieces.append(crossfade(self.tail, cur[:n]))
             cur = cur[n:]
         keep = 0 if last else min(self.crossfade, b - a) * hop
         pieces.append(cur[: len(cur) - keep])

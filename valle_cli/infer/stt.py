@@ -9,6 +9,7 @@ without it is refused with that remedy rather than left to print noise.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def transcribe_codes(
     sample = Sample(empty[0], codes[:q].to(dev), empty, 0, language, "stt")
     pre, _, _ = model.prefix(sample)
     prefix = torch.cat([pre, model.text_emb(torch.tensor([bos_id], device=dev))])
+    use_cache = use_cache and model.backbone.supports_cache
     dec = Decoder(model.backbone, [prefix], model.text_emb, model.text_head, use_cache)
     ids: list[int] = []
     for _ in range(max_symbols):
@@ -57,7 +59,8 @@ def transcribe_codes(
     return ids, False
 
 
-def stt(loaded: Loaded, audio: Path, language: str = "en", device: str = "cpu") -> SttResult:
+def stt(loaded: Loaded, audio: list[Path], language: str = "en", device: str = "cpu") -> Iterator[SttResult]:
+    """Transcribe each file in turn (the codec is built once)."""
     from valle_cli.audio.io import load_audio
     from valle_cli.infer.synth import model_codec, model_language
     from valle_cli.text.symbols import SymbolMap
@@ -68,11 +71,12 @@ def stt(loaded: Loaded, audio: Path, language: str = "en", device: str = "cpu") 
             f"{loaded.source} was not trained for speech-to-text (train.stt_prob is 0)",
             "train or fine-tune with --set train.stt_prob=0.2 to teach it the stt task",
         )
-    t0 = time.time()
     lang = model_language(meta, language)
     codec = model_codec(meta, model, device)
-    wav = load_audio(audio, codec.sample_rate, min_duration=0.2)
-    codes = codec.encode(torch.from_numpy(wav)[None, None])[0]
     symbols = SymbolMap.from_dict(meta["symbols"])
-    ids, finished = transcribe_codes(model, codes, symbols.bos_id, symbols.eos_id, lang)
-    return SttResult(symbols.decode(ids), ids, time.time() - t0, wav.size / codec.sample_rate, finished)
+    for path in audio:
+        t0 = time.time()
+        wav = load_audio(path, codec.sample_rate, min_duration=0.2)
+        codes = codec.encode(torch.from_numpy(wav)[None, None])[0]
+        ids, finished = transcribe_codes(model, codes, symbols.bos_id, symbols.eos_id, lang)
+        yield SttResult(symbols.decode(ids), ids, time.time() - t0, wav.size / codec.sample_rate, finished)

@@ -9,8 +9,9 @@
   (`--seed` keeps it).
 - Continuation (VALL-E's other mode): with `prompt_text` (the reference's transcript), every segment is spoken
   as the continuation of the reference: its text is the transcript plus the segment, and the response starts
-  with the reference's codes (not returned). `prompt_prefix` is the same when the text itself already starts
-  with the transcript (the original's `--input-prompt-prefix`). With `rolling_context` each segment continues
+  with the codes of the whole reference (not returned; the prompt slot still holds the trimmed one).
+  `prompt_prefix` does that for the first segment, whose text already starts with the transcript (the
+  original's `--input-prompt-prefix`). With `rolling_context` each segment continues
   the previous generated one instead, which keeps voice and prosody steady across long texts.
 - Segments without rolling context are generated in batches of `batch_size` (padded; same output as one by one).
 - Streaming: `synthesize_stream` yields audio chunks as they are produced (infer/stream.py).
@@ -139,23 +140,34 @@ def model_codec(meta: dict, model, device: str):
     return codec
 
 
-def prompt_codes(codec, refs: list[Path], seconds: float, levels: int, repeat: bool = True) -> torch.Tensor:
-    """Prompt codes (Q, Fp) from reference clips, trimmed (and with `repeat`, repeated) to `seconds`;
-    (Q, 0) without refs."""
+def reference_audio(codec, refs: list[Path]) -> np.ndarray | None:
+    """The reference clips joined at the codec's rate, (T,) float32; None without refs."""
     from valle_cli.audio.io import load_audio
 
     if not refs:
-        return torch.zeros(levels, 0, dtype=torch.long)
+        return None
     wav = np.concatenate([load_audio(r, codec.sample_rate) for r in refs])
     if wav.size < MIN_PROMPT_SECONDS * codec.sample_rate:
         raise AudioError(
             f"the reference audio is {wav.size / codec.sample_rate:.2f} s; at least {MIN_PROMPT_SECONDS:.0f} s is needed",
             "use a longer clip (3-6 s works best)",
         )
-    want = int(seconds * codec.sample_rate)
-    if wav.size < want and repeat:
-        wav = np.tile(wav, -(-want // wav.size))
-    return codec.encode(torch.from_numpy(wav[:want].copy())[None, None])[0, :levels].cpu()
+    return wav
+
+
+def prompt_codes(
+    codec, wav: np.ndarray | None, seconds: float | None, levels: int, repeat: bool = True
+) -> torch.Tensor:
+    """Codes (Q, F) of the reference, trimmed (and with `repeat`, repeated) to `seconds` (None: all of it);
+    (Q, 0) without a reference."""
+    if wav is None:
+        return torch.zeros(levels, 0, dtype=torch.long)
+    if seconds is not None:
+        want = int(seconds * codec.sample_rate)
+        if wav.size < want and repeat:
+            wav = np.tile(wav, -(-want // wav.size))
+        wav = wav[:want]
+    return codec.encode(torch.from_numpy(wav.copy())[None, None])[0, :levels].cpu()
 
 
 class _Speaker:
@@ -170,15 +182,24 @@ class _Speaker:
         self.symbols = SymbolMap.from_dict(self.meta["symbols"])
         self.codec = model_codec(self.meta, self.model, device)
         continuing = bool(opts.prompt_text or opts.prompt_prefix)
-        trained = (self.meta.get("config", {}).get("data", {}).get("prompt_duration") or [3.0, 6.0])[-1]
-        seconds = opts.prompt_seconds or float(trained)
-        repeat = opts.prompt_seconds is not None and not continuing
-        self.prompt = prompt_codes(self.codec, refs, seconds, self.model.n_levels, repeat)
         if continuing and not refs:
             raise TextError(
                 "continuing the prompt (--prompt-text / --input-prompt-prefix) needs a reference clip",
                 "pass --ref voice.wav, the recording of that transcript",
             )
+        if opts.prompt_prefix and opts.split_sentences:
+            raise TextError(
+                "--input-prompt-prefix continues the reference from the first segment only, and splitting "
+                "sentences could cut its transcript",
+                "give the transcript with --prompt-text instead: every segment then continues the reference",
+            )
+        trained = (self.meta.get("config", {}).get("data", {}).get("prompt_duration") or [3.0, 6.0])[-1]
+        seconds = opts.prompt_seconds or float(trained)
+        repeat = opts.prompt_seconds is not None and not continuing
+        wav = reference_audio(self.codec, refs)
+        self.prompt = prompt_codes(self.codec, wav, seconds, self.model.n_levels, repeat)
+        # the continuation prefix is the whole reference: its transcript describes all of it
+        self.reference = prompt_codes(self.codec, wav, None, self.model.n_levels) if continuing else None
 
     def phonemes(self, text: str) -> torch.Tensor:
         from valle_cli.text import phonemize
@@ -190,15 +211,20 @@ class _Speaker:
             )
         return torch.tensor(ids)
 
-    def request(self, seg: Segment, previous: tuple[str, torch.Tensor] | None = None) -> Request:
-        if previous is not None:  # rolling context: continue the previous segment
+    def request(
+        self, seg: Segment, previous: tuple[str, torch.Tensor] | None = None, first: bool = True
+    ) -> Request:
+        """The request of a segment: continuing the previous one (rolling context), the reference (with
+        --prompt-text every segment, with --input-prompt-prefix the first, whose text starts with the
+        transcript), or plain."""
+        if previous is not None:
             prev_text, prev_codes = previous
             return Request(self.phonemes(f"{prev_text} {seg.text}"), self.prompt, self.lang, prev_codes)
         if self.opts.prompt_text:
             text = f"{self.opts.prompt_text.strip()} {seg.text}"
-            return Request(self.phonemes(text), self.prompt, self.lang, self.prompt)
-        if self.opts.prompt_prefix:
-            return Request(self.phonemes(seg.text), self.prompt, self.lang, self.prompt)
+            return Request(self.phonemes(text), self.prompt, self.lang, self.reference)
+        if self.opts.prompt_prefix and first:
+            return Request(self.phonemes(seg.text), self.prompt, self.lang, self.reference)
         return Request(self.phonemes(seg.text), self.prompt, self.lang)
 
 
@@ -227,8 +253,8 @@ def _generate(
     outs: list[Generated] = []
     if sp.opts.rolling_context:
         previous = None
-        for seg in segs:
-            req = sp.request(seg, previous)
+        for i, seg in enumerate(segs):
+            req = sp.request(seg, previous, first=i == 0)
             outs.extend(generate_batch(sp.model, [req], sampling))
             if outs[-1].codes.shape[1]:
                 previous = (seg.text, outs[-1].codes)
@@ -237,7 +263,7 @@ def _generate(
         return outs
     size = max(1, sp.opts.batch_size)
     for i in range(0, len(segs), size):
-        reqs = [sp.request(s) for s in segs[i : i + size]]
+        reqs = [sp.request(s, first=i + j == 0) for j, s in enumerate(segs[i : i + size])]
         outs.extend(generate_batch(sp.model, reqs, sampling))
         if progress:
             progress(len(outs), len(segs))
@@ -319,8 +345,8 @@ def synthesize_stream(
     sp = _speaker(loaded, refs, opts, device, segs)
     sr = sp.codec.sample_rate
     previous = None
-    for seg in segs:
-        req = sp.request(seg, previous if opts.rolling_context else None)
+    for i, seg in enumerate(segs):
+        req = sp.request(seg, previous if opts.rolling_context else None, first=i == 0)
         dec = ChunkDecoder(sp.codec, st.codec_context, st.crossfade)
         chunks = []
         for chunk in stream_codes(sp.model, req, sampling, st):

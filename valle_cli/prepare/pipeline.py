@@ -249,6 +249,12 @@ def _load_all(jobs: list[Job], opts: PrepareOptions, sample_rate: int) -> Iterat
 
 
 def prepare(opts: PrepareOptions, progress: Progress | None = None) -> PrepareReport:
+    """Prepare a dataset; one process at a time per output folder (a second is refused)."""
+    with lock_folder(opts.output, "valle prepare", DatasetError):
+        return _prepare(opts, progress)
+
+
+def _prepare(opts: PrepareOptions, progress: Progress | None) -> PrepareReport:
     import torch
 
     from valle_cli import __version__
@@ -261,11 +267,10 @@ def prepare(opts: PrepareOptions, progress: Progress | None = None) -> PrepareRe
     codec = build_codec(opts.codec, device=opts.device)
     symbols = default_symbol_map()
     codec_info = {**codec.describe(), "bandwidth": opts.codec.bandwidth, "path": opts.codec.path}
-    lock = lock_folder(opts.output, "valle prepare", DatasetError)  # noqa: F841 - held until we return
-    remove_stale_temporaries(opts.output)  # half-written files of a killed earlier run
     _check_settings(
         opts.output, {"codec": codec_info, "symbols_version": symbols.version, "created_by": __version__}
     )
+    remove_stale_temporaries(opts.output)  # half-written files of a killed earlier run (we hold the lock)
 
     sources = [s for s in discover(opts.voices, opts.language, opts.languages)]
     if not sources:

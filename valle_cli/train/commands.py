@@ -1,7 +1,7 @@
 """Live training commands: one parser, one queue, any number of channels feeding it.
 
-Commands: `save`, `quit`, `lr VALUE`, `eval`, `export` (as in the original), plus `status`. Channels (stdin
-here; the TUI's control socket later) call `Commands.submit(line)`, which parses and validates the line and
+Commands: `save`, `quit`, `lr VALUE`, `eval`, `export` (as in the original), plus `status`, `pause` and
+`resume`. Channels (stdin, and the control socket of train/control.py that `valle tui` uses) call `Commands.submit(line)`, which parses and validates the line and
 queues a `Command`; the trainer drains the queue between steps and answers each command through its
 `reply`. Parsing errors are answered at once and never reach the trainer.
 """
@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-NAMES = ("save", "quit", "lr", "eval", "export", "status")
+NAMES = ("save", "quit", "lr", "eval", "export", "status", "pause", "resume")
 
 
 @dataclass

@@ -24,6 +24,7 @@ import math
 import random
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,7 +84,12 @@ class RunInfo:
 
 class Trainer:
     def __init__(
-        self, cfg: Config, run: Path, events: Events | None = None, commands: Commands | None = None
+        self,
+        cfg: Config,
+        run: Path,
+        events: Events | None = None,
+        commands: Commands | None = None,
+        control: bool = False,
     ):
         from valle_cli.data.dataset import open_dataset
         from valle_cli.data.loader import Sampler, split_indices
@@ -93,6 +99,10 @@ class Trainer:
         self.cfg, self.run = cfg, Path(run)
         self.events = events or (lambda kind, payload: None)
         self.commands = commands or Commands()
+        self.control = control  # serve the control socket (train/control.py) while training, on rank 0
+        self.paused = False
+        self._paused_seconds = 0.0
+        self._last: dict = {}  # the last training record, for `status`
         t = cfg.train
         if not cfg.data.paths:
             raise TrainingError(
@@ -476,9 +486,22 @@ class Trainer:
                     self.evaluate()
                 elif cmd.name == "export":
                     self.export()
+                elif cmd.name in ("pause", "resume"):
+                    self.paused = cmd.name == "pause"
                 elif cmd.name == "status":
                     lr = self.optimizer.param_groups[0]["lr"]
-                    cmd.reply(ok=True, step=self.step, lr=lr, tokens=self.tokens, run=str(self.run))
+                    last = self._last
+                    cmd.reply(
+                        ok=True,
+                        step=self.step,
+                        steps=self.cfg.train.steps,
+                        lr=lr,
+                        tokens=self.tokens,
+                        tokens_per_s=last.get("tokens_per_s"),
+                        loss=last.get("loss"),
+                        paused=self.paused,
+                        run=str(self.run),
+                    )
                     self.events("info", {"message": f"step {self.step}, lr {lr:.3g}, {self.tokens} tokens"})
                     continue
                 cmd.reply(ok=True)
@@ -505,12 +528,22 @@ class Trainer:
             self.evaluate(max_batches=1_000_000)
             return RunInfo(self.run, self.step, self.resumed_from)
         t = self.cfg.train
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+        old = (
+            {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            if main_thread
+            else {}
+        )
         stream = batch_stream(self.ds, self.sampler, self.cfg.data.num_workers)
         bad = 0
         started, start_tokens = time.time(), self.tokens
         self.model.train()
+        server = None
         try:
+            if self.control and self.dist.main:
+                from valle_cli.train.control import ControlServer
+
+                server = ControlServer(self.run, self.commands)
             while self.step < t.steps and not self.stop_requested:
                 self.optimizer.zero_grad(set_to_none=True)
                 record: dict = {}
@@ -556,7 +589,7 @@ class Trainer:
                     grad_norm = self._optimizer_step(t)
                 self.step += 1
                 self.tokens += step_tokens
-                elapsed = max(time.time() - started, 1e-9)
+                elapsed = max(time.time() - started - self._paused_seconds, 1e-9)
                 record.update(
                     step=self.step,
                     kind="train",
@@ -574,6 +607,8 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            if server is not None:
+                server.close()
         self.events("done", {"step": self.step})
         return RunInfo(self.run, self.step, self.resumed_from)
 
@@ -587,6 +622,7 @@ class Trainer:
 
     def _after_step(self, record: dict) -> None:
         t = self.cfg.train
+        self._last = record
         self._log(record)
         self.events("step", record)
         if self.step % t.eval_every == 0:
@@ -594,3 +630,12 @@ class Trainer:
         if self.step % t.save_every == 0:
             self.save()
         self._handle_commands()
+        if self.paused:
+            self.events("info", {"message": f"paused at step {self.step}; `resume` continues"})
+            t0 = time.time()
+            while self.paused and not self.stop_requested:  # every rank waits here together
+                time.sleep(0.1)
+                self._handle_commands()
+            self._paused_seconds += time.time() - t0
+            if not self.stop_requested:
+                self.events("info", {"message": f"resumed at step {self.step}"})

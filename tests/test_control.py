@@ -1,0 +1,147 @@
+"""The training control channel: a real tiny training run steered over its Unix socket (status, lr, save,
+pause/resume, quit), malformed and unknown requests, a client that leaves mid-message, a second trainer on the
+same run, and another user being refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+import time
+
+import pytest
+
+from valle_cli.config import load_config
+from valle_cli.train.checkpoint import list_checkpoints
+from valle_cli.train.control import ControlClient, ControlError, ControlServer
+from valle_cli.train.trainer import Trainer
+
+from .conftest import needs_espeak
+
+pytestmark = needs_espeak
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture
+def running(dataset, tmp_path):
+    """A tiny training run in a background thread, serving its control socket."""
+    cfg = load_config(
+        "tiny",
+        [f"data.paths=[{dataset}]", "data.batch_size=2", "train.steps=100000", "train.warmup_steps=0",
+         "train.schedule=constant", "train.eval_every=100000", "train.save_every=100000"],
+    )  # fmt: skip
+    run = tmp_path / "run"
+    trainer = Trainer(cfg, run, control=True)
+    thread = threading.Thread(target=trainer.train, daemon=True)
+    thread.start()
+    wait_for(lambda: (run / "control.json").is_file() and (run / "metrics.jsonl").is_file())
+    yield run, trainer, thread
+    trainer.stop_requested = True
+    thread.join(timeout=60)
+
+
+def raw(run):
+    """A bare socket to the run, past the hello line."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(json.loads((run / "control.json").read_text())["socket"])
+    f = s.makefile("rb")
+    assert json.loads(f.readline())["type"] == "hello"
+    return s, f
+
+
+def test_steer_a_run_over_the_socket(running):
+    run, trainer, thread = running
+    sock_path = json.loads((run / "control.json").read_text())["socket"]
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+    with ControlClient(run) as c:
+        assert c.hello["v"] == 1 and "pause" in c.hello["commands"]
+        st = c.request("status")
+        assert st["ok"] and st["step"] >= 0 and st["steps"] == 100000 and st["paused"] is False
+        assert c.request("lr", 0.0042) == {"v": 1, "id": 2, "ok": True, "command": "lr"}
+        assert c.request("save")["ok"]
+        assert list_checkpoints(run)
+        assert c.request("pause")["ok"]
+        step = c.request("status")["step"]
+        time.sleep(0.5)
+        paused = c.request("status")
+        assert paused["paused"] and paused["step"] == step  # no step while paused
+        assert c.request("resume")["ok"]
+        wait_for(lambda: c.request("status")["step"] > step)
+        bad = c.request("lr", "abc")
+        assert not bad["ok"] and "not a number" in bad["error"]
+        assert c.request("quit")["ok"]
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["lr"] == pytest.approx(0.0042)  # the optimizer's learning rate changed
+    assert not os.path.exists(sock_path) and not (run / "control.json").exists()  # cleaned up
+    assert list_checkpoints(run)[-1].name == f"step-{trainer.step:08d}"  # quit saved the last step
+
+
+def test_malformed_unknown_and_abandoned_requests(running):
+    run, trainer, _ = running
+    s, f = raw(run)
+    s.sendall(b'{"cmd": "status"\n')  # broken JSON
+    assert "malformed request" in json.loads(f.readline())["error"]
+    s.sendall(b'[1, 2]\n{"v": 1, "id": "x", "cmd": "fly"}\n{"v": 9, "cmd": "status"}\n{"id": 3}\n')
+    replies = [json.loads(f.readline()) for _ in range(4)]
+    assert "must be a JSON object" in replies[0]["error"]
+    assert replies[1]["id"] == "x" and "unknown command 'fly'" in replies[1]["error"]
+    assert "protocol version 9" in replies[2]["error"]
+    assert "needs a 'cmd'" in replies[3]["error"]
+    s.sendall(b"x" * (70 * 1024))  # an endless line is cut off
+    assert "longer than" in json.loads(f.readline())["error"]
+    s.close()
+    half, _ = raw(run)
+    half.sendall(b'{"v": 1, "cmd": "sa')  # the client leaves mid-message
+    half.close()
+    with ControlClient(run) as c:  # training is undisturbed
+        step = c.request("status")["step"]
+        wait_for(lambda: c.request("status")["step"] > step)
+    assert trainer.stop_requested is False
+
+
+def test_second_trainer_on_the_same_run_is_refused(running):
+    run, trainer, _ = running
+    with pytest.raises(ControlError, match="already running"):
+        ControlServer(run, trainer.commands)
+
+
+def test_other_users_cannot_connect(running):
+    run, _, _ = running
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as a second user")
+    path = json.loads((run / "control.json").read_text())["socket"]
+    pid = os.fork()
+    if pid == 0:  # the child becomes 'nobody' and tries to connect
+        code = 3
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            code = 1  # connected: the permission check failed
+        except PermissionError:
+            code = 0
+        except BaseException:
+            code = 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_client_without_a_running_training(tmp_path):
+    with pytest.raises(ControlError, match="no running training"):
+        ControlClient(tmp_path)

@@ -1,0 +1,268 @@
+"""The training control channel: a Unix socket that only the run's owner can reach, speaking versioned JSON.
+
+Where: `RUN/control.sock` (or, when that path is too long for a Unix socket, a private 0700 folder under the
+temp dir), announced in `RUN/control.json` (`{"protocol": 1, "socket": PATH, "pid": PID}`, mode 0600). The
+socket is created with mode 0600 and every connection's peer credentials (SO_PEERCRED) must be this user's, so
+nobody else on the machine can steer the run. A second `valle train` on the same run folder finds the live
+socket and stops with a clear error; a stale one left by a killed run is replaced.
+
+Protocol 1, newline-delimited JSON, UTF-8, one object per line (at most 64 KiB):
+
+    server, on connect:  {"v": 1, "type": "hello", "run": "...", "pid": 123, "commands": [...]}
+    client request:      {"v": 1, "id": 7, "cmd": "lr", "value": 0.0003}
+    server reply:        {"v": 1, "id": 7, "ok": true, "command": "lr", ...}
+                         {"v": 1, "id": 7, "ok": false, "error": "lr value 'abc' is not a number"}
+
+Commands: status, save, quit, lr VALUE, eval, export, pause, resume (train/commands.py parses and validates
+them: the same handler serves stdin). Replies come when the trainer has applied the command, between steps.
+Malformed JSON, a missing or unknown `cmd`, a wrong `v` or an oversized line get an error reply; a client that
+disconnects, even mid-line, only ends its own connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+import tempfile
+import threading
+from pathlib import Path
+
+from valle_cli.errors import ValleError
+from valle_cli.train.commands import NAMES, Commands
+
+PROTOCOL = 1
+MAX_LINE = 64 * 1024
+_SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; keep a margin
+
+
+class ControlError(ValleError):
+    pass
+
+
+def socket_path_for(run: Path) -> tuple[Path, Path | None]:
+    """(socket path, private folder made for it or None)."""
+    inside = run.resolve() / "control.sock"
+    if len(os.fsencode(inside)) <= _SUN_PATH_MAX:
+        return inside, None
+    folder = Path(tempfile.mkdtemp(prefix="valle-control-"))  # 0700
+    return folder / "control.sock", folder
+
+
+def _alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def to_line(request: dict) -> str:
+    """A protocol request -> the command line `Commands` parses. Raises ValueError with the reason."""
+    if request.get("v", PROTOCOL) != PROTOCOL:
+        raise ValueError(
+            f"protocol version {request.get('v')!r} is not supported; this trainer speaks {PROTOCOL}"
+        )
+    cmd = request.get("cmd")
+    if not isinstance(cmd, str) or not cmd:
+        raise ValueError(f"a request needs a 'cmd' (one of: {', '.join(NAMES)})")
+    value = request.get("value")
+    return cmd if value is None else f"{cmd} {value}"
+
+
+class ControlServer:
+    """Serves the control socket of one run from daemon threads; `close()` removes it."""
+
+    def __init__(self, run: Path, commands: Commands):
+        self.run, self.commands = Path(run), commands
+        self.info_path = self.run / "control.json"
+        self.path, self._private = self._claim()
+        old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
+        try:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self._closed = threading.Event()
+        info = {"protocol": PROTOCOL, "socket": str(self.path), "pid": os.getpid()}
+        from valle_cli.fsutil import atomic_path
+
+        with atomic_path(self.info_path, ControlError) as tmp:
+            Path(tmp).write_text(json.dumps(info))
+            os.chmod(tmp, 0o600)
+        self._thread = threading.Thread(target=self._accept, name="valle-control", daemon=True)
+        self._thread.start()
+
+    def _claim(self) -> tuple[Path, Path | None]:
+        """A socket path for this run, refusing if a live trainer already serves it."""
+        self.run.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            old = Path(json.loads(self.info_path.read_text())["socket"])
+            if old.exists() and _alive(old):
+                raise ControlError(
+                    f"another valle train is already running on {self.run}",
+                    "stop it first (`quit` in its terminal or `valle tui`), or use another run folder",
+                )
+            old.unlink(missing_ok=True)  # left by a killed run
+        path, private = socket_path_for(self.run)
+        if path.exists():
+            if _alive(path):
+                raise ControlError(f"another valle train is already running on {self.run}", "stop it first")
+            path.unlink()
+        return path, private
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="valle-control-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        lock = threading.Lock()
+
+        def send(obj: dict) -> None:
+            data = (json.dumps({"v": PROTOCOL, **obj}) + "\n").encode()
+            with lock, contextlib.suppress(OSError):  # the client may be gone: never disturbs training
+                conn.sendall(data)
+
+        with conn:
+            try:
+                if _peer_uid(conn) != os.getuid():
+                    send({"ok": False, "error": "permission denied: this run belongs to another user"})
+                    return
+            except OSError:
+                return
+            send({"type": "hello", "run": str(self.run), "pid": os.getpid(), "commands": list(NAMES)})
+            conn.settimeout(0.5)
+            buffer = b""
+            while not self._closed.is_set():
+                try:
+                    chunk = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not chunk:
+                    return  # the client left (a partial line is dropped)
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        self._handle(line, send)
+                if len(buffer) > MAX_LINE:
+                    send({"ok": False, "error": f"request longer than {MAX_LINE} bytes; closing"})
+                    return
+
+    def _handle(self, raw: bytes, send) -> None:
+        try:
+            request = json.loads(raw.decode("utf-8"))
+            if not isinstance(request, dict):
+                raise ValueError("a request must be a JSON object")
+        except (UnicodeDecodeError, ValueError) as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            send({"ok": False, "error": f"malformed request: {reason}"})
+            return
+        rid = request.get("id")
+        try:
+            line = to_line(request)
+        except ValueError as exc:
+            send({"id": rid, "ok": False, "error": str(exc)})
+            return
+        self.commands.submit(line, lambda reply: send({"id": rid, **reply}))
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.path.unlink(missing_ok=True)
+        if self._private is not None:
+            with contextlib.suppress(OSError):
+                self._private.rmdir()
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if json.loads(self.info_path.read_text()).get("pid") == os.getpid():
+                self.info_path.unlink()
+
+    def __enter__(self) -> ControlServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ControlClient:
+    """Talks to a run's control socket (the TUI, tests, scripts)."""
+
+    def __init__(self, run: Path, timeout: float = 10.0):
+        self.run = Path(run)
+        try:
+            info = json.loads((self.run / "control.json").read_text())
+        except (OSError, ValueError):
+            raise ControlError(
+                f"{self.run} has no running training to talk to (no control.json)",
+                "start it with `valle train` (or `valle tui CONFIG`); a finished run can only be viewed",
+            ) from None
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(info["socket"])
+        except PermissionError:
+            raise ControlError(
+                f"permission denied on {info['socket']}", "run as the user who started training"
+            ) from None
+        except OSError:
+            raise ControlError(
+                f"the training of {self.run} is not running any more",
+                "restart it with the same command to resume",
+            ) from None
+        self._file = self.sock.makefile("rb")
+        self.hello = self._read()
+        self._next = 0
+        if self.hello.get("v") != PROTOCOL:
+            raise ControlError(
+                f"the trainer speaks protocol {self.hello.get('v')}; this valle speaks {PROTOCOL}"
+            )
+
+    def _read(self) -> dict:
+        line = self._file.readline()
+        if not line:
+            raise ControlError("the trainer closed the connection")
+        return json.loads(line)
+
+    def request(self, cmd: str, value: float | None = None) -> dict:
+        """Send one command and wait for its reply (commands are applied between training steps)."""
+        self._next += 1
+        req = {"v": PROTOCOL, "id": self._next, "cmd": cmd}
+        if value is not None:
+            req["value"] = value
+        self.sock.sendall((json.dumps(req) + "\n").encode())
+        while True:
+            reply = self._read()
+            if reply.get("id") == self._next or reply.get("id") is None:
+                return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+            self.sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
