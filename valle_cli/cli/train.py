@@ -84,8 +84,13 @@ def train(
     commands.read_stdin(reply)
     trainer = Trainer(cfg, run or Path(cfg.train.out_dir), events, commands, control=True)
     bar.update(task, completed=trainer.step)
-    with bar:
-        info = trainer.train(eval_only=eval_only)
+    from valle_cli.train import distributed
+
+    try:
+        with bar:
+            info = trainer.train(eval_only=eval_only)
+    finally:
+        distributed.teardown()  # a process group left alive can abort the process at exit (gloo threads)
     console.print(f"stopped at step {info.step}; run folder {info.run}", markup=False)
 
 
