@@ -219,7 +219,7 @@ def nar_fill(
     return out
 
 
-def _with_prefix(model: VALLE, req: Request, level0: list[int]) -> torch.Tensor:
+def response_codes(model: VALLE, req: Request, level0: list[int]) -> torch.Tensor:
     """Response codes (Q, Fc + F): the request's prefix (all levels) then the new level-0 tokens."""
     dev = model.sep.device
     fc = req.prefix_frames
@@ -252,7 +252,7 @@ def generate_batch(
         # a row that never yielded None before the loop ended either stopped (fewer tokens) or hit the limit
         level0 = [(toks, len(toks) < sc.max_ar_steps) for toks, _ in level0]
     items = [
-        NarItem(r, _with_prefix(model, r, toks), r.prefix_frames)
+        NarItem(r, response_codes(model, r, toks), r.prefix_frames)
         for r, (toks, _) in zip(requests, level0, strict=True)
     ]
     filled = nar_fill(model, items, sc)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from valle_cli.infer.engine import NarItem, Request, SamplingConfig, _with_prefix, ar_tokens, nar_fill
+from valle_cli.infer.engine import NarItem, Request, SamplingConfig, ar_tokens, nar_fill, response_codes
 
 
 @dataclass
@@ -64,7 +64,7 @@ def stream_codes(
     st.validate()
     fc = req.prefix_frames
     tokens: list[int] = []
-    codes = _with_prefix(model, req, [])  # (Q, Fc): grows as the AR runs
+    codes = response_codes(model, req, [])  # (Q, Fc): grows as the AR runs
     done = fc  # frames (prefix included) whose every level is final
     nar_gen = [sc.generator()]
 
