@@ -95,10 +95,9 @@ class Decoder:
     head: Callable[[torch.Tensor], torch.Tensor]
     use_cache: bool = True
     cache: object = None
-    x: torch.Tensor = field(init=False)  # (B, L, D): everything fed so far (kept whole only without a cache)
+    x: torch.Tensor = field(init=False)  # (B, L, D): inputs the backbone has not seen (with a cache), or all
     valid: torch.Tensor = field(init=False)  # (B, S) bool: real keys
     positions: torch.Tensor = field(init=False)  # (B, S) long
-    fed: int = field(init=False, default=0)  # how many columns the backbone has seen (with a cache)
 
     def __post_init__(self) -> None:
         first = self.prefixes[0]
@@ -114,12 +113,11 @@ class Decoder:
     def logits(self) -> torch.Tensor:
         """Next-token logits (B, V) after everything fed so far."""
         if self.use_cache:
-            new = self.x[:, self.fed :]
-            t = new.shape[1]
-            mask = padded_mask(self.valid, t, dtype=new.dtype)
-            out = self.backbone(new, mask, self.positions[:, -t:], cache=self.cache, use_cache=True)
+            t = self.x.shape[1]
+            mask = padded_mask(self.valid, t, dtype=self.x.dtype)
+            out = self.backbone(self.x, mask, self.positions[:, -t:], cache=self.cache, use_cache=True)
             self.cache = out.cache
-            self.x, self.fed = self.x[:, -1:], 1  # the cache holds the rest: keep only the last input
+            self.x = self.x[:, :0]  # the cache holds them now
         else:
             t = self.x.shape[1]
             mask = padded_mask(self.valid, t, dtype=self.x.dtype)

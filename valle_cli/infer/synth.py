@@ -70,8 +70,6 @@ class SynthResult:
     seconds: float  # wall time
     stopped: list[bool]  # per segment: the AR emitted STOP
     segments: int = 0
-    random_voice: bool = False
-    first_audio_seconds: float | None = None  # streaming: wall time to the first audio chunk
     codes: list[torch.Tensor] = field(default_factory=list)  # (Q, F) per segment
 
 
@@ -303,8 +301,7 @@ def synthesize(
         time.time() - t0,
         [o.stopped for o in outs],
         len(segs),
-        sp.prompt.shape[1] == 0,
-        codes=[o.codes for o in outs],
+        [o.codes for o in outs],
     )
 
 
