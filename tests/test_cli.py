@@ -68,12 +68,19 @@ def test_version():
     assert proc.stdout.strip() == f"valle {__version__}"
 
 
-@pytest.mark.parametrize("verb", ["serve", "tui"])
+@pytest.mark.parametrize("verb", ["serve"])
 def test_unimplemented_verbs_say_so_plainly(verb):
     proc = run(verb, "x")
     assert proc.returncode == 3
     assert "not available in this release yet" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_tui_refuses_what_is_neither_a_run_nor_a_config(tmp_path):
+    proc = run("tui", str(tmp_path))
+    assert proc.returncode != 0 and "is not a run folder" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("tui", "tiny", "--set", "train.stesp=3")
+    assert proc.returncode == 2 and "did you mean 'train.steps'" in proc.stderr
 
 
 def test_errors_are_one_line_with_remedy_and_debug_shows_traceback():

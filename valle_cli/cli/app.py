@@ -14,7 +14,20 @@ import sys
 import typer
 
 from valle_cli import __version__
-from valle_cli.cli import codec, config, dataset, export, later, plot, plugins_cmd, prepare, stt, synth, train
+from valle_cli.cli import (
+    codec,
+    config,
+    dataset,
+    export,
+    later,
+    plot,
+    plugins_cmd,
+    prepare,
+    stt,
+    synth,
+    train,
+    tui,
+)
 
 app = typer.Typer(
     name="valle",
@@ -59,6 +72,9 @@ app.command("synth", help='Synthesize speech: valle synth "text" --ref voice.wav
 )
 app.command("stt", help="Transcribe audio to IPA phonemes with the model's speech-to-text task.")(stt.stt)
 app.command("plot", help="Plot training metrics of one or more runs (PNG or in the terminal).")(plot.plot)
+app.command("tui", help="Watch and steer a training run in a terminal UI (save, lr, eval, pause, stop).")(
+    tui.tui
+)
 later.register(app)
 app.command("plugins", help="List codec, backbone and transcriber plugins and whether each loads.")(
     plugins_cmd.plugins

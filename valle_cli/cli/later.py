@@ -11,7 +11,6 @@ from valle_cli.errors import NotImplementedYet
 
 # verb -> (help, issue that implements it)
 PLANNED = {
-    "tui": ("Watch and steer a training run in a terminal UI (save, quit, lr, eval).", 6),
     "serve": ("Serve a web UI and an OpenAI-compatible HTTP API for speech synthesis.", 7),
 }
 
@@ -22,7 +21,7 @@ def _not_yet(verb: str, issue: int):
     ) -> None:
         raise NotImplementedYet(
             f"`valle {verb}` is not available in this release yet (tracked as issue #{issue})",
-            "see README's roadmap; `valle prepare`, `valle codec` and `valle config` work today",
+            "see README's status table for the verbs that work today",
         )
 
     command.__name__ = verb

@@ -26,11 +26,13 @@ def train(
     steps: int = typer.Option(400, help="--try-me: training steps."),
 ) -> None:
     """Train the AR+NAR model. Rerun on the same run folder to resume from its latest checkpoint. While it
-    runs, type `save`, `quit`, `lr 1e-4`, `eval` or `export` and Enter."""
+    runs, type `save`, `quit`, `lr 1e-4`, `eval`, `export`, `status`, `pause` or `resume` and Enter, or steer it
+    from another terminal with `valle tui RUN_DIR`."""
     from rich.console import Console
 
     from valle_cli.config import load_config
     from valle_cli.train.commands import Commands
+    from valle_cli.train.log import describe
     from valle_cli.train.trainer import Trainer
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -64,21 +66,18 @@ def train(
         if kind == "step":
             stats = f"loss {p['loss']:.3f} lr {p['lr']:.2e} {p['tokens_per_s']:.0f} tok/s"
             bar.update(task, completed=p["step"], stats=stats)
-        elif kind == "eval":
-            acc = " ".join(f"{k[4:]} {v:.2f}" for k, v in p.items() if k.startswith("acc."))
-            console.print(
-                f"eval at step {p['step']}: loss {p.get('loss', float('nan')):.3f}  acc {acc}", markup=False
-            )
-        elif kind == "save":
-            console.print(f"saved {p['path']}", markup=False)
-        elif kind == "warn":
-            console.print("warning: " + p["message"], style="yellow", markup=False)
-        elif kind == "info":
-            console.print(p["message"], markup=False)
+        elif kind in ("eval", "save", "warn", "info"):
+            console.print(describe(kind, p), style="yellow" if kind == "warn" else None, markup=False)
 
     def reply(r: dict) -> None:
         if not r["ok"]:
             console.print("command error: " + r.get("error", "?"), style="red", markup=False)
+        elif r.get("command") == "status":
+            state = "paused" if r["paused"] else "running"
+            console.print(
+                f"{state}: step {r['step']} of {r['steps']}, lr {r['lr']:.3g}, {r['tokens']} tokens",
+                markup=False,
+            )
 
     commands = Commands()
     commands.read_stdin(reply)

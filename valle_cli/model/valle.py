@@ -62,6 +62,7 @@ class ModelOutput:
     losses: dict[str, float]  # detached parts: "response", "text", "prompt", "aux"
     accuracy: dict[str, float]  # "l0" ... "l7", "stt"
     counts: dict[str, int]  # tokens scored per accuracy key
+    level_loss: dict[str, float]  # mean response cross-entropy per accuracy key
     hidden: torch.Tensor | None = None  # (B, T, D), when asked for
 
 
@@ -173,6 +174,7 @@ class VALLE(nn.Module):
         accuracy: dict[str, float] = {}
         counts: dict[str, int] = {}
         by_part: dict[str, list[torch.Tensor]] = {}
+        level_loss: dict[str, torch.Tensor] = {}  # summed cross-entropy per RVQ level (and stt), for the logs
         for b, start, tgt, head, part in batch.targets:
             # inputs are already shifted (START / BOS first), so target i is read at position start + i
             idx = torch.arange(len(tgt), device=h.device) + start
@@ -186,6 +188,7 @@ class VALLE(nn.Module):
                 hits = int((logits.argmax(-1) == tgt).sum())
                 counts[key] = counts.get(key, 0) + len(tgt)
                 accuracy[key] = accuracy.get(key, 0.0) + hits
+                level_loss[key] = level_loss.get(key, 0.0) + loss.detach()
         for part, items in by_part.items():
             s = torch.stack(items).sum(0)
             mean = s[0] / s[1].clamp_min(1)
@@ -195,7 +198,8 @@ class VALLE(nn.Module):
             total = total + out.aux_loss
             losses["aux"] = float(out.aux_loss.detach())
         accuracy = {k: v / counts[k] for k, v in accuracy.items()}
-        return ModelOutput(total, losses, accuracy, counts, h if return_hidden else None)
+        per_level = {k: float(v) / counts[k] for k, v in level_loss.items()}
+        return ModelOutput(total, losses, accuracy, counts, per_level, h if return_hidden else None)
 
 
 def count_parameters(model: nn.Module) -> int:

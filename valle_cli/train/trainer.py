@@ -13,7 +13,9 @@ a checkpoint of the last good state. SIGINT/SIGTERM and the `quit` command save 
 boundary. Live commands (`save`, `quit`, `lr VALUE`, `eval`, `export`) arrive through `Commands` (commands.py)
 and are applied between steps, here and only here.
 
-No printing: events go to a callback `(kind, payload)`: "step", "eval", "save", "warn", "info", "done".
+No printing: events go to a callback `(kind, payload)`: "step", "eval", "save", "warn", "info", "done"; all but
+"step" are also kept in `RUN/train.log` (log.py). Step records carry the process's memory (`mem_cpu`, and
+`mem_gpu` on CUDA, in bytes) for `valle tui` and `valle plot`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -35,11 +38,25 @@ import torch
 
 from valle_cli.config import Config, config_to_dict, dump_config
 from valle_cli.errors import ValleError
+from valle_cli.train import log as run_log
 from valle_cli.train.checkpoint import latest, load_checkpoint, save_checkpoint
 from valle_cli.train.commands import Commands
 
 MAX_NONFINITE = 8
 Events = Callable[[str, dict], None]
+
+
+def resident_bytes() -> int:
+    """Resident set size of this process (Linux: current; elsewhere: the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 class TrainingError(ValleError):
@@ -97,7 +114,7 @@ class Trainer:
         from valle_cli.text.symbols import SymbolMap
 
         self.cfg, self.run = cfg, Path(run)
-        self.events = events or (lambda kind, payload: None)
+        self.events = events or (lambda kind, payload: None)  # the caller's listener; see _event
         self.commands = commands or Commands()
         self.control = control  # serve the control socket (train/control.py) while training, on rank 0
         self.paused = False
@@ -273,7 +290,7 @@ class Trainer:
                 )
             )
         if path is not None:
-            self.events("save", {"step": self.step, "path": str(path)})
+            self._event("save", {"step": self.step, "path": str(path)})
         return path
 
     def _save_main(self, staged: bool) -> Path:
@@ -339,7 +356,7 @@ class Trainer:
         if rng.get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.resumed_from = found
-        self.events("info", {"message": f"resumed from {found} (step {self.step})"})
+        self._event("info", {"message": f"resumed from {found} (step {self.step})"})
 
     def export(self) -> Path | None:
         from safetensors.torch import save_file
@@ -353,7 +370,7 @@ class Trainer:
         with atomic_path(out, TrainingError) as tmp:
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
             save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in self.meta().items()})
-        self.events("info", {"message": f"exported {out}"})
+        self._event("info", {"message": f"exported {out}"})
         return out
 
     # -- steps ------------------------------------------------------------------------------------------------
@@ -399,7 +416,7 @@ class Trainer:
                     out = self._forward(self._samples(batch, [level] * len(batch)), self.model)
                     n = out.counts[f"l{level}"]
                     acc = totals.setdefault(f"l{level}", [0.0, 0.0, 0])
-                    acc[0] += out.losses["response"] * n
+                    acc[0] += out.level_loss[f"l{level}"] * n
                     acc[1] += out.accuracy[f"l{level}"] * n
                     acc[2] += n
         self.model.train()
@@ -411,7 +428,7 @@ class Trainer:
         if self.cfg.train.eval_samples > 0 and self.dist.main:
             self._synthesize_samples(sampler, self.cfg.train.eval_samples)
         self._log(result)
-        self.events("eval", result)
+        self._event("eval", result)
         return result
 
     def _synthesize_samples(self, sampler, n: int) -> None:
@@ -429,7 +446,7 @@ class Trainer:
                     CodecConfig(name=c["name"], bandwidth=c["bandwidth"], path=c["path"]), "cpu"
                 )
             except ValleError as exc:
-                self.events("warn", {"message": f"no eval samples: {exc}"})
+                self._event("warn", {"message": f"no eval samples: {exc}"})
                 self.cfg.train.eval_samples = 0
                 return
         folder = self.run / "samples" / f"step-{self.step:08d}"
@@ -446,7 +463,13 @@ class Trainer:
                 wav = self._codec.decode(out.codes[None])[0, 0]
                 save_audio(folder / (item["uid"].replace("/", "__") + ".wav"), wav, self._codec.sample_rate)
         self.model.train()
-        self.events("info", {"message": f"eval samples in {folder}"})
+        self._event("info", {"message": f"eval samples in {folder}"})
+
+    def _event(self, kind: str, payload: dict) -> None:
+        """Tell the listener, and keep the event in RUN/train.log (rank 0) for `valle tui` and later reading."""
+        if self.dist.main and self.run.is_dir():
+            run_log.append(self.run, kind, payload)
+        self.events(kind, payload)
 
     def _log(self, record: dict) -> None:
         if not self.dist.main:
@@ -478,7 +501,7 @@ class Trainer:
                     self.scheduler.base_lrs = [cmd.value for _ in self.scheduler.base_lrs]
                     for group in self.optimizer.param_groups:
                         group["lr"] = cmd.value * factor
-                    self.events(
+                    self._event(
                         "info",
                         {"message": f"learning rate set to {cmd.value:g} (now {cmd.value * factor:g})"},
                     )
@@ -502,16 +525,15 @@ class Trainer:
                         paused=self.paused,
                         run=str(self.run),
                     )
-                    self.events("info", {"message": f"step {self.step}, lr {lr:.3g}, {self.tokens} tokens"})
                     continue
                 cmd.reply(ok=True)
             except ValleError as exc:
                 cmd.reply(ok=False, error=str(exc))
-                self.events("warn", {"message": str(exc)})
+                self._event("warn", {"message": str(exc)})
 
     def _on_signal(self, signum, frame) -> None:
         self._signalled = True  # acted on at the next step boundary, on every rank together
-        self.events("info", {"message": f"signal {signal.Signals(signum).name}: saving and stopping"})
+        self._event("info", {"message": f"signal {signal.Signals(signum).name}: saving and stopping"})
 
     def train(self, eval_only: bool = False) -> RunInfo:
         from valle_cli.data.loader import batch_stream
@@ -535,6 +557,10 @@ class Trainer:
             else {}
         )
         stream = batch_stream(self.ds, self.sampler, self.cfg.data.num_workers)
+        self._event(
+            "info",
+            {"message": f"training from step {self.step} to {t.steps} on {self.device} (pid {os.getpid()})"},
+        )
         bad = 0
         started, start_tokens = time.time(), self.tokens
         self.model.train()
@@ -548,6 +574,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 record: dict = {}
                 outs: list = []
+                per_level: dict[str, list] = {}
                 finite = True
                 step_tokens = 0
                 for _ in range(t.grad_accumulation):
@@ -563,12 +590,15 @@ class Trainer:
                     step_tokens += sum(out.counts.values())
                     for k, v in out.losses.items():
                         record[f"loss.{k}"] = record.get(f"loss.{k}", 0.0) + v / t.grad_accumulation
-                    for k, v in out.accuracy.items():
-                        record[f"acc.{k}"] = v
+                    for k, n in out.counts.items():  # per level: token-weighted over the micro-batches
+                        sums = per_level.setdefault(k, [0.0, 0.0, 0])
+                        sums[0] += out.level_loss[k] * n
+                        sums[1] += out.accuracy[k] * n
+                        sums[2] += n
                 if not finite:
                     bad += 1
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.events(
+                    self._event(
                         "warn",
                         {"message": f"step {self.step + 1}: non-finite loss, step skipped ({bad} in a row)"},
                     )
@@ -580,6 +610,8 @@ class Trainer:
                     self._handle_commands()
                     continue
                 bad = 0
+                for k, (loss_sum, hits, n) in sorted(per_level.items()):
+                    record[f"loss.{k}"], record[f"acc.{k}"] = loss_sum / n, hits / n
                 if self.engine is not None:
                     for out in outs:
                         self.engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps itself
@@ -599,6 +631,7 @@ class Trainer:
                     tokens=self.tokens,
                     tokens_per_s=(self.tokens - start_tokens) / elapsed,
                     time=time.time(),
+                    **self._memory(),
                 )
                 self._after_step(record)
             if not latest(self.run) or latest(self.run).name != f"step-{self.step:08d}":
@@ -609,8 +642,15 @@ class Trainer:
                 signal.signal(s, h)
             if server is not None:
                 server.close()
-        self.events("done", {"step": self.step})
+        self._event("done", {"step": self.step})
         return RunInfo(self.run, self.step, self.resumed_from)
+
+    def _memory(self) -> dict:
+        """This process's resident memory and, on CUDA, the peak memory allocated (bytes)."""
+        out = {"mem_cpu": resident_bytes()}
+        if self.device.type == "cuda":
+            out["mem_gpu"] = torch.cuda.max_memory_allocated(self.device)
+        return out
 
     def _optimizer_step(self, t) -> float:
         self.scaler.unscale_(self.optimizer)
@@ -624,18 +664,18 @@ class Trainer:
         t = self.cfg.train
         self._last = record
         self._log(record)
-        self.events("step", record)
+        self._event("step", record)
         if self.step % t.eval_every == 0:
             self.evaluate()
         if self.step % t.save_every == 0:
             self.save()
         self._handle_commands()
         if self.paused:
-            self.events("info", {"message": f"paused at step {self.step}; `resume` continues"})
+            self._event("info", {"message": f"paused at step {self.step}; `resume` continues"})
             t0 = time.time()
             while self.paused and not self.stop_requested:  # every rank waits here together
                 time.sleep(0.1)
                 self._handle_commands()
             self._paused_seconds += time.time() - t0
             if not self.stop_requested:
-                self.events("info", {"message": f"resumed at step {self.step}"})
+                self._event("info", {"message": f"resumed at step {self.step}"})
