@@ -1,4 +1,4 @@
-"""The `valle` command shell: help, version, errors, debug tracebacks, verbs not yet implemented."""
+"""The `valle` command shell: help, version, errors, debug tracebacks."""
 
 from __future__ import annotations
 
@@ -66,14 +66,6 @@ def test_version():
     proc = run("--version")
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"valle {__version__}"
-
-
-@pytest.mark.parametrize("verb", ["serve"])
-def test_unimplemented_verbs_say_so_plainly(verb):
-    proc = run(verb, "x")
-    assert proc.returncode == 3
-    assert "not available in this release yet" in proc.stderr
-    assert "Traceback" not in proc.stderr
 
 
 def test_tui_refuses_what_is_neither_a_run_nor_a_config(tmp_path):

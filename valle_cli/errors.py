@@ -45,11 +45,5 @@ class CodecError(ValleError):
     """A codec cannot be built, loaded or used with the given input."""
 
 
-class NotImplementedYet(ValleError):
-    """A verb that a later release implements. Says so plainly instead of pretending to work."""
-
-    exit_code = 3
-
-
 class DatasetError(ValleError):
     """Input voices or a prepared dataset are missing, malformed, or from an incompatible version."""

@@ -19,10 +19,10 @@ from valle_cli.cli import (
     config,
     dataset,
     export,
-    later,
     plot,
     plugins_cmd,
     prepare,
+    serve,
     stt,
     synth,
     train,
@@ -72,10 +72,12 @@ app.command("synth", help='Synthesize speech: valle synth "text" --ref voice.wav
 )
 app.command("stt", help="Transcribe audio to IPA phonemes with the model's speech-to-text task.")(stt.stt)
 app.command("plot", help="Plot training metrics of one or more runs (PNG or in the terminal).")(plot.plot)
+app.command("serve", help="Serve an OpenAI-compatible speech API (and web UI) on loopback by default.")(
+    serve.serve
+)
 app.command("tui", help="Watch and steer a training run in a terminal UI (save, lr, eval, pause, stop).")(
     tui.tui
 )
-later.register(app)
 app.command("plugins", help="List codec, backbone and transcriber plugins and whether each loads.")(
     plugins_cmd.plugins
 )

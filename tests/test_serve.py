@@ -1,0 +1,340 @@
+"""`valle serve` over real HTTP on loopback, with a tiny model trained for a few steps (speech and stt): the
+OpenAI client's request shapes, every audio format, streaming (chunked audio and SSE), voices, auth on and off,
+limits and the bounded queue, path-traversal attempts, malformed bodies; and the queue's own rules."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from valle_cli.serve.jobs import JobQueue, QueueFull
+from valle_cli.serve.server import bind, build, uvicorn_server
+from valle_cli.serve.settings import Limits, ServeSettings
+
+from .conftest import needs_espeak
+
+pytestmark = needs_espeak
+
+
+@pytest.fixture(scope="module")
+def model(dataset, tmp_path_factory):
+    """A tiny model after a few steps of speech and stt training (its output is noise, but real output)."""
+    from valle_cli.config import load_config
+    from valle_cli.train.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("serve") / "run"
+    cfg = load_config(
+        "tiny",
+        [f"data.paths=[{dataset}]", "data.batch_size=2", "train.steps=30", "train.stt_prob=0.5",
+         "train.eval_every=100000", "train.save_every=100000"],
+    )  # fmt: skip
+    Trainer(cfg, run).train()
+    return run
+
+
+class Server:
+    def __init__(self, settings: ServeSettings):
+        self.app, self.registry, self.queue = build(settings)
+        self.registry.get(self.registry.default)
+        self.sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn_server(self.app, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.queue.close()
+
+
+def start(model, tmp_path, **limits) -> Server:
+    base = {"max_output_seconds": 1.5, "max_upload_bytes": 2 * 1024 * 1024, "max_reference_seconds": 8.0}
+    settings = ServeSettings(
+        models=[f"tiny={model}"], home=tmp_path / "home", api_key=limits.pop("api_key", None),
+        limits=Limits(**{**base, **limits}),
+    )  # fmt: skip
+    return Server(settings)
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    srv = start(model, tmp_path_factory.mktemp("home"))
+    yield srv
+    srv.stop()
+
+
+def clip(seconds: float = 2.0, sr: int = 16000, fmt: str = "WAV") -> bytes:
+    """A speech-like test clip (espeak), as file bytes."""
+    from valle_cli.audio.speech import say
+
+    wav, rate = say("The quick brown fox jumps over the lazy dog. " * 4, "espeak:en-us+f3", speed=170)
+    wav = wav[: int(seconds * rate)]
+    buf = io.BytesIO()
+    sf.write(buf, wav, rate, format=fmt)
+    return buf.getvalue()
+
+
+def assert_error(resp: httpx.Response, status: int, *words: str) -> dict:
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    assert resp.headers["content-type"].startswith("application/json")
+    err = resp.json()["error"]
+    assert "Traceback" not in resp.text
+    assert "upload-" not in err["message"] and "transcribe-" not in err["message"]  # no server file names
+    for word in words:
+        assert word in err["message"], err["message"]
+    return err
+
+
+def test_openai_client_speech_in_every_format(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    for fmt in ("wav", "flac", "mp3", "opus"):
+        resp = client.audio.speech.create(
+            model="tts-1", voice="random", input="Hello there.", response_format=fmt
+        )
+        audio, sr = sf.read(io.BytesIO(resp.content))
+        assert audio.ndim == 1 and len(audio) / sr > 0.2, fmt
+    pcm = client.audio.speech.create(
+        model="tiny", voice="random", input="Hello there.", response_format="pcm"
+    )
+    samples = np.frombuffer(pcm.content, dtype="<i2")
+    assert samples.size / 24000 > 0.2 and np.abs(samples).max() > 0
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    # the same seed gives the same audio
+    a = httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "random", "seed": 3,
+                                                          "response_format": "wav"}, timeout=120)  # fmt: skip
+    b = httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "random", "seed": 3,
+                                                          "response_format": "wav"}, timeout=120)  # fmt: skip
+    assert a.status_code == 200 and a.content == b.content
+    assert float(a.headers["x-valle-audio-seconds"]) > 0 and a.headers["x-valle-model"] == "tiny"
+
+
+def test_voices_are_names_and_uploads_are_checked(server):
+    url = server.url + "/v1/voices"
+    r = httpx.post(url, data={"name": "ann", "transcript": "The quick brown fox."},
+                   files={"file": ("../../evil.wav", clip(3.0), "audio/wav")})  # fmt: skip
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "ann" and r.json()["seconds"] == pytest.approx(3.0, abs=0.01)
+    assert [v["name"] for v in httpx.get(url).json()["data"]] == ["ann"]
+    speech = httpx.post(server.url + "/v1/audio/speech", json={"input": "Hello.", "voice": "ann",
+                                                               "response_format": "wav"}, timeout=120)  # fmt: skip
+    assert speech.status_code == 200 and sf.read(io.BytesIO(speech.content))[0].size > 0
+    assert_error(httpx.post(url, data={"name": "ann"}, files={"file": ("a.wav", clip(2.0))}), 409, "exists")
+    assert_error(httpx.post(url, data={"name": "bad"}, files={"file": ("a.wav", b"RIFF not audio")}), 400,
+                 "cannot read the uploaded file")  # fmt: skip
+    assert_error(
+        httpx.post(url, data={"name": "long"}, files={"file": ("a.wav", clip(9.0))}), 413, "at most 8"
+    )
+    silent = io.BytesIO()
+    sf.write(silent, np.zeros(48000, dtype=np.float32), 24000, format="WAV")
+    assert_error(
+        httpx.post(url, data={"name": "quiet"}, files={"file": ("a.wav", silent.getvalue())}), 400, "silent"
+    )
+    assert_error(httpx.post(url, data={"name": "random"}, files={"file": ("a.wav", clip())}), 400, "reserved")
+    assert_error(httpx.delete(url + "/nobody"), 404, "no voice named 'nobody'")
+    assert httpx.delete(url + "/ann").json() == {"name": "ann", "deleted": True}
+    assert_error(
+        httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "ann"}),
+        404,
+        "no voice named",
+    )
+
+
+def test_path_traversal_is_refused(server, tmp_path):
+    speech = server.url + "/v1/audio/speech"
+    for voice in ("../../../../etc/passwd", "/etc/passwd", "..", "a/b", "ann.wav"):
+        assert_error(httpx.post(speech, json={"input": "Hi.", "voice": voice}), 400, "invalid voice name")
+    for model in ("/etc/passwd", "../run", str(tmp_path)):
+        assert_error(httpx.post(speech, json={"input": "Hi.", "model": model}), 404, "is not served here")
+    for name in ("../x", "..", "a/../../b", "x" * 65):
+        r = httpx.post(server.url + "/v1/voices", data={"name": name}, files={"file": ("a.wav", clip())})
+        assert_error(r, 400, "invalid voice name")
+    for path in ("/v1/voices/..%2F..%2Fetc%2Fpasswd", "/v1/voices/%2E%2E", "/v1/voices/..%5Cwin"):
+        r = httpx.delete(server.url + path)
+        assert r.status_code in (400, 404) and "Traceback" not in r.text
+    assert not list(tmp_path.rglob("*evil*"))
+    assert httpx.get(server.url + "/../../etc/passwd").status_code == 404
+
+
+def test_malformed_requests_get_json_errors(server):
+    speech = server.url + "/v1/audio/speech"
+    r = httpx.post(speech, content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400, "not valid JSON")
+    assert_error(httpx.post(speech, json=[1, 2]), 400)
+    assert_error(httpx.post(speech, json={"voice": "random"}), 400, "input", "Field required")
+    assert_error(httpx.post(speech, json={"input": "Hi.", "voise": "ann"}), 400, "voise: unknown field")
+    assert_error(httpx.post(speech, json={"input": 5}), 400, "input")
+    assert_error(httpx.post(speech, json={"input": "   "}), 400, "input is empty")
+    assert_error(httpx.post(speech, json={"input": "Hi.", "speed": 2.0}), 400, "speed other than 1.0")
+    assert_error(httpx.post(speech, json={"input": "Hi.", "speed": 9.0}), 400, "speed")
+    assert_error(httpx.post(speech, json={"input": "Hi.", "response_format": "aac"}), 400, "use one of: wav")
+    assert_error(httpx.post(speech, json={"input": "Hi.", "response_format": "mp3", "stream_format": "audio"}),
+                 400, "streaming sends pcm or wav")  # fmt: skip
+    assert_error(httpx.post(speech, json={"input": "Hi.", "top_p": 0}), 400, "top_p")
+    assert_error(httpx.post(speech, json={"input": "x" * 5000}), 400, "at most 4096")
+    assert_error(httpx.get(server.url + "/v1/nothing"), 404, "no route")
+    assert_error(httpx.get(speech), 405)
+    big = httpx.post(
+        speech, content=b"{" + b" " * (2 * 1024 * 1024) + b"}", headers={"content-type": "application/json"}
+    )
+    assert_error(big, 413, "request body over")
+    huge = httpx.post(
+        server.url + "/v1/voices", data={"name": "big"}, files={"file": ("a.wav", b"0" * (3 * 1024 * 1024))}
+    )
+    assert_error(huge, 413, "request body over")
+    tr = httpx.post(server.url + "/v1/audio/transcriptions", files={"file": ("x.wav", b"plain text")})
+    assert_error(tr, 400, "not audio")
+    openapi = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/models", "/v1/voices", "/health"} <= set(
+        openapi["paths"]
+    )
+
+
+def test_streaming_audio_and_sse(server):
+    body = {"input": "Hello there. How are you?", "voice": "random", "response_format": "wav",
+            "stream_format": "audio", "seed": 1}  # fmt: skip
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers.get("transfer-encoding") == "chunked"
+        chunks = [c for c in r.iter_bytes() if c]
+    data = b"".join(chunks)
+    assert data[:4] == b"RIFF" and data[36:40] == b"data" and len(chunks) >= 2
+    samples = np.frombuffer(data[44:], dtype="<i2")
+    assert samples.size / 24000 > 0.5
+    body.update(response_format="pcm", stream_format="sse")
+    events = []
+    with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    import base64
+
+    assert events[-1]["type"] == "speech.audio.done"
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
+    assert len(pcm) == len(data) - 44  # the same speech as the wav stream (same seed)
+
+
+def test_transcription_with_the_openai_client(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    out = client.audio.transcriptions.create(model="whisper-1", file=("a.flac", clip(2.0, fmt="FLAC")))
+    assert isinstance(out.text, str)
+    text = client.audio.transcriptions.create(
+        model="whisper-1", file=("a.wav", clip(2.0)), response_format="text"
+    )
+    assert isinstance(text, str)
+    verbose = httpx.post(server.url + "/v1/audio/transcriptions", data={"response_format": "verbose_json"},
+                         files={"file": ("a.wav", clip(2.0))}, timeout=120).json()  # fmt: skip
+    assert verbose["duration"] == pytest.approx(2.0, abs=0.01) and verbose["phonemes"] is True
+
+
+def test_api_key_and_a_full_queue(model, tmp_path):
+    import openai
+
+    srv = start(model, tmp_path, api_key="s3cret", queue_size=1)
+    try:
+        health = httpx.get(srv.url + "/health").json()  # open, and says nothing private
+        assert health["status"] == "ok" and "s3cret" not in json.dumps(health)
+        assert_error(httpx.get(srv.url + "/v1/models"), 401, "API key")
+        assert_error(httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer nope"}), 401)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong").models.list()
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret")
+        assert good.models.list().data[0].id == "tiny"
+
+        def call(i):
+            return httpx.post(srv.url + "/v1/audio/speech", headers={"Authorization": "Bearer s3cret"},
+                              json={"input": f"Sentence number {i}.", "response_format": "wav"}, timeout=120)  # fmt: skip
+
+        with ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(call, range(6)))
+        codes = sorted(r.status_code for r in replies)
+        assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
+        busy = next(r for r in replies if r.status_code == 429)
+        assert_error(busy, 429, "busy")
+        assert busy.headers["retry-after"] == "5"
+        assert srv.queue.in_flight == 0
+    finally:
+        srv.stop()
+
+
+def test_job_queue_bounds_and_timeouts():
+    async def main():
+        queue = JobQueue(size=1, timeout=0.3)
+        gate = threading.Event()
+        running = asyncio.ensure_future(queue.run(lambda job: gate.wait(5) and "done"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await queue.run(lambda job: "never")
+        with pytest.raises(TimeoutError):
+            await running  # past its time: cancelled, but its slot stays taken until the work stops
+        assert queue.in_flight == 1
+        gate.set()
+        for _ in range(50):
+            if queue.in_flight == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert queue.in_flight == 0
+
+        def counting(job):
+            for i in range(1000):
+                job.check()
+                time.sleep(0.01)
+                yield i
+
+        seen = []
+        items = queue.stream(counting)
+        async for item in items:
+            seen.append(item)
+            if len(seen) == 3:
+                break
+        await items.aclose()  # the client left (what the server does when a connection drops)
+        await asyncio.sleep(0.1)
+        assert queue.in_flight == 0  # the worker stopped at its next check
+        queue.close()
+
+    asyncio.run(main())
+
+
+def test_valle_serve_command_warns_when_public_and_stops_cleanly(model, tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "valle_cli", "serve", "--model", f"tiny={model}", "--host", "0.0.0.0",
+           "--port", "0", "--home", str(tmp_path / "home"), "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        while not any("valle serve on" in x for x in lines) and len(lines) < 50:
+            lines.append(proc.stderr.readline())
+        port = int(re.search(r"http://0\.0\.0\.0:(\d+)", "".join(lines)).group(1))
+        lines.append(proc.stderr.readline())
+        assert "without an API key" in "".join(lines)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["model"] == "tiny"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    bad = subprocess.run([sys.executable, "-m", "valle_cli", "serve", "--model", str(tmp_path / "none"),
+                          "--home", str(tmp_path / "home")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "none" in bad.stderr

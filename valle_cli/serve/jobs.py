@@ -1,0 +1,140 @@
+"""The generation queue: one worker thread runs the model (one job at a time, as a CPU or one GPU wants), at
+most `size` jobs wait or run, and a job gets `timeout` seconds in all.
+
+- Full: `submit` raises `QueueFull` at once (the API answers 429 with Retry-After), so a burst never piles up
+  memory or latency.
+- Timeout or client gone: the job's `cancelled` flag is set; a job still waiting is skipped, a running one
+  stops at its next check (between batches of segments, or between streamed chunks) and its slot is freed
+  only then, so the bound holds for the work really in flight.
+- Closed (server stopping): new jobs get `QueueClosed` (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+
+class QueueFull(Exception):
+    pass
+
+
+class QueueClosed(Exception):
+    pass
+
+
+class Cancelled(Exception):
+    """Raised inside a job when its client left or its time ran out."""
+
+
+class Job:
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def check(self) -> None:
+        """Call between units of work: stops a job nobody waits for any more."""
+        if self.cancelled.is_set():
+            raise Cancelled()
+
+
+class JobQueue:
+    def __init__(self, size: int, timeout: float):
+        self.size, self.timeout = size, timeout
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="valle-generate")
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._closed = False
+        self.served = 0
+        self.rejected = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _claim(self) -> Job:
+        with self._lock:
+            if self._closed:
+                raise QueueClosed()
+            if self._in_flight >= self.size:
+                self.rejected += 1
+                raise QueueFull()
+            self._in_flight += 1
+        return Job()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _wrap(self, job: Job, fn: Callable[[Job], Any]) -> Callable[[], Any]:
+        def run():
+            try:
+                job.check()  # timed out or abandoned while waiting: skip
+                return fn(job)
+            finally:
+                self._release()
+
+        return run
+
+    async def run(self, fn: Callable[[Job], Any]) -> Any:
+        """Run fn(job) on the worker; its result, or TimeoutError (the job is cancelled)."""
+        job = self._claim()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._wrap(job, fn))
+        future.add_done_callback(_retrieve)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except BaseException:  # timeout, or the request itself was cancelled (client gone)
+            job.cancelled.set()
+            raise
+        self.served += 1
+        return result
+
+    def stream(self, fn: Callable[[Job], Iterator[Any]]):
+        """Start a generator fn(job) on the worker now (QueueFull/QueueClosed raise here, before any response)
+        and return an async generator of its items. Leaving it early (client gone) or running past the timeout
+        cancels the job."""
+        job = self._claim()
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+
+        def produce(job: Job) -> None:
+            try:
+                for item in fn(job):
+                    job.check()
+                    loop.call_soon_threadsafe(items.put_nowait, ("item", item))
+                loop.call_soon_threadsafe(items.put_nowait, ("end", None))
+            except BaseException as exc:  # delivered to the consumer, raised there
+                loop.call_soon_threadsafe(items.put_nowait, ("error", exc))
+
+        loop.run_in_executor(self._executor, self._wrap(job, produce)).add_done_callback(_retrieve)
+        return self._consume(job, items, loop.time() + self.timeout)
+
+    async def _consume(self, job: Job, items: asyncio.Queue, deadline: float):
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError()
+                kind, value = await asyncio.wait_for(items.get(), left)
+                if kind == "end":
+                    self.served += 1
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            job.cancelled.set()  # a no-op when it finished; otherwise the worker stops at its next check
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _retrieve(future) -> None:
+    """Mark a worker future's outcome as seen (a cancelled job's exception is expected, not news)."""
+    if not future.cancelled():
+        future.exception()
