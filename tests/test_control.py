@@ -145,3 +145,30 @@ def test_other_users_cannot_connect(running):
 def test_client_without_a_running_training(tmp_path):
     with pytest.raises(ControlError, match="no running training"):
         ControlClient(tmp_path)
+
+
+def test_a_client_waiting_for_a_silent_trainer_can_be_aborted(tmp_path):
+    """A trainer that accepts but never greets (stopped with Ctrl+Z, say): `abort()` from another thread frees
+    the waiting client at once instead of after its timeout."""
+    path = tmp_path / "c.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    (tmp_path / "control.json").write_text(json.dumps({"protocol": 1, "socket": str(path), "pid": 1}))
+    client = ControlClient(tmp_path, timeout=60, connect=False)
+    failed = []
+
+    def wait():
+        try:
+            client.connect()
+        except (ControlError, OSError) as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    client.abort()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and failed and time.monotonic() - t0 < 2
+    listener.close()

@@ -94,7 +94,7 @@ def reaper():
 def test_tui_starts_training_steers_it_and_leaves_it_running(dataset, tmp_path, reaper, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative run folder, as users type it (and as the snapshot shows it)
     run = Path("runs/demo")
-    app = TrainingApp(resolve_target("tiny", endless(dataset), run))
+    app = TrainingApp.open(resolve_target("tiny", endless(dataset), run))
 
     async def steer(pilot):
         dash = app.screen
@@ -155,14 +155,14 @@ def test_tui_starts_training_steers_it_and_leaves_it_running(dataset, tmp_path, 
     finally:
         if app.child is not None:
             reaper.append(app.child.pid)
-    assert app.return_value == run
+    assert app.return_value == "left"
     child = app.child
     time.sleep(1.0)
     assert child.poll() is None  # still training without the TUI
     before = metrics(run)[-1]["step"]
 
     # attach again, stop training from the dialog, and see it end cleanly
-    again = TrainingApp(resolve_target(str(run)))
+    again = TrainingApp.open(resolve_target(str(run)))
 
     async def stop(pilot):
         dash = again.screen
@@ -195,7 +195,7 @@ def test_tui_views_a_finished_run(dataset, tmp_path):
     )  # fmt: skip
     run = tmp_path / "done"
     Trainer(cfg, run).train()
-    app = TrainingApp(resolve_target(str(run)))
+    app = TrainingApp.open(resolve_target(str(run)))
 
     async def view(pilot):
         dash = app.screen
@@ -214,7 +214,7 @@ def test_tui_views_a_finished_run(dataset, tmp_path):
 
 
 def test_a_training_that_fails_to_start_shows_why(tmp_path):
-    app = TrainingApp(resolve_target("tiny", [f"data.paths=[{tmp_path / 'nowhere'}]"], tmp_path / "run"))
+    app = TrainingApp.open(resolve_target("tiny", [f"data.paths=[{tmp_path / 'nowhere'}]"], tmp_path / "run"))
 
     async def view(pilot):
         dash = app.screen
@@ -224,6 +224,27 @@ def test_a_training_that_fails_to_start_shows_why(tmp_path):
 
     drive(app, view)
     assert app.child.returncode != 0
+
+
+@needs_espeak
+def test_leaving_or_stopping_while_training_starts(dataset, tmp_path, reaper):
+    """Before its control socket exists, a starting training can be left running or stopped (by signal)."""
+    app = TrainingApp.open(resolve_target("tiny", endless(dataset), tmp_path / "run"))
+    reaper.append(app.child.pid)
+
+    async def leave_then_stop(pilot):
+        dash = app.screen
+        assert dash.state == "starting"
+        await pilot.press("q")
+        assert isinstance(app.screen, ChoiceDialog)
+        await pilot.click("#stop")
+
+    drive(app, leave_then_stop)
+    assert app.return_value == "stopped"
+    assert app.child.wait(timeout=60) != 0 or list_checkpoints(
+        tmp_path / "run"
+    )  # stopped, one way or the other
+    assert not (tmp_path / "run" / "control.json").exists()
 
 
 @needs_espeak
@@ -277,12 +298,21 @@ def test_history_levels_resume_and_eta():
     ]
     h.add([*rows, {"step": 10, "kind": "eval", "loss": 3.0}])
     assert h.levels("loss") == ["l0", "l1", "l2", "l3"] and h.levels("acc") == []
-    assert h.level_series("loss", "l0")[0] == [float(s) for s in range(1, 11)]
+    assert h.curves["loss.l0"].steps == [float(s) for s in range(1, 11)]
+    assert h.curves["loss.l0"].smoothed[0] == pytest.approx(4.9)  # bias-corrected: the first value itself
     assert h.seconds_per_step() == pytest.approx(2.0)
     assert h.eta_seconds(110) == pytest.approx(200.0)
     h.add([{"step": 8, "time": 500.0, "loss.l0": 1.0}])  # resumed from a step-7 checkpoint: no fold-back
     assert [r["step"] for r in h.train] == list(range(1, 9)) and h.last["loss.l0"] == 1.0
-    assert h.evals[0]["loss"] == 3.0
+    assert h.evals == []  # the evaluation at step 10 belonged to the abandoned future
+    assert h.curves["loss.l0"].steps[-1] == 8.0 and len(h.curves["loss.l0"].steps) == 8
+    old = History()  # a run logged before per-level losses: the overall loss is drawn
+    old.add([{"step": s, "loss": 3.0, "kind": "train"} for s in range(1, 5)])
+    assert old.lines("loss") == [("all", "loss")] and old.lines("acc") == []
+    long = History(smooth=1)
+    long.add([{"step": s, "loss.l0": float(s)} for s in range(1, 100_001)])
+    xs, ys = long.curves["loss.l0"].points(100)
+    assert len(xs) == 100 and xs[0] == pytest.approx(500.5) and ys[-1] == pytest.approx(99_500.5)
     assert human_seconds(3725) == "1h 02m" and human_seconds(None) == "-"
     assert human_bytes(1536 * 1024**2) == "1.5 GB"
 
@@ -290,6 +320,8 @@ def test_history_levels_resume_and_eta():
 def test_resolve_target_and_lr_validation(tmp_path):
     with pytest.raises(TuiError, match="not a run folder"):
         resolve_target(str(tmp_path))
+    with pytest.raises(TuiError, match="neither a run folder, a config file nor a preset"):
+        resolve_target(str(tmp_path / "runs" / "typo"))
     (tmp_path / "metrics.jsonl").write_text("")
     assert resolve_target(str(tmp_path)).config is None
     with pytest.raises(TuiError, match="--set and -o apply when starting"):
@@ -304,4 +336,4 @@ def test_resolve_target_and_lr_validation(tmp_path):
     assert check.validate("3e-4").is_valid
     assert "not a number" in check.validate("fast").failure_descriptions[0]
     assert "out of range" in check.validate("-1").failure_descriptions[0]
-    assert "type one number" in check.validate("1 2").failure_descriptions[0]
+    assert "type one number, e.g. 1e-4" in check.validate("lr 1e-4").failure_descriptions[0]

@@ -27,11 +27,14 @@ def tui(
     from valle_cli.tui.source import is_live, resolve_target
 
     resolved = resolve_target(target, set_ or [], run)
-    app = TrainingApp(resolved)
-    app.run()
-    if is_live(resolved.run):  # left with `q`, or ctrl+q: say where training went
-        pid = f" (pid {app.child.pid})" if app.child is not None else ""
-        Console(stderr=True, highlight=False, soft_wrap=True).print(
+    app = TrainingApp.open(resolved)
+    how = app.run()
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    pid = f" (pid {app.child.pid})" if app.child is not None else ""
+    if how == "stopped":
+        err.print(f"training{pid} saves its last checkpoint and stops; logs in {resolved.run}", markup=False)
+    elif how == "left" or (how is None and is_live(resolved.run)):  # `q`, or ctrl+q while training
+        err.print(
             f"training continues in the background{pid}; `valle tui {resolved.run}` comes back to it",
             markup=False,
         )

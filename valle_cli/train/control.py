@@ -206,12 +206,13 @@ class ControlServer:
 
 
 class ControlClient:
-    """Talks to a run's control socket (the TUI, tests, scripts)."""
+    """Talks to a run's control socket (the TUI, tests, scripts). `connect=False` leaves the connection to
+    `connect()`, so another thread can `abort()` it even while it waits for the hello line."""
 
-    def __init__(self, run: Path, timeout: float = 10.0):
+    def __init__(self, run: Path, timeout: float = 10.0, connect: bool = True):
         self.run = Path(run)
         try:
-            info = json.loads((self.run / "control.json").read_text())
+            self.info = json.loads((self.run / "control.json").read_text())
         except (OSError, ValueError):
             raise ControlError(
                 f"{self.run} has no running training to talk to (no control.json)",
@@ -219,24 +220,42 @@ class ControlClient:
             ) from None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        self._file = None
+        self._next = 0
+        self.hello: dict = {}
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
         try:
-            self.sock.connect(info["socket"])
+            self.sock.connect(self.info["socket"])
         except PermissionError:
+            self.close()
             raise ControlError(
-                f"permission denied on {info['socket']}", "run as the user who started training"
+                f"permission denied on {self.info['socket']}", "run as the user who started training"
             ) from None
-        except OSError:
+        except (OSError, KeyError, TypeError):
+            self.close()
             raise ControlError(
                 f"the training of {self.run} is not running any more",
                 "restart it with the same command to resume",
             ) from None
         self._file = self.sock.makefile("rb")
-        self.hello = self._read()
-        self._next = 0
+        try:
+            self.hello = self._read()
+        except BaseException:
+            self.close()
+            raise
         if self.hello.get("v") != PROTOCOL:
+            self.close()
             raise ControlError(
                 f"the trainer speaks protocol {self.hello.get('v')}; this valle speaks {PROTOCOL}"
             )
+
+    def abort(self) -> None:
+        """Unblock whatever thread waits on this connection (it then fails and closes it); thread-safe."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def _read(self) -> dict:
         line = self._file.readline()
@@ -258,7 +277,9 @@ class ControlClient:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
+        with contextlib.suppress(OSError):
             self.sock.close()
 
     def __enter__(self) -> ControlClient:

@@ -536,11 +536,24 @@ class Trainer:
         self._event("info", {"message": f"signal {signal.Signals(signum).name}: saving and stopping"})
 
     def train(self, eval_only: bool = False) -> RunInfo:
+        server = None
+        if self.dist.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            if self.control and not eval_only:
+                from valle_cli.train.control import ControlServer
+
+                # first: a second trainer on a live run stops here, before it touches config.yaml or the log
+                server = ControlServer(self.run, self.commands)
+        try:
+            return self._train(eval_only)
+        finally:
+            if server is not None:
+                server.close()
+
+    def _train(self, eval_only: bool) -> RunInfo:
         from valle_cli.data.loader import batch_stream
         from valle_cli.train import distributed
 
-        if self.dist.main:
-            self.run.mkdir(parents=True, exist_ok=True)
         if self.dist.enabled:
             torch.distributed.barrier()
         self.resume()
@@ -564,12 +577,7 @@ class Trainer:
         bad = 0
         started, start_tokens = time.time(), self.tokens
         self.model.train()
-        server = None
         try:
-            if self.control and self.dist.main:
-                from valle_cli.train.control import ControlServer
-
-                server = ControlServer(self.run, self.commands)
             while self.step < t.steps and not self.stop_requested:
                 self.optimizer.zero_grad(set_to_none=True)
                 record: dict = {}
@@ -640,8 +648,6 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            if server is not None:
-                server.close()
         self._event("done", {"step": self.step})
         return RunInfo(self.run, self.step, self.resumed_from)
 

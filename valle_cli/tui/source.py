@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from valle_cli.errors import ValleError
-from valle_cli.plot import ewm
 from valle_cli.train.checkpoint import list_checkpoints
 from valle_cli.train.log import LOG_NAME
 
@@ -55,8 +54,13 @@ def resolve_target(target: str, sets: list[str] | None = None, out_dir: Path | N
                 "give the folder `valle train` writes to (its -o or train.out_dir), or a config file to start",
             )
         return Target(path)
-    from valle_cli.config import load_config
+    from valle_cli.config import load_config, preset_names
 
+    if not path.exists() and target not in preset_names():
+        raise TuiError(
+            f"{target} does not exist: it is neither a run folder, a config file nor a preset",
+            f"give the folder `valle train` writes to, a config file, or a preset ({', '.join(preset_names())})",
+        )
     cfg = load_config(target, sets or [])  # a typo in the config is reported now, not in a log file
     if not cfg.data.paths:
         raise TuiError(
@@ -78,29 +82,45 @@ def is_live(run: Path) -> bool:
 
 def launch(target: Target) -> subprocess.Popen:
     """Start `valle train` for the target in its own session (it outlives the TUI), output to RUN/train.out."""
-    target.run.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "valle_cli", "train", str(target.config), "-o", str(target.run)]
-    cmd += [f"--set={s}" for s in target.sets]
-    with open(target.run / OUTPUT_NAME, "ab") as out:
-        out.write(f"\n$ valle train {' '.join(cmd[4:])}\n".encode())
-        out.flush()
-        return subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # no SIGHUP/SIGINT from the TUI's terminal
-            env=_child_env(),
-        )
+    args = ["train", str(target.config), "-o", str(target.run), *(f"--set={s}" for s in target.sets)]
+    try:
+        target.run.mkdir(parents=True, exist_ok=True)
+        with open(target.run / OUTPUT_NAME, "ab") as out:
+            out.write(f"\n$ valle {' '.join(args)}\n".encode())
+            out.flush()
+            return subprocess.Popen(
+                [sys.executable, "-c", _BOOT, _source_root(), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # no SIGHUP/SIGINT from the TUI's terminal
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+    except OSError as exc:
+        raise TuiError(
+            f"cannot start training in {target.run}: {exc.strerror or exc}",
+            "check that the run folder is writable and has free space",
+        ) from None
 
 
-def _child_env() -> dict[str, str]:
-    """This environment, with this valle_cli first on the path: the child runs the same code as the TUI."""
+# The child runs `valle` with this interpreter; from a source checkout that is not installed, this checkout's
+# valle_cli (added to its own sys.path only, not to PYTHONPATH, so nothing it starts inherits it).
+_BOOT = (
+    "import sys; root = sys.argv.pop(1); root and sys.path.insert(0, root); sys.argv[0] = 'valle'; "
+    "from valle_cli.cli.app import main; main()"
+)
+
+
+def _source_root() -> str:
+    """The folder holding this valle_cli when it is a source checkout, '' when it is installed."""
+    import site
+    import sysconfig
+
     import valle_cli
 
-    root = str(Path(valle_cli.__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else ""), "PYTHONUNBUFFERED": "1"}
+    root = Path(valle_cli.__file__).resolve().parent.parent
+    installed = {Path(p).resolve() for p in [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]}
+    return "" if root in installed else str(root)
 
 
 def tail(path: Path, lines: int = 12) -> list[str]:
@@ -186,42 +206,96 @@ class RunFiles:
         return self.total_steps
 
 
-class History:
-    """A run's records in step order. A resumed run re-logs the steps after its checkpoint: a record whose
-    step is not past the last one drops the records from that step on, so curves never fold back."""
+class Curve:
+    """One metric over the steps, smoothed as records arrive (an exponentially weighted mean, bias-corrected
+    like `valle plot --ewm`), so a long run costs nothing per new record."""
 
-    def __init__(self):
+    def __init__(self, span: int):
+        self.alpha = 2.0 / (span + 1) if span > 1 else 1.0
+        self.steps: list[float] = []
+        self.smoothed: list[float] = []
+        self._num = self._den = 0.0
+
+    def add(self, step: float, value: float) -> None:
+        self._num = (1 - self.alpha) * self._num + value
+        self._den = (1 - self.alpha) * self._den + 1
+        self.steps.append(step)
+        self.smoothed.append(self._num / self._den)
+
+    def points(self, most: int) -> tuple[list[float], list[float]]:
+        """At most `most` points to draw: bucket means when there are more."""
+        n = len(self.steps)
+        if n <= most:
+            return self.steps, self.smoothed
+        import numpy as np
+
+        starts = np.linspace(0, n, most + 1).astype(int)[:-1]
+        counts = np.diff(np.append(starts, n))
+        xs = np.add.reduceat(np.asarray(self.steps), starts) / counts
+        ys = np.add.reduceat(np.asarray(self.smoothed), starts) / counts
+        return xs.tolist(), ys.tolist()
+
+
+def _curve_key(key: str) -> bool:
+    family, _, level = key.partition(".")
+    return key == "loss" or (family in ("loss", "acc") and level[:1] == "l" and level[1:].isdigit())
+
+
+class History:
+    """A run's records in step order, and a smoothed curve per metric the TUI draws. A resumed run re-logs
+    the steps after its checkpoint: a record whose step is not past the last one drops the records (and
+    evaluations) from that step on, so curves never fold back."""
+
+    def __init__(self, smooth: int = 10):
+        self.smooth = smooth
         self.train: list[dict] = []
         self.evals: list[dict] = []
+        self.curves: dict[str, Curve] = {}
 
     def add(self, records: list[dict]) -> None:
+        rebuild = False
         for rec in records:
-            rows = self.evals if rec.get("kind") == "eval" else self.train
-            if rows and rows[-1]["step"] >= rec["step"] and rec.get("kind") != "eval":
-                while rows and rows[-1]["step"] >= rec["step"]:
-                    rows.pop()
-            rows.append(rec)
+            step = rec["step"]
+            if rec.get("kind") == "eval":
+                while self.evals and self.evals[-1]["step"] >= step:
+                    self.evals.pop()
+                self.evals.append(rec)
+                continue
+            if self.train and self.train[-1]["step"] >= step:
+                while self.train and self.train[-1]["step"] >= step:
+                    self.train.pop()
+                while self.evals and self.evals[-1]["step"] >= step:
+                    self.evals.pop()
+                rebuild = True
+            self.train.append(rec)
+            if not rebuild:
+                self._feed(rec)
+        if rebuild:
+            self.curves = {}
+            for rec in self.train:
+                self._feed(rec)
+
+    def _feed(self, rec: dict) -> None:
+        for key, value in rec.items():
+            if _curve_key(key) and isinstance(value, int | float):
+                self.curves.setdefault(key, Curve(self.smooth)).add(float(rec["step"]), float(value))
 
     @property
     def last(self) -> dict:
         return self.train[-1] if self.train else {}
 
     def levels(self, family: str) -> list[str]:
-        """The RVQ level keys ('l0', 'l1', ...) the records hold for `loss` or `acc`, in level order."""
-        seen = {
-            k.split(".", 1)[1]
-            for rec in self.train[-200:] + self.evals[-5:]
-            for k in rec
-            if k.startswith(family + ".l") and k[len(family) + 2 :].isdigit()
-        }
-        return sorted(seen, key=lambda k: int(k[1:]))
+        """The RVQ level keys ('l0', 'l1', ...) the training records hold for `loss` or `acc`, in level order."""
+        found = [k.split(".", 1)[1] for k in self.curves if k.startswith(family + ".l")]
+        return sorted(found, key=lambda k: int(k[1:]))
 
-    def level_series(self, family: str, level: str, smooth: int = 0) -> tuple[list[float], list[float]]:
-        """(steps, values) of `family.level` over the training records, smoothed when `smooth` > 1."""
-        key = f"{family}.{level}"
-        xs = [float(r["step"]) for r in self.train if key in r]
-        ys = [float(r[key]) for r in self.train if key in r]
-        return xs, (ewm(ys, smooth) if smooth > 1 and ys else ys)
+    def lines(self, family: str) -> list[tuple[str, str]]:
+        """(label, curve key) to draw for a family: one per level, or the overall loss for runs whose records
+        have no per-level loss (written before valle 0.1's per-level logging)."""
+        levels = self.levels(family)
+        if levels:
+            return [(level, f"{family}.{level}") for level in levels]
+        return [("all", "loss")] if family == "loss" and "loss" in self.curves else []
 
     def mean_of_levels(self, family: str, levels: list[str], window: int = 50) -> float | None:
         """The mean of `family.level` over the last `window` records (each level's own recent mean)."""
@@ -233,14 +307,18 @@ class History:
         return sum(means) / len(means) if means else None
 
     def seconds_per_step(self, window: int = 50) -> float | None:
-        """The median time per step over the recent records (a pause does not skew it)."""
+        """Mean time per step over the recent records. Gaps over 10x the median (a pause) count as 10x: the
+        occasional eval or save stays in, a long pause does not take over."""
         rows = [r for r in self.train[-window:] if "time" in r]
         gaps = [
             (b["time"] - a["time"]) / (b["step"] - a["step"])
             for a, b in itertools.pairwise(rows)
             if b["step"] > a["step"]
         ]
-        return statistics.median(gaps) if gaps else None
+        if not gaps:
+            return None
+        cap = 10 * statistics.median(gaps)
+        return sum(min(g, cap) for g in gaps) / len(gaps)
 
     def eta_seconds(self, total_steps: int | None) -> float | None:
         per_step = self.seconds_per_step()

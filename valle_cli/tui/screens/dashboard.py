@@ -62,6 +62,8 @@ class Dashboard(Screen):
         self._dirty = True
         self._clients: set[ControlClient] = set()
         self._clients_lock = threading.Lock()
+        self.checkpoints: list = []
+        self._want_paused: bool | None = None  # a pause/resume sent, not yet seen in a status reply
         self._stop = threading.Event()  # set when the screen goes: the polling threads end at once
 
     # -- layout ------------------------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ class Dashboard(Screen):
         self.app.sub_title = str(self.target.run)
         self.query_one("#side").border_title = "run"
         self.query_one("#bottom #log").border_title = "log"
-        self.query_one("#checkpoints").border_title = "checkpoints"
+        self.query_one("#checkpoints").border_title = "checkpoints, age"
         self._set_chart_title()
         if self.child is not None:
             self.write_log(f"started valle train (pid {self.child.pid}); its output: {OUTPUT_NAME}")
@@ -109,13 +111,19 @@ class Dashboard(Screen):
         self.workers.cancel_node(self)
         with self._clients_lock:
             for client in list(self._clients):
-                client.close()  # unblocks a worker waiting for a reply
+                client.abort()  # the worker waiting on it fails at once and closes it; no wait here
 
     # -- state -------------------------------------------------------------------------------------------------
 
     @property
     def live(self) -> bool:
+        """A trainer answers (or is connected but busy) on the control socket."""
         return self.status is not None or self.busy
+
+    @property
+    def child_running(self) -> bool:
+        """The training this TUI started has not exited (it may not serve its socket yet)."""
+        return self.child is not None and self.child_code is None and self.child.poll() is None
 
     @property
     def state(self) -> str:
@@ -123,8 +131,8 @@ class Dashboard(Screen):
             return "stopping" if self.stopping else ("paused" if self.status.get("paused") else "running")
         if self.busy:
             return "busy"
-        if self.child is not None and self.child_code is None:
-            return "starting"
+        if self.child_running:
+            return "stopping" if self.stopping else "starting"
         if self.child_code not in (None, 0):
             return f"exited ({self.child_code})"
         last = self.history.last.get("step", 0)
@@ -139,6 +147,7 @@ class Dashboard(Screen):
     def _redraw(self) -> None:
         stats = self.query_one(Stats)
         stats.show(self.state, self.history, self.total_steps, self.status)
+        self.query_one(CheckpointList).show(self.checkpoints)  # also keeps the ages current
         if self._dirty:
             self._dirty = False
             curves = self.query_one(Curves)
@@ -162,15 +171,18 @@ class Dashboard(Screen):
             line = line.removeprefix(today)  # train.log stamps date and time; today's date is noise here
             self.write_log(line, "yellow" if " warning: " in line else None)
         if message.checkpoints is not None:
-            self.query_one(CheckpointList).show(message.checkpoints)
+            self.checkpoints = message.checkpoints
         self.total_steps = message.total_steps
 
     @on(TrainerStatus)
     def trainer_status(self, message: TrainerStatus) -> None:
         was_live = self.live
         self.status, self.busy = message.status, message.busy
+        if self.status is not None and self._want_paused == self.status.get("paused"):
+            self._want_paused = None
         if was_live and not self.live:
             self.stopping = False
+            self._want_paused = None
             self.write_log("training is not running any more", "bold")
         self._redraw()
 
@@ -183,8 +195,11 @@ class Dashboard(Screen):
             error = reply.get("error", "no reply")
             self.write_log(f"> {message.text}: {error}", "red")
             self.notify(error, title=f"{message.text} failed", severity="error")
-        if message.command == "quit" and self._leave_after_quit:
-            self.app.exit(None)
+        if message.command == "quit":
+            if not reply.get("ok"):
+                self.stopping = self._leave_after_quit = False
+            elif self._leave_after_quit:
+                self.app.exit("stopped")
 
     @on(ChildExited)
     def child_exited(self, message: ChildExited) -> None:
@@ -220,9 +235,14 @@ class Dashboard(Screen):
             self._stop.wait(FILES_EVERY)
 
     def _open(self, timeout: float) -> ControlClient:
-        client = ControlClient(self.target.run, timeout=timeout)
+        client = ControlClient(self.target.run, timeout=timeout, connect=False)
         with self._clients_lock:
-            self._clients.add(client)
+            self._clients.add(client)  # from now on, leaving can abort it (even while it waits for hello)
+        try:
+            client.connect()
+        except BaseException:
+            self._close(client)
+            raise
         return client
 
     def _close(self, client: ControlClient) -> None:
@@ -241,8 +261,9 @@ class Dashboard(Screen):
                 reply = client.request("status")
                 self.post_message(TrainerStatus(reply if reply.get("ok") else None))
             except TimeoutError:
-                self._close(client)
-                client = None
+                if client is not None:
+                    self._close(client)
+                    client = None
                 self.post_message(TrainerStatus(None, busy=True))
             except (ControlError, OSError, ValueError):
                 if client is not None:
@@ -261,6 +282,11 @@ class Dashboard(Screen):
             reply = client.request(command, value)
         except ControlError as exc:
             reply = {"ok": False, "error": exc.message}
+        except TimeoutError:
+            reply = {
+                "ok": False,
+                "error": f"no reply within {COMMAND_TIMEOUT:g} s; the trainer may still apply it",
+            }
         except (OSError, ValueError) as exc:
             reply = {"ok": False, "error": f"no reply from the trainer ({exc})"}
         finally:
@@ -301,10 +327,13 @@ class Dashboard(Screen):
 
     def action_pause(self) -> None:
         if self._require_live("pause"):
-            self.action_command("resume" if self.state == "paused" else "pause")
+            paused = self._want_paused if self._want_paused is not None else self.state == "paused"
+            self._want_paused = not paused
+            self.action_command("resume" if paused else "pause")
 
     def action_stop(self) -> None:
-        if not self._require_live("stop"):
+        if not self.live and not self.child_running:
+            self._require_live("stop")
             return
 
         def chosen(choice: str | None) -> None:
@@ -323,6 +352,12 @@ class Dashboard(Screen):
 
     def _quit_training(self) -> None:
         self.stopping = True
+        if not self.live and self.child_running:  # still starting: no socket yet, so a signal
+            self.write_log(f"> stop: SIGTERM to pid {self.child.pid}")
+            self.child.terminate()
+            if self._leave_after_quit:
+                self.app.exit("stopped")
+            return
         self.write_log("> quit")
         self.send("quit")
 
@@ -333,13 +368,13 @@ class Dashboard(Screen):
         self._redraw()
 
     def action_leave(self) -> None:
-        if not self.live:
+        if not self.live and not self.child_running:
             self.app.exit(None)
             return
 
         def chosen(choice: str | None) -> None:
             if choice == "leave":
-                self.app.exit(self.target.run)  # the CLI says how to come back
+                self.app.exit("left")  # the CLI says how to come back
             elif choice == "stop":
                 self._leave_after_quit = True
                 self._quit_training()
@@ -347,10 +382,11 @@ class Dashboard(Screen):
         self.app.push_screen(
             ChoiceDialog(
                 "Leave the control room?",
-                "Training keeps running in the background; `valle tui RUN_DIR` comes back to it.",
+                "Training keeps running in the background; `valle tui RUN_DIR` comes back to it. "
+                "Or stop it (it saves first).",
                 [
-                    ("leave", "Leave, keep training", "primary"),
-                    ("stop", "Stop training, leave", "error"),
+                    ("leave", "Leave", "primary"),
+                    ("stop", "Stop and leave", "error"),
                     ("cancel", "Cancel", "default"),
                 ],
             ),

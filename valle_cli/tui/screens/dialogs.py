@@ -20,7 +20,9 @@ class LrValue(Validator):
         try:
             parse(f"lr {value}")
         except ValueError as exc:
-            return self.failure(str(exc).replace("lr takes one value", "type one number"))
+            return self.failure(
+                str(exc).replace("lr takes one value, e.g. `lr 1e-4`", "type one number, e.g. 1e-4")
+            )
         return self.success()
 
 

@@ -1,4 +1,4 @@
-"""The run's checkpoints, newest first, with their age."""
+"""The run's checkpoints, newest first, with their age (refreshed with the dashboard)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,6 @@ class CheckpointList(Static):
         now = time.time()
         text = Text()
         for c in sorted(checkpoints, key=lambda c: c.step, reverse=True):
-            text.append(f"{c.step:>8,}", style="bold")
-            text.append(f"  {human_seconds(now - c.mtime)} ago\n", style="dim")
+            text.append(f"{c.step:>9,}", style="bold")
+            text.append(f"  {human_seconds(now - c.mtime)}\n", style="dim")
         self.update(text)

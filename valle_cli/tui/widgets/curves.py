@@ -24,7 +24,6 @@ class Curves(Widget):
     """
 
     family: reactive[str] = reactive("loss")
-    smooth: reactive[int] = reactive(10)
 
     def __init__(self, history: History, **kwargs):
         super().__init__(**kwargs)
@@ -36,30 +35,30 @@ class Curves(Widget):
 
     def title(self) -> str:
         what = "loss" if self.family == "loss" else "accuracy"
-        smooth = f", ewm {self.smooth}" if self.smooth > 1 else ""
+        smooth = f", ewm {self.history.smooth}" if self.history.smooth > 1 else ""
         return f"{what} per RVQ level (l0: AR){smooth}"
 
     def legend(self) -> Text:
         text = Text()
-        for i, level in enumerate(self.history.levels(self.family)):
+        for i, (label, _) in enumerate(self.history.lines(self.family)):
             text.append("━", style=f"color({COLOURS[i % len(COLOURS)]})")
-            text.append(f"{level} ")
+            text.append(f"{label} ")
         return text
 
     def render(self) -> Text:
         import plotext as plt
 
         width, height = self.size.width, self.size.height
-        levels = self.history.levels(self.family)
-        if not levels or width < 20 or height < 5:
+        lines = self.history.lines(self.family)
+        if not lines or width < 20 or height < 5:
             self.points = 0
             return Text("waiting for the first training steps…", style="dim")
         plt.clear_figure()
         plt.theme("clear")
         plt.plot_size(width, height)
         points = 0
-        for i, level in enumerate(levels):
-            xs, ys = self.history.level_series(self.family, level, self.smooth)
+        for i, (_, key) in reversed(list(enumerate(lines))):  # l0 (AR) last: on top where lines cross
+            xs, ys = self.history.curves[key].points(2 * width)  # braille: 2 dots per cell across
             if xs:
                 plt.plot(xs, ys, color=COLOURS[i % len(COLOURS)], marker="braille")
                 points += len(xs)

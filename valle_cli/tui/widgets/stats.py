@@ -23,11 +23,11 @@ class Stats(Static):
         step = (status or {}).get("step", last.get("step", 0))
         total = (status or {}).get("steps", total_steps)
         lr = (status or {}).get("lr", last.get("lr"))
-        grid = Table.grid(padding=(0, 1))
+        grid = Table.grid(padding=(0, 1, 0, 0))
         grid.add_column(style="dim", no_wrap=True)
         grid.add_column(no_wrap=True, overflow="ellipsis")
         grid.add_row("state", f"[{STATE_STYLES.get(state, 'bold red')}]{state}[/]")
-        grid.add_row("step", f"{step:,}" + (f" / {total:,}" if total else ""))
+        grid.add_row("step", f"{step:,}" + (f"/{total:,}" if total else ""))
         eta = "paused" if state == "paused" else human_seconds(history.eta_seconds(total))
         grid.add_row("eta", eta if state in ("running", "paused") else "-")
         grid.add_row("lr", f"{lr:.3g}" if lr is not None else "-")
@@ -41,11 +41,10 @@ class Stats(Static):
             ar = history.mean_of_levels(family, levels[:1])
             nar = history.mean_of_levels(family, levels[1:])
             if ar is not None:  # recent means: AR (level 0) / NAR (the other levels)
-                grid.add_row(f"{family} ar/nar", f"{ar:.2f} / {nar:.2f}" if nar is not None else f"{ar:.2f}")
-        mem = human_bytes(last.get("mem_cpu"))
+                grid.add_row(f"{family} ar/nar", f"{ar:.2f}/{nar:.2f}" if nar is not None else f"{ar:.2f}")
+        grid.add_row("memory", human_bytes(last.get("mem_cpu")))
         if "mem_gpu" in last:
-            mem += f"  gpu {human_bytes(last['mem_gpu'])}"
-        grid.add_row("memory", mem)
+            grid.add_row("gpu peak", human_bytes(last["mem_gpu"]))
         if history.evals:
             ev = history.evals[-1]
             grid.add_row("eval", f"loss {ev.get('loss', float('nan')):.3f} @ {ev['step']:,}")
