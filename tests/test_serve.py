@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -61,18 +64,18 @@ class Server:
         self.queue.close()
 
 
-def start(model, tmp_path, **limits) -> Server:
+def start(model, tmp_path, datasets=(), **limits) -> Server:
     base = {"max_output_seconds": 1.5, "max_upload_bytes": 2 * 1024 * 1024, "max_reference_seconds": 8.0}
     settings = ServeSettings(
         models=[f"tiny={model}"], home=tmp_path / "home", api_key=limits.pop("api_key", None),
-        limits=Limits(**{**base, **limits}),
+        limits=Limits(**{**base, **limits}), datasets=list(datasets),
     )  # fmt: skip
     return Server(settings)
 
 
 @pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
-    srv = start(model, tmp_path_factory.mktemp("home"))
+def server(model, dataset, tmp_path_factory):
+    srv = start(model, tmp_path_factory.mktemp("home"), datasets=[dataset])
     yield srv
     srv.stop()
 
@@ -338,3 +341,70 @@ def test_valle_serve_command_warns_when_public_and_stops_cleanly(model, tmp_path
     bad = subprocess.run([sys.executable, "-m", "valle_cli", "serve", "--model", str(tmp_path / "none"),
                           "--home", str(tmp_path / "home")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "none" in bad.stderr
+
+
+def test_ui_files_stay_inside_the_servers_folder(server):
+    assert httpx.get(server.url + "/", follow_redirects=False).headers["location"] == "/ui/"
+    assert httpx.get(server.url + "/ui/").status_code == 200
+    for path in ("/ui/gradio_api/file=/etc/passwd", "/ui/gradio_api/file=..%2F..%2F..%2Fetc%2Fpasswd",
+                 f"/ui/gradio_api/file={server.registry.entries['tiny'].source}/config.yaml"):  # fmt: skip
+        r = httpx.get(server.url + path)
+        assert r.status_code in (403, 404) and "root:" not in r.text and "train:" not in r.text
+
+
+def test_ui_login_uses_the_api_key(model, tmp_path):
+    srv = start(model, tmp_path, api_key="s3cret")
+    try:
+        config = httpx.get(srv.url + "/ui/config")
+        assert config.status_code in (401, 403) or config.json().get("auth_required") is True
+        bad = httpx.post(srv.url + "/ui/login", data={"username": "me", "password": "nope"})
+        assert bad.status_code in (400, 401)
+        good = httpx.post(srv.url + "/ui/login", data={"username": "me", "password": "s3cret"})
+        assert good.status_code == 200
+    finally:
+        srv.stop()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "serve-ui.png"
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromedriver not installed")
+def test_web_ui_synthesizes_in_headless_chromium(server):
+    """Type a sentence, press Synthesize, and the page's <audio> element gets playable audio."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1000"):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(server.url + "/ui/")
+        wait = WebDriverWait(driver, 120, poll_frequency=0.2)
+        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tts-text textarea"))
+        box.send_keys("Hello there, this is a test.")
+        driver.find_element(By.CSS_SELECTOR, "#tts-go").click()
+        audio = wait.until(
+            lambda d: d.execute_script(
+                "const a = document.querySelector('#tts-out audio');"
+                "return a && a.src && a.readyState >= 1 && a.duration > 0 ? [a.src, a.duration] : null;"
+            )
+        )
+        src, duration = audio
+        assert 0.2 < duration <= 60
+        body = httpx.get(src)  # the element's source is real audio
+        data, sr = sf.read(io.BytesIO(body.content))
+        assert len(data) / sr == pytest.approx(duration, abs=0.05)
+        assert "of audio from" in driver.find_element(By.CSS_SELECTOR, "#tts-status").text
+        if os.environ.get("VALLE_UPDATE_SNAPSHOTS"):
+            driver.execute_script("window.scrollTo(0, 0)")
+            driver.save_screenshot(str(SCREENSHOT))
+    finally:
+        driver.quit()

@@ -32,6 +32,10 @@ def serve(
     max_output_seconds: float = typer.Option(30.0, help="Longest audio per sentence."),
     queue_size: int = typer.Option(4, help="Generations waiting or running at once; more get HTTP 429."),
     timeout: float = typer.Option(300.0, help="Seconds a generation may take before it is stopped (503)."),
+    dataset: list[Path] = typer.Option(
+        None, "--dataset", help="A prepared dataset the UI may browse (repeatable)."
+    ),
+    ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the web UI at /ui."),
 ) -> None:
     """Serve speech synthesis over HTTP: POST /v1/audio/speech (OpenAI's shape), /v1/audio/transcriptions,
     /v1/models, /v1/voices, /health, /openapi.json."""
@@ -58,14 +62,18 @@ def serve(
     models = model or [os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL]
     settings = ServeSettings(
         models=models, home=home or default_home(), host=host, port=port, api_key=key,
-        device=str(resolve_device(device)), limits=limits,
+        device=str(resolve_device(device)), limits=limits, datasets=list(dataset or []), ui=ui,
     )  # fmt: skip
+    for d in settings.datasets:
+        from valle_cli.data.dataset import open_dataset
+
+        open_dataset(d).close()  # a wrong --dataset fails now, with the reader's message
     app, registry, queue = build(settings)
     err.print(f"loading {registry.default} ...", markup=False)
     registry.get(registry.default)  # fail now, with the loader's message, not at the first request
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
-    err.print(f"valle serve on http://{shown}:{sock.getsockname()[1]}  (API: /v1/audio/speech, /openapi.json)",
+    err.print(f"valle serve on http://{shown}:{sock.getsockname()[1]}  (web UI: /ui; API: /v1, /openapi.json)",
               markup=False)  # fmt: skip
     if not settings.loopback and not key:
         err.print(

@@ -88,8 +88,10 @@ def train(
     try:
         with bar:
             info = trainer.train(eval_only=eval_only)
-    finally:
-        distributed.teardown()  # a process group left alive can abort the process at exit (gloo threads)
+    except BaseException:
+        distributed.teardown(wait=False)
+        raise
+    distributed.teardown()  # a process group left alive can abort the process at exit (gloo threads)
     console.print(f"stopped at step {info.step}; run folder {info.run}", markup=False)
 
 

@@ -36,7 +36,7 @@ from valle_cli.serve.settings import ServeSettings
 from valle_cli.serve.voices import RANDOM, VoiceStore
 
 log = logging.getLogger("valle.serve")
-UPLOAD_PATHS = ("/v1/voices", "/v1/audio/transcriptions")
+UPLOAD_PATHS = ("/v1/voices", "/v1/audio/transcriptions", "/ui/")  # bodies up to the upload limit
 
 
 class ApiError(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 
 from valle_cli.serve.api import create_app
@@ -17,13 +18,18 @@ def build(settings: ServeSettings):
     home = settings.home
     for sub in ("", "voices", "tmp"):
         (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-    for stale in (home / "tmp").glob("*"):  # uploads of a killed server
-        stale.unlink(missing_ok=True)
+    for stale in (home / "tmp").iterdir():  # uploads left by a killed server (and the UI's upload cache)
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     registry = Registry(parse_models(settings.models), settings.device)
     queue = JobQueue(settings.limits.queue_size, settings.limits.timeout_seconds)
     voices = VoiceStore(home / "voices", home / "tmp", settings.limits.max_reference_seconds,
                         settings.limits.max_voices)  # fmt: skip
-    return create_app(settings, registry, voices, queue), registry, queue
+    app = create_app(settings, registry, voices, queue)
+    if settings.ui:
+        from valle_cli.serve.ui import build_ui, mount
+
+        app = mount(app, build_ui(settings, registry, voices, queue), settings)
+    return app, registry, queue
 
 
 def bind(host: str, port: int) -> socket.socket:

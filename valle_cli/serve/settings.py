@@ -42,6 +42,7 @@ class ServeSettings:
     device: str = "cpu"
     limits: Limits = field(default_factory=Limits)
     datasets: list[Path] = field(default_factory=list)  # prepared datasets the UI may browse
+    ui: bool = True  # the web UI at /ui
 
     @property
     def loopback(self) -> bool:

@@ -88,8 +88,16 @@ def check_in_sync(model: torch.nn.Module, d: Dist) -> None:
         raise ValleError(f"the ranks' weights drifted apart (checksums {values})", "report this as a bug")
 
 
-def teardown() -> None:
+def teardown(wait: bool = True) -> None:
+    """Leave the process group: after a successful run, first wait until every rank is done with collectives
+    (a rank that destroys its group while another still talks to it can abort at exit in gloo's threads);
+    after a failure, at once (the other ranks may never come: torchrun stops them when this one exits)."""
     if dist.is_initialized():
+        import gc
+
+        if wait:
+            dist.barrier()
+        gc.collect()  # finished async work objects still referencing tensors go before the threads do
         dist.destroy_process_group()
 
 

@@ -1,0 +1,180 @@
+"""`valle serve` under load: concurrent clients on loopback for a fixed time.
+
+Starts a real `valle serve` process (a tiny model it trains first unless `--model` is given; the offline mel
+codec), then runs `--clients` threads that each post /v1/audio/speech requests back to back (varied sentences,
+wav) for `--seconds`, in two equal halves. Reports requests served, rejections (429: queue full), other errors,
+latency percentiles of the served ones, audio seconds per wall second, and the server's resident memory after
+a warm-up request and after each half (growth between the halves would be a leak). Also checks that the server
+still answers /health afterwards.
+
+Usage:  python bench/serve.py [--model RUN] [--clients 8] [--seconds 60] [--queue-size 4] [--write]
+`--write` replaces the "valle serve under load" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from report import command, write_section  # bench/ is on sys.path when run as a script
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A small boat drifted slowly across the quiet lake.",
+    "Please bring your notebook to the meeting tomorrow.",
+    "The weather turned cold just after sunset.",
+    "She read the letter twice before answering.",
+    "Fresh bread smells wonderful in the morning.",
+]
+
+
+def tiny_model(root: Path) -> Path:
+    """A tiny model trained for a few steps on two espeak voices (its speech is noise; its cost is real)."""
+    import soundfile as sf
+
+    from valle_cli.audio.speech import say
+    from valle_cli.config import CodecConfig, load_config
+    from valle_cli.prepare.pipeline import PrepareOptions, prepare
+    from valle_cli.train.trainer import Trainer
+
+    for spk, voice in (("ann", "espeak:en-us+f3"), ("bo", "espeak:en-gb+m3")):
+        folder = root / "voices" / "g" / spk
+        folder.mkdir(parents=True)
+        for i, text in enumerate(SENTENCES):
+            wav, sr = say(text, voice, speed=170)
+            sf.write(folder / f"{i}.wav", wav, sr)
+            (folder / f"{i}.txt").write_text(text)
+    prepare(PrepareOptions(voices=root / "voices", output=root / "ds", codec=CodecConfig(name="mel"),
+                           device="cpu", workers=1))  # fmt: skip
+    cfg = load_config("tiny", [f"data.paths=[{root / 'ds'}]", "data.batch_size=2", "train.steps=30",
+                               "train.eval_every=100000", "train.save_every=100000"])  # fmt: skip
+    Trainer(cfg, root / "run").train()
+    return root / "run"
+
+
+def rss_mb(pid: int) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
+
+
+def load(url: str, clients: int, seconds: float) -> dict:
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+    out = {"ok": [], "rejected": 0, "errors": [], "audio_seconds": 0.0}
+
+    def client(k: int) -> None:
+        with httpx.Client(timeout=600) as http:
+            i = k
+            while time.monotonic() < stop:
+                t0 = time.monotonic()
+                try:
+                    r = http.post(url + "/v1/audio/speech", json={"input": SENTENCES[i % len(SENTENCES)],
+                                  "voice": "random", "response_format": "wav"})  # fmt: skip
+                except httpx.HTTPError as exc:
+                    with lock:
+                        out["errors"].append(type(exc).__name__)
+                    continue
+                took = time.monotonic() - t0
+                with lock:
+                    if r.status_code == 200:
+                        out["ok"].append(took)
+                        out["audio_seconds"] += float(r.headers["x-valle-audio-seconds"])
+                    elif r.status_code == 429:
+                        out["rejected"] += 1
+                    else:
+                        out["errors"].append(str(r.status_code))
+                if r.status_code == 429:
+                    time.sleep(0.2)  # a polite client backs off (Retry-After says 5 s; this is a stress test)
+                i += clients
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out["wall"] = time.monotonic() - t0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--queue-size", type=int, default=4)
+    ap.add_argument("--max-output-seconds", type=float, default=2.0)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else tiny_model(Path(tmp) / "model")
+        cmd = [sys.executable, "-m", "valle_cli", "serve", "--model", f"bench={model}", "--port", "0",
+               "--home", str(Path(tmp) / "home"), "--device", "cpu", "--queue-size", str(args.queue_size),
+               "--max-output-seconds", str(args.max_output_seconds), "--no-ui"]  # fmt: skip
+        server = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+        )
+        try:
+            line = ""
+            while "valle serve on" not in line:
+                line = server.stderr.readline()
+                if not line and server.poll() is not None:
+                    raise SystemExit(f"the server did not start (exit {server.returncode})")
+            url = "http://127.0.0.1:" + re.search(r":(\d+)\s", line).group(1)
+            threading.Thread(target=server.stderr.read, daemon=True).start()  # drain the access log
+            httpx.post(
+                url + "/v1/audio/speech", json={"input": "Warm up.", "response_format": "wav"}, timeout=600
+            )
+            rss = [rss_mb(server.pid)]
+            halves = []
+            for _ in range(2):
+                halves.append(load(url, args.clients, args.seconds / 2))
+                rss.append(rss_mb(server.pid))
+            healthy = httpx.get(url + "/health", timeout=30).json()["status"] == "ok"
+            alive = server.poll() is None
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+    ok = [t for h in halves for t in h["ok"]]
+    wall = sum(h["wall"] for h in halves)
+    rejected = sum(h["rejected"] for h in halves)
+    errors = [e for h in halves for e in h["errors"]]
+    audio = sum(h["audio_seconds"] for h in halves)
+    body = [
+        f"Command: `{command('serve.py')}`  ",
+        f"{platform.processor() or platform.machine()}, {args.clients} clients posting back to back for "
+        f"{args.seconds:g} s (two halves), queue size {args.queue_size}, tiny model on CPU, up to "
+        f"{args.max_output_seconds:g} s of audio per sentence, wav responses.",
+        "",
+        "| served | rejected (429) | other errors | p50 s | p90 s | p99 s | max s | audio s per wall s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {len(ok)} | {rejected} | {len(errors)} | {statistics.median(ok):.2f} | {percentile(ok, 0.9):.2f} | "
+        f"{percentile(ok, 0.99):.2f} | {max(ok):.2f} | {audio / wall:.2f} |",
+        "",
+        f"Server memory (RSS): {rss[0]:.0f} MB after warm-up, {rss[1]:.0f} MB after the first half, "
+        f"{rss[2]:.0f} MB after the second ({rss[2] - rss[1]:+.0f} MB). Alive and healthy afterwards: "
+        f"{'yes' if alive and healthy else 'NO'}.",
+    ]
+    print("\n".join(body))
+    if args.write:
+        write_section("valle serve under load", body)
+
+
+if __name__ == "__main__":
+    main()
