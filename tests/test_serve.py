@@ -274,6 +274,8 @@ def test_api_key_and_a_full_queue(model, tmp_path):
         assert_error(busy, 429, "busy")
         assert busy.headers["retry-after"] == "5"
         assert srv.queue.in_flight == 0
+        counts = httpx.get(srv.url + "/health").json()["queue"]
+        assert counts["rejected"] == codes.count(429) and counts["served"] == codes.count(200)
     finally:
         srv.stop()
 

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from valle_cli import __version__
 from valle_cli.errors import ValleError
 from valle_cli.serve import formats
-from valle_cli.serve.jobs import Cancelled, Job, JobQueue, QueueClosed, QueueFull
+from valle_cli.serve.jobs import Job, JobQueue, QueueClosed, QueueFull
 from valle_cli.serve.models import Registry, UnknownModel
 from valle_cli.serve.settings import ServeSettings
 from valle_cli.serve.voices import RANDOM, VoiceStore
@@ -203,7 +203,12 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
             "status": "ok",
             "version": __version__,
             "model": registry.default,
-            "queue": {"in_flight": queue.in_flight, "size": queue.size},
+            "queue": {
+                "in_flight": queue.in_flight,
+                "size": queue.size,
+                "served": queue.served,
+                "rejected": queue.rejected,
+            },
             "formats": available,
         }
 
@@ -437,6 +442,3 @@ def _transcribe(job: Job, registry: Registry, model_id: str, data: bytes, langua
             raise ApiError(400, exc.message.replace(str(tmp), "the uploaded file"), param="file") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-__all__ = ["Cancelled", "create_app"]
