@@ -78,3 +78,40 @@ def dataset(tmp_path_factory):
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def pocketsphinx_site(tmp_path_factory):
+    """plugins/valle-pocketsphinx installed for real (pip --target, no dependencies: pocketsphinx is in the dev
+    extra) into a folder to put on PYTHONPATH; the test virtualenv itself is not changed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("pocketsphinx")
+    target = tmp_path_factory.mktemp("site")
+    plugin = Path(__file__).resolve().parents[1] / "plugins" / "valle-pocketsphinx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+         str(target), str(plugin)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model(dataset, tmp_path_factory):
+    """A tiny model after 30 steps of speech and stt training on `dataset` (its output is noise, but real
+    output of a real model: what the serve and eval tests need)."""
+    from valle_cli.config import load_config
+    from valle_cli.train.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("tiny-model") / "run"
+    cfg = load_config(
+        "tiny",
+        [f"data.paths=[{dataset}]", "data.batch_size=2", "train.steps=30", "train.stt_prob=0.5",
+         "train.eval_every=100000", "train.save_every=100000"],
+    )  # fmt: skip
+    Trainer(cfg, run).train()
+    return run

@@ -21,28 +21,9 @@ pocketsphinx = pytest.importorskip("pocketsphinx")
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    target = tmp_path_factory.mktemp("site")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(PLUGIN),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert any(p.name.startswith("valle_pocketsphinx-0.1.0.dist-info") for p in target.iterdir())
-    return target
+def installed(pocketsphinx_site):
+    assert any(p.name.startswith("valle_pocketsphinx-0.1.0.dist-info") for p in pocketsphinx_site.iterdir())
+    return pocketsphinx_site
 
 
 def _python(code: str, site: Path | None) -> subprocess.CompletedProcess:

@@ -29,19 +29,8 @@ pytestmark = needs_espeak
 
 
 @pytest.fixture(scope="module")
-def model(dataset, tmp_path_factory):
-    """A tiny model after a few steps of speech and stt training (its output is noise, but real output)."""
-    from valle_cli.config import load_config
-    from valle_cli.train.trainer import Trainer
-
-    run = tmp_path_factory.mktemp("serve") / "run"
-    cfg = load_config(
-        "tiny",
-        [f"data.paths=[{dataset}]", "data.batch_size=2", "train.steps=30", "train.stt_prob=0.5",
-         "train.eval_every=100000", "train.save_every=100000"],
-    )  # fmt: skip
-    Trainer(cfg, run).train()
-    return run
+def model(tiny_model):
+    return tiny_model
 
 
 class Server:

@@ -18,6 +18,7 @@ from valle_cli.cli import (
     codec,
     config,
     dataset,
+    eval_cmd,
     export,
     plot,
     plugins_cmd,
@@ -71,6 +72,9 @@ app.command("synth", help='Synthesize speech: valle synth "text" --ref voice.wav
     synth.synth
 )
 app.command("stt", help="Transcribe audio to IPA phonemes with the model's speech-to-text task.")(stt.stt)
+app.command(
+    "eval", help="Measure a model: WER and speaker similarity on held-out sentences, vs ground truth."
+)(eval_cmd.eval_)
 app.command("plot", help="Plot training metrics of one or more runs (PNG or in the terminal).")(plot.plot)
 app.command("serve", help="Serve an OpenAI-compatible speech API (and web UI) on loopback by default.")(
     serve.serve
