@@ -152,6 +152,17 @@ class Codec(torch.nn.Module):
         return [results[i] for i in range(len(codes))]
 
 
+def codec_from_header(header: dict, device: str | None = None) -> Codec:
+    """The codec a dataset header or model metadata names (`{"name", "bandwidth", "path"}`), codebook or
+    weights path included: tokens only decode right with the exact codec that made them."""
+    from valle_cli.config import CodecConfig
+
+    cfg = CodecConfig(
+        name=header["name"], bandwidth=float(header.get("bandwidth", 6.0)), path=header.get("path")
+    )
+    return build_codec(cfg, device)
+
+
 def build_codec(cfg: CodecConfig | str, device: str | None = None) -> Codec:
     """Build the codec a config names (a `valle.codecs` plugin) and move it to its device."""
     from valle_cli import plugins

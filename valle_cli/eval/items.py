@@ -88,8 +88,7 @@ def from_dataset(path: Path, limit: int, work: Path) -> list[Item]:
     import torch
 
     from valle_cli.audio.io import save_audio
-    from valle_cli.codecs.base import build_codec
-    from valle_cli.config import CodecConfig
+    from valle_cli.codecs.base import codec_from_header
     from valle_cli.data.dataset import open_dataset
 
     ds = open_dataset(path)
@@ -107,8 +106,7 @@ def from_dataset(path: Path, limit: int, work: Path) -> list[Item]:
             for s in list(speakers):
                 if speakers[s] and len(order) < limit:
                     order.append((s, speakers[s].pop(0)))
-        c = ds.header["codec"]
-        codec = build_codec(CodecConfig(name=c["name"], bandwidth=float(c.get("bandwidth", 6.0))), "cpu")
+        codec = codec_from_header(ds.header["codec"], "cpu")
         work.mkdir(parents=True, exist_ok=True)
         decoded: dict[int, Path] = {}
 

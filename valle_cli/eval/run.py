@@ -164,7 +164,9 @@ class _SttJudge:
 
     def __init__(self, loaded, language: str, device: str):
         meta = loaded.meta
-        self.available = float(meta.get("config", {}).get("train", {}).get("stt_prob", 0.0)) > 0
+        from valle_cli.infer.stt import supports_stt
+
+        self.available = supports_stt(meta)
         if not self.available:
             return
         from valle_cli.infer.synth import model_codec, model_language

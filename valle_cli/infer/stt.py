@@ -59,6 +59,11 @@ def transcribe_codes(
     return ids, False
 
 
+def supports_stt(meta: dict) -> bool:
+    """Whether a model was trained on the speech-to-text task (train.stt_prob > 0)."""
+    return float(meta.get("config", {}).get("train", {}).get("stt_prob", 0.0)) > 0
+
+
 def stt(loaded: Loaded, audio: list[Path], language: str = "en", device: str = "cpu") -> Iterator[SttResult]:
     """Transcribe each file in turn (the codec is built once)."""
     from valle_cli.audio.io import load_audio
@@ -66,7 +71,7 @@ def stt(loaded: Loaded, audio: list[Path], language: str = "en", device: str = "
     from valle_cli.text.symbols import SymbolMap
 
     meta, model = loaded.meta, loaded.model
-    if not float(meta.get("config", {}).get("train", {}).get("stt_prob", 0.0)) > 0:
+    if not supports_stt(meta):
         raise ValleError(
             f"{loaded.source} was not trained for speech-to-text (train.stt_prob is 0)",
             "train or fine-tune with --set train.stt_prob=0.2 to teach it the stt task",

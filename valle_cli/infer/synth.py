@@ -115,16 +115,12 @@ def model_language(meta: dict, language: str) -> int:
 
 def model_codec(meta: dict, model, device: str):
     """The codec the model was trained with, checked against the model's token shape."""
-    from valle_cli.codecs.base import build_codec
-    from valle_cli.config import CodecConfig
+    from valle_cli.codecs.base import codec_from_header
 
-    c = meta["codec"]
-    codec = build_codec(
-        CodecConfig(name=c["name"], bandwidth=float(c.get("bandwidth", 6.0)), path=c.get("path")), device
-    )
+    codec = codec_from_header(meta["codec"], device)
     if codec.codebook_size != model.codebook_size or codec.n_codebooks < model.n_levels:
         raise ValleError(
-            f"the codec {c['name']!r} here has {codec.n_codebooks} levels x {codec.codebook_size} codes, but the "
+            f"the codec {meta['codec']['name']!r} here has {codec.n_codebooks} levels x {codec.codebook_size} codes, but the "
             f"model was trained on {model.n_levels} x {model.codebook_size}",
             "use the codec files the model was trained with (codec.path in its config) or re-export the model",
         )

@@ -162,16 +162,12 @@ def build_ui(settings: ServeSettings, registry: Registry, voices: VoiceStore, qu
         def decode(job):
             import torch
 
-            from valle_cli.codecs.base import build_codec
-            from valle_cli.config import CodecConfig
+            from valle_cli.codecs.base import codec_from_header
 
             ds = open_dataset(datasets[name])
             try:
                 i = ds.uids().index(uid)
-                c = ds.header["codec"]
-                codec = build_codec(
-                    CodecConfig(name=c["name"], bandwidth=float(c.get("bandwidth", 6.0))), "cpu"
-                )
+                codec = codec_from_header(ds.header["codec"], "cpu")
                 with torch.inference_mode():
                     wav = codec.decode(torch.from_numpy(np.asarray(ds.codes(i), dtype=np.int64))[None])[0, 0]
                 return codec.sample_rate, wav.numpy()

@@ -434,17 +434,13 @@ class Trainer:
     def _synthesize_samples(self, sampler, n: int) -> None:
         """Greedy synthesis of n held-out utterances from their prompts -> run/samples/step-N/*.wav."""
         from valle_cli.audio.io import save_audio
-        from valle_cli.codecs.base import build_codec
-        from valle_cli.config import CodecConfig
+        from valle_cli.codecs.base import codec_from_header
         from valle_cli.data.loader import load_item
         from valle_cli.infer.engine import SamplingConfig, generate
 
         if getattr(self, "_codec", None) is None:
-            c = self.ds.header["codec"]
             try:
-                self._codec = build_codec(
-                    CodecConfig(name=c["name"], bandwidth=c["bandwidth"], path=c["path"]), "cpu"
-                )
+                self._codec = codec_from_header(self.ds.header["codec"], "cpu")
             except ValleError as exc:
                 self._event("warn", {"message": f"no eval samples: {exc}"})
                 self.cfg.train.eval_samples = 0
