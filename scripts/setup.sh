@@ -50,7 +50,8 @@ if [ ! -f "$venv/.complete" ]; then
   ls -1dt "$cache"/*/ 2>/dev/null | tail -n +3 | xargs -r rm -rf
 fi
 
-# (Re)point the editable install at this checkout; quiet and fast.
-"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
-  || "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+# (Re)point the editable installs at this checkout: valle and its shipped default model (a valle.models plugin
+# with no dependencies, so it can live outside the cached build); quiet and fast.
+"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . -e plugins/valle-default-model 2>/dev/null \
+  || "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . -e plugins/valle-default-model
 ln -sfn "$venv" .venv

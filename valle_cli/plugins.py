@@ -1,4 +1,4 @@
-"""The plugin registry: codecs, backbones and transcribers found through Python entry points.
+"""The plugin registry: codecs, backbones, transcribers and models found through Python entry points.
 
 Built-in plugins are declared in valle's own pyproject.toml under the same entry-point groups that outside
 packages use, so there is exactly one way in. Listing plugins reads distribution metadata only (no imports, no
@@ -23,6 +23,7 @@ GROUPS: dict[str, str] = {
     "codec": "valle.codecs",
     "backbone": "valle.backbones",
     "transcriber": "valle.transcribers",
+    "model": "valle.models",  # trained models shipped as packages: a function returning the model file's path
 }
 
 
@@ -30,7 +31,7 @@ GROUPS: dict[str, str] = {
 class PluginInfo:
     """One registered plugin, as declared (nothing imported)."""
 
-    kind: str  # "codec" | "backbone" | "transcriber"
+    kind: str  # "codec" | "backbone" | "transcriber" | "model"
     name: str  # the key used in configs
     target: str  # "module:attr"
     distribution: str

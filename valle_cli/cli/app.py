@@ -82,7 +82,7 @@ app.command("serve", help="Serve an OpenAI-compatible speech API (and web UI) on
 app.command("tui", help="Watch and steer a training run in a terminal UI (save, lr, eval, pause, stop).")(
     tui.tui
 )
-app.command("plugins", help="List codec, backbone and transcriber plugins and whether each loads.")(
+app.command("plugins", help="List codec, backbone, transcriber and model plugins and whether each loads.")(
     plugins_cmd.plugins
 )
 app.command(

@@ -8,7 +8,7 @@ import typer
 
 
 def eval_(
-    model: str = typer.Argument(..., help="Run folder, checkpoint, exported file or hub id."),
+    model: str = typer.Argument(..., help="Run folder, checkpoint, exported file, model plugin or hub id."),
     texts: Path = typer.Option(None, help="Held-out sentences, one per line (with --refs)."),
     refs: Path = typer.Option(None, help="Reference voices: DIR/VOICE/*.wav, with .txt transcripts."),
     dataset: Path = typer.Option(None, help="Or a prepared dataset: its utterances and speakers."),
@@ -24,6 +24,9 @@ def eval_(
         "auto", help="Speaker verifier: auto (wavlm if cached), wavlm, resemblyzer."
     ),
     seed: int = typer.Option(0, help="Sampling seed of the first item (then +1 per item)."),
+    ar_temp: float = typer.Option(0.95, help="AR sampling temperature, as `valle synth` (0 = greedy)."),
+    top_k: int = typer.Option(0, help="AR: keep the k most likely tokens (0 = all), as `valle synth`."),
+    top_p: float = typer.Option(1.0, help="AR: nucleus sampling probability, as `valle synth`."),
     output: Path = typer.Option(Path("eval-report"), "--output", "-o", help="Report folder."),
     keep_audio: bool = typer.Option(True, "--keep-audio/--no-audio", help="Keep the synthesized clips."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
@@ -69,6 +72,7 @@ def eval_(
             report = evaluate(
                 loaded, chosen, asr, judge, language, seed, dev, others, outputs,
                 lambda done, total: update("synthesize+judge", done, total),
+                {"ar_temp": ar_temp, "top_k": top_k, "top_p": top_p},
             )  # fmt: skip
     command = shlex.join(["valle", *sys.argv[1:]])
     write(report, output, command)

@@ -1,4 +1,4 @@
-"""`valle plugins`: every codec, backbone and transcriber plugin, where it comes from and whether it loads."""
+"""`valle plugins`: every codec, backbone, transcriber and model plugin, where it comes from and whether it loads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import typer
 
 
 def plugins(
-    kind: str = typer.Option(None, "--kind", "-k", help="Only this kind: codec, backbone or transcriber."),
+    kind: str = typer.Option(
+        None, "--kind", "-k", help="Only this kind: codec, backbone, transcriber or model."
+    ),
     no_check: bool = typer.Option(False, "--no-check", help="Do not import plugins to check that they load."),
 ) -> None:
     from rich.console import Console

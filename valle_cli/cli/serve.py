@@ -41,7 +41,6 @@ def serve(
     /v1/models, /v1/voices, /health, /openapi.json."""
     from rich.console import Console
 
-    from valle_cli.cli.synth import DEFAULT_MODEL, DEFAULT_MODEL_ENV
     from valle_cli.codecs.base import resolve_device
     from valle_cli.errors import ValleError
     from valle_cli.serve.server import bind, build, uvicorn_server
@@ -59,7 +58,13 @@ def serve(
         queue_size=queue_size,
         timeout_seconds=timeout,
     )
-    models = model or [os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL]
+    if not model:
+        from valle_cli.infer.load import default_model
+
+        source, why = default_model()
+        err.print(why, markup=False)
+        model = [source]
+    models = model
     settings = ServeSettings(
         models=models, home=home or default_home(), host=host, port=port, api_key=key,
         device=str(resolve_device(device)), limits=limits, datasets=list(dataset or []), ui=ui,

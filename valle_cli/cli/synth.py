@@ -7,15 +7,10 @@ options and reports; the work is in valle_cli.infer.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import typer
-
-# The model used when --model is not given: a hub id (downloaded once, then cached), overridable per user.
-DEFAULT_MODEL = "valle-tts/valle-small"
-DEFAULT_MODEL_ENV = "VALLE_DEFAULT_MODEL"
 
 
 def synth(
@@ -32,7 +27,8 @@ def synth(
         None,
         "--model",
         "-m",
-        help=f"Run folder, step-* checkpoint, exported file or hub id (default: ${DEFAULT_MODEL_ENV} or {DEFAULT_MODEL}).",
+        help="Run folder, step-* checkpoint, exported file, model plugin or hub id (default: "
+        "$VALLE_DEFAULT_MODEL, else the hub default if it can be had, else the shipped valle-default).",
     ),
     language: str = typer.Option("en", "--language", "-l", help="Language of the text."),
     batch: Path = typer.Option(None, "--batch", help="A text file: one output file per line, in -o FOLDER."),
@@ -176,14 +172,15 @@ def _load(model: str | None, device: str, dtype: str, compile: bool, err):
 
     from valle_cli.codecs.base import resolve_device
     from valle_cli.errors import ValleError
-    from valle_cli.infer.load import DTYPES, load_model
+    from valle_cli.infer.load import DTYPES, default_model, load_model
 
     if dtype not in DTYPES:
         raise ValleError(f"unknown --dtype {dtype!r}", "use fp32, fp16 or bf16")
     dev = str(resolve_device(device))
-    source = model or os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL
-    if model is None:
-        err.print(f"no --model given: using the default model {source}", markup=False)
+    source = model
+    if source is None:
+        source, why = default_model()
+        err.print(why, markup=False)
     loaded = load_model(source, dev)
     if dtype != "fp32":
         loaded.model.to(DTYPES[dtype])

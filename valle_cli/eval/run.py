@@ -113,7 +113,10 @@ def evaluate(
     impostors: dict[str, list[Path]] | None = None,
     outputs: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sampling: dict | None = None,
 ) -> Report:
+    """Synthesize every item (seed + k for the k-th; `sampling`: SamplingConfig settings such as ar_temp,
+    top_k, top_p) and judge it."""
     import torch
 
     from valle_cli.audio.io import load_audio, save_audio
@@ -128,7 +131,7 @@ def evaluate(
         with torch.inference_mode():
             result = synthesize(
                 loaded, item.text, [item.prompt], SynthOptions(language=language, split_sentences=True),
-                SamplingConfig(seed=seed + k), device,
+                SamplingConfig(seed=seed + k, **(sampling or {})), device,
             )  # fmt: skip
         audio, sr = result.audio, result.sample_rate
         target = emb.voice(item.others or [item.prompt])

@@ -2,16 +2,23 @@
 
 A model source is a run folder (its `latest` checkpoint), a `step-*` checkpoint folder, a folder holding
 `model.safetensors` (an `export_hf` folder or a downloaded hub repo), an exported file (`.safetensors` or
-`.pt`), or a Hugging Face hub id (`owner/name`, optionally `owner/name@revision`). Every one carries its
+`.pt`), the name of a model plugin (a package registering a trained model under the `valle.models` entry-point
+group, such as the shipped `valle-default`), or a Hugging Face hub id (`owner/name`, optionally
+`owner/name@revision`). Every one carries its
 metadata: format version, the resolved config, the symbol map, the codec it was trained with, training stats,
 and for LoRA checkpoints the adapter settings and the base model they adapt. A LoRA checkpoint loads its base,
 applies the adapters and merges them.
 
-A path that exists is always local. Only a missing path shaped like a hub id is looked up on the hub: in the
+A path that exists is always local; then model plugin names. Only a missing path shaped like a hub id is looked
+up on the hub: in the
 local huggingface_hub cache first (so it works offline and with `HF_HUB_OFFLINE=1`), then downloaded
 (`model.safetensors`, `config.json`, `README.md` only) when the hub can be reached. Offline and not cached
 fails at once with one line saying so (see `valle_cli.hub`). A cached repo is used as it is, without asking the
 hub for a newer commit; name a revision (`owner/name@<commit>`) to pin or refresh one.
+
+With no model named, `default_model` picks one: `$VALLE_DEFAULT_MODEL` if set, else the hub default
+(`valle-tts/valle-small`) when it is cached or can be downloaded, else the shipped model plugin
+(`valle-default`, plugins/valle-default-model), so a machine with no network still speaks.
 
 `export_model` writes one file with the weights (optionally cast to fp16/bf16) and that metadata: the merged
 model, or with `lora_only` just the adapters (which `load_model` puts beside their base again). `export_hf`
@@ -37,6 +44,11 @@ from valle_cli.errors import ValleError
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTS = "model.safetensors"
 HUB_FILES = [WEIGHTS, "config.json", "README.md"]  # what a hub model repo needs; nothing else is downloaded
+DEFAULT_MODEL = (
+    "valle-tts/valle-small"  # used when no model is named: a hub id (downloaded once, then cached)
+)
+DEFAULT_MODEL_ENV = "VALLE_DEFAULT_MODEL"  # overrides it per user
+SHIPPED_MODEL = "valle-default"  # the model plugin used when the hub default cannot be had (offline)
 
 
 class ModelLoadError(ValleError):
@@ -98,16 +110,68 @@ def resolve_source(source: str | Path) -> tuple[Path, Path | str]:
     """(local path to read, how to name the source): a local path as it is, a hub id via the hub cache.
 
     Give a string where you can: `Path("./a/b")` is `a/b`, so only the string keeps `./` marking it local."""
+    from valle_cli import plugins
     from valle_cli.hub import parse_hub_id
 
     p = Path(source)
     if p.exists():
         return p, p
     spec = os.fspath(source)
+    if spec in plugins.names("model"):
+        return plugin_model(spec), spec
     parsed = parse_hub_id(spec)
     if parsed is None:
         return p, p  # reading it says it does not exist
     return _hub_folder(spec, *parsed), spec
+
+
+def plugin_model(name: str) -> Path:
+    """The model file a `valle.models` plugin registers (its entry point is a function returning the path)."""
+    from valle_cli import plugins
+
+    target = plugins.load("model", name)
+    try:
+        path = Path(target() if callable(target) else target)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"model plugin {name!r} failed to give its model file: {type(exc).__name__}: {exc}",
+            "reinstall the package that provides it (`valle plugins --kind model` lists them)",
+        ) from None
+    if not path.is_file():
+        raise ModelLoadError(
+            f"model plugin {name!r} names {path}, which does not exist",
+            "reinstall the package that provides it (`valle plugins --kind model` lists them)",
+        )
+    return path
+
+
+def default_model() -> tuple[str, str]:
+    """(source, a line saying which model and why) for when no model is named; see the module doc."""
+    from valle_cli import hub, plugins
+
+    env = os.environ.get(DEFAULT_MODEL_ENV)
+    if env:
+        return env, f"no --model given: using ${DEFAULT_MODEL_ENV} = {env}"
+    repo, revision = hub.parse_hub_id(DEFAULT_MODEL) or (DEFAULT_MODEL, None)
+    if hub.cached_snapshot(repo, revision, HUB_FILES) is not None or hub.online():
+        try:
+            resolve_source(DEFAULT_MODEL)  # cached, or downloaded now
+            return DEFAULT_MODEL, f"no --model given: using the default model {DEFAULT_MODEL}"
+        except ModelLoadError as exc:
+            why = exc.message
+    else:
+        why = f"the default model {DEFAULT_MODEL} is not in the Hugging Face cache and the hub cannot be reached"
+    if SHIPPED_MODEL in plugins.names("model"):
+        info = plugins.discover("model")[SHIPPED_MODEL][0]
+        return SHIPPED_MODEL, (
+            f"no --model given; {why}: using the shipped model {SHIPPED_MODEL} "
+            f"({info.distribution} {info.version}, trained offline by valle; see its model card)"
+        )
+    raise ModelLoadError(
+        f"no --model given; {why}, and the shipped model ({SHIPPED_MODEL}) is not installed",
+        "pass --model RUN|FILE|HUB-ID, or install the shipped model: pip install ./plugins/valle-default-model "
+        "(scripts/setup.sh does)",
+    )
 
 
 def _read(path: Path) -> tuple[dict, dict]:

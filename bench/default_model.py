@@ -1,0 +1,104 @@
+"""Quality of the shipped default model against its targets, measured with `valle eval`.
+
+The evaluation set is remade offline (recipes/default-model/make_corpus.py): valle's 20 held-out sentences
+spoken by mbrola us2, a voice the model never heard, as references and ground truth, and 5 of them in each
+of the 32 training voices as impostors. `valle eval` then synthesizes every sentence with another us2 clip
+as the prompt and reports WER (PocketSphinx), voice similarity (Resemblyzer), the same on the ground truth,
+how often the output is closer to us2 than to every training voice, and the real-time factor.
+
+Targets (issue 8): WER at most twice the ground truth's; output closer to the reference voice than to any
+training voice for most sentences.
+
+Usage:  python bench/default_model.py [--model valle-default] [--work DIR] [--ar-temp 0.95] [--top-k 0] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from report import ROOT, command, write_section  # bench/ is on sys.path when run as a script
+
+sys.path.insert(0, str(ROOT / "recipes" / "default-model"))
+
+
+def pocketsphinx_env(site: Path) -> dict:
+    """The environment for `valle eval` with the pocketsphinx plugin importable (installed here with pip
+    --target when the virtualenv does not have it)."""
+    from valle_cli import plugins
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if "pocketsphinx" not in plugins.names("transcriber"):
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+             str(site), str(ROOT / "plugins" / "valle-pocketsphinx")],
+            check=True,
+        )  # fmt: skip
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    return env
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="valle-default", help="Model to evaluate (default: the shipped one).")
+    ap.add_argument(
+        "--work", type=Path, help="Keep the evaluation set and report here (default: a temp dir)."
+    )
+    ap.add_argument("--ar-temp", type=float, default=0.95)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--write", action="store_true", help="Write the section into docs/benchmarks.md.")
+    args = ap.parse_args()
+
+    import make_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        make_corpus.speak_all(make_corpus.eval_jobs(work / "eval"), workers=2)
+        eval_cmd = [
+            sys.executable, "-m", "valle_cli", "eval", args.model, "--texts", str(work / "eval" / "texts.txt"),
+            "--refs", str(work / "eval" / "refs"), "--impostors", str(work / "eval" / "impostors"),
+            "--transcriber", "pocketsphinx", "--verifier", "resemblyzer", "--ar-temp", str(args.ar_temp),
+            "--top-k", str(args.top_k), "--device", "cpu", "-o", str(work / "report"),
+        ]  # fmt: skip
+        subprocess.run(eval_cmd, check=True, env=pocketsphinx_env(Path(tmp) / "site"))
+        report = json.loads((work / "report" / "report.json").read_text())
+        lines = (work / "report" / "report.md").read_text().splitlines()
+        table = "\n".join(line for line in lines if line.startswith("|"))
+
+    from valle_cli.infer.load import load_model
+
+    loaded = load_model(args.model)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    shape = loaded.meta["config"]["model"]
+    stats = loaded.meta.get("stats") or {}
+    overall = report["overall"]
+    wer_ok = overall["wer"] <= 2 * overall["truth_wer"]
+    own_ok = (overall["closest_to_own"] or 0) > 0.5
+    body = [
+        f"Command: `{command('default_model.py')}`  ",
+        f"Machine: {platform.machine()}, CPU, {os.cpu_count()} cores. Model `{args.model}`: "
+        f"d_model {shape['d_model']}, {shape['n_layers']} layers, {params / 1e6:.1f} M parameters, "
+        f"{stats.get('step', '?')} training steps; offline mel codec. Sampling: ar_temp {args.ar_temp}, "
+        f"top_k {args.top_k}, seeds 0..19. References and ground truth: mbrola us2 (never trained on), "
+        "valle's 20 held-out sentences; impostors: the 32 training voices.",
+        "",
+        table,
+        "",
+        f"- WER target (at most 2x the ground truth's {overall['truth_wer']:.1%}, so {2 * overall['truth_wer']:.1%}): "
+        f"{overall['wer']:.1%}, **{'met' if wer_ok else 'missed'}**.",
+        f"- Voice target (closer to us2 than to every training voice for most sentences): "
+        f"{overall['closest_to_own']:.0%} of sentences, **{'met' if own_ok else 'missed'}**.",
+    ]
+    print("\n".join(body))
+    if args.write:
+        write_section("Shipped default model", body)
+
+
+if __name__ == "__main__":
+    main()

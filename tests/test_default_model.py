@@ -1,0 +1,116 @@
+"""The model used when none is named ($VALLE_DEFAULT_MODEL, the hub default, the shipped model plugin), model
+plugins, and the shipped model itself (plugins/valle-default-model): it loads offline and speaks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from valle_cli import plugins
+from valle_cli.infer.load import (
+    DEFAULT_MODEL,
+    SHIPPED_MODEL,
+    ModelLoadError,
+    default_model,
+    export_model,
+    load_model,
+    resolve_source,
+)
+
+SHIPPED = (
+    Path(__file__).resolve().parents[1] / "plugins" / "valle-default-model" / "src" / "valle_default_model"
+)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("VALLE_DEFAULT_MODEL", raising=False)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    return export_model(tiny_model, tmp_path_factory.mktemp("export") / "m.safetensors")
+
+
+def test_offline_without_a_named_model_uses_the_shipped_plugin(offline, exported):
+    with plugins.overridden("model", add={SHIPPED_MODEL: lambda: exported}):
+        source, why = default_model()
+        loaded = load_model(source)
+    assert source == SHIPPED_MODEL
+    assert f"the default model {DEFAULT_MODEL} is not in the Hugging Face cache" in why
+    assert f"using the shipped model {SHIPPED_MODEL}" in why
+    assert loaded.source == SHIPPED_MODEL and loaded.meta["format"] == "valle-model"
+
+
+def test_the_environment_variable_wins(offline, exported, monkeypatch):
+    monkeypatch.setenv("VALLE_DEFAULT_MODEL", str(exported))
+    with plugins.overridden("model", add={SHIPPED_MODEL: lambda: "/nowhere"}):
+        source, why = default_model()
+    assert source == str(exported) and "$VALLE_DEFAULT_MODEL" in why
+
+
+def test_no_shipped_model_and_no_network_names_both_remedies(offline):
+    with plugins.overridden("model", hide=[SHIPPED_MODEL]), pytest.raises(ModelLoadError) as err:
+        default_model()
+    assert "not installed" in err.value.message
+    assert "--model" in err.value.remedy and "plugins/valle-default-model" in err.value.remedy
+
+
+def test_model_plugins_by_name_and_their_failures(exported, tmp_path):
+    def broken():
+        raise RuntimeError("boom")
+
+    add = {"mine": lambda: exported, "gone": lambda: tmp_path / "missing.safetensors", "broken": broken}
+    with plugins.overridden("model", add=add):
+        assert resolve_source("mine") == (Path(exported), "mine")
+        with pytest.raises(ModelLoadError, match="does not exist"):
+            resolve_source("gone")
+        with pytest.raises(ModelLoadError, match="failed to give its model file: RuntimeError: boom"):
+            resolve_source("broken")
+    # a local path of the same name wins over the plugin
+    (tmp_path / "mine").mkdir()
+    with plugins.overridden("model", add={"mine": lambda: exported}):
+        assert resolve_source(str(tmp_path / "mine"))[0] == tmp_path / "mine"
+
+
+needs_shipped = pytest.mark.skipif(
+    not (SHIPPED / "valle-default.safetensors").is_file(),
+    reason="the shipped model file is not in this checkout",
+)
+
+
+@needs_shipped
+def test_shipped_model_file_is_what_it_says():
+    """The committed model: valle's format, the offline codec, a size a repository can carry."""
+    loaded = load_model(SHIPPED / "valle-default.safetensors")
+    assert loaded.meta["codec"]["name"] == "mel"
+    assert (SHIPPED / "valle-default.safetensors").stat().st_size < 40 * 2**20
+    assert (SHIPPED / "reference-us2.flac").stat().st_size < 200 * 2**10
+
+
+@needs_shipped
+def test_synth_with_no_model_offline_speaks_with_the_shipped_model(tmp_path):
+    """README's main job, offline: `valle synth TEXT --ref CLIP` with no --model."""
+    import soundfile as sf
+
+    if SHIPPED_MODEL not in plugins.names("model"):
+        pytest.skip("the valle-default-model package is not installed (scripts/setup.sh installs it)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "COLUMNS": "200"}
+    env.pop("VALLE_DEFAULT_MODEL", None)
+    out = tmp_path / "hello.wav"
+    proc = subprocess.run(
+        [sys.executable, "-m", "valle_cli", "synth", "The little boat sailed across the calm water.",
+         "--ref", str(SHIPPED / "reference-us2.flac"), "--seed", "0", "-o", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, stdin=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"using the shipped model {SHIPPED_MODEL}" in proc.stderr
+    assert f"with {SHIPPED_MODEL}" in proc.stderr and "hit --max-ar-steps" not in proc.stderr
+    wav, sr = sf.read(out)
+    assert 1.0 < wav.size / sr < 8.0  # a sentence of 8 words, not silence and not a runaway
