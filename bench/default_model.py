@@ -57,6 +57,10 @@ def main() -> None:
 
     import make_corpus
 
+    from valle_cli.audio.speech import mbrola_voices
+
+    if make_corpus.HELD_OUT_VOICE not in mbrola_voices():
+        sys.exit(f"needs the mbrola {make_corpus.HELD_OUT_VOICE} voice: bash scripts/install-system-deps.sh")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         make_corpus.speak_all(make_corpus.eval_jobs(work / "eval"), workers=2)
@@ -66,7 +70,8 @@ def main() -> None:
             "--transcriber", "pocketsphinx", "--verifier", "resemblyzer", "--ar-temp", str(args.ar_temp),
             "--top-k", str(args.top_k), "--device", "cpu", "-o", str(work / "report"),
         ]  # fmt: skip
-        subprocess.run(eval_cmd, check=True, env=pocketsphinx_env(Path(tmp) / "site"))
+        if subprocess.run(eval_cmd, env=pocketsphinx_env(Path(tmp) / "site")).returncode != 0:
+            sys.exit("valle eval failed (its error is above)")
         report = json.loads((work / "report" / "report.json").read_text())
         lines = (work / "report" / "report.md").read_text().splitlines()
         table = "\n".join(line for line in lines if line.startswith("|"))
@@ -78,8 +83,9 @@ def main() -> None:
     shape = loaded.meta["config"]["model"]
     stats = loaded.meta.get("stats") or {}
     overall = report["overall"]
-    wer_ok = overall["wer"] <= 2 * overall["truth_wer"]
-    own_ok = (overall["closest_to_own"] or 0) > 0.5
+    truth_wer, own = overall["truth_wer"] or 0.0, overall["closest_to_own"] or 0.0
+    wer_ok = overall["wer"] <= 2 * truth_wer
+    own_ok = own > 0.5
     body = [
         f"Command: `{command('default_model.py')}`  ",
         f"Machine: {platform.machine()}, CPU, {os.cpu_count()} cores. Model `{args.model}`: "
@@ -90,10 +96,10 @@ def main() -> None:
         "",
         table,
         "",
-        f"- WER target (at most 2x the ground truth's {overall['truth_wer']:.1%}, so {2 * overall['truth_wer']:.1%}): "
+        f"- WER target (at most 2x the ground truth's {truth_wer:.1%}, so {2 * truth_wer:.1%}): "
         f"{overall['wer']:.1%}, **{'met' if wer_ok else 'missed'}**.",
         f"- Voice target (closer to us2 than to every training voice for most sentences): "
-        f"{overall['closest_to_own']:.0%} of sentences, **{'met' if own_ok else 'missed'}**.",
+        f"{own:.0%} of sentences, **{'met' if own_ok else 'missed'}**.",
     ]
     print("\n".join(body))
     if args.write:

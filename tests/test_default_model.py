@@ -42,10 +42,21 @@ def test_offline_without_a_named_model_uses_the_shipped_plugin(offline, exported
     with plugins.overridden("model", add={SHIPPED_MODEL: lambda: exported}):
         source, why = default_model()
         loaded = load_model(source)
-    assert source == SHIPPED_MODEL
+    assert source == str(exported)  # the file itself: a local "valle-default" cannot stand in for it
     assert f"the default model {DEFAULT_MODEL} is not in the Hugging Face cache" in why
     assert f"using the shipped model {SHIPPED_MODEL}" in why
-    assert loaded.source == SHIPPED_MODEL and loaded.meta["format"] == "valle-model"
+    assert loaded.meta["format"] == "valle-model"
+
+
+def test_a_shipped_model_without_its_file_is_reported_not_chosen(offline, tmp_path):
+    missing = tmp_path / "valle-default.safetensors"
+    with plugins.overridden("model", add={SHIPPED_MODEL: lambda: missing}):
+        with pytest.raises(ModelLoadError) as err:
+            default_model()
+        status = {s.info.name: s for s in plugins.status(["model"])}[SHIPPED_MODEL]
+    assert "the shipped model is unusable" in err.value.message and str(missing) in err.value.message
+    assert "reinstall" in err.value.remedy
+    assert not status.loads and "does not exist" in status.error
 
 
 def test_the_environment_variable_wins(offline, exported, monkeypatch):
@@ -62,7 +73,7 @@ def test_no_shipped_model_and_no_network_names_both_remedies(offline):
     assert "--model" in err.value.remedy and "plugins/valle-default-model" in err.value.remedy
 
 
-def test_model_plugins_by_name_and_their_failures(exported, tmp_path):
+def test_model_plugins_by_name_and_their_failures(exported, tmp_path, monkeypatch):
     def broken():
         raise RuntimeError("boom")
 
@@ -75,8 +86,9 @@ def test_model_plugins_by_name_and_their_failures(exported, tmp_path):
             resolve_source("broken")
     # a local path of the same name wins over the plugin
     (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
     with plugins.overridden("model", add={"mine": lambda: exported}):
-        assert resolve_source(str(tmp_path / "mine"))[0] == tmp_path / "mine"
+        assert resolve_source("mine") == (Path("mine"), Path("mine"))
 
 
 needs_shipped = pytest.mark.skipif(
@@ -111,6 +123,6 @@ def test_synth_with_no_model_offline_speaks_with_the_shipped_model(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"using the shipped model {SHIPPED_MODEL}" in proc.stderr
-    assert f"with {SHIPPED_MODEL}" in proc.stderr and "hit --max-ar-steps" not in proc.stderr
+    assert "valle-default.safetensors ->" in proc.stderr and "hit --max-ar-steps" not in proc.stderr
     wav, sr = sf.read(out)
     assert 1.0 < wav.size / sr < 8.0  # a sentence of 8 words, not silence and not a runaway

@@ -174,7 +174,7 @@ def test_batch_file_beam_search_and_random_voice(trained, tmp_path):
     assert "random voice" in proc.stderr and sf.info(rnd).duration > 0
 
 
-def test_play_and_default_model_fail_clearly(trained, tmp_path):
+def test_play_fails_clearly_without_an_output_device(trained, tmp_path):
     from valle_cli.audio.play import check_output_device
     from valle_cli.errors import AudioError
 

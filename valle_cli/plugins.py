@@ -131,10 +131,14 @@ def status(kinds: list[str] | None = None) -> list[PluginStatus]:
         for name, infos in discover(kind).items():
             for info in infos:
                 try:
-                    if info.target == "<in-process>":
-                        load(kind, name)
-                    else:
-                        _import_target(info.target)
+                    in_process = info.target == "<in-process>"
+                    obj = load(kind, name) if in_process else _import_target(info.target)
+                    if kind == "model":  # the package imports; does its model file exist?
+                        from pathlib import Path
+
+                        path = Path(obj() if callable(obj) else obj)
+                        if not path.exists():
+                            raise FileNotFoundError(f"its model file {path} does not exist")
                     out.append(PluginStatus(info, True, None))
                 except Exception as exc:
                     out.append(PluginStatus(info, False, f"{type(exc).__name__}: {exc}"))

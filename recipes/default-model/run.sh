@@ -4,7 +4,8 @@
 #
 #   bash recipes/default-model/run.sh [WORK]          (default WORK: ~/valle-default-model)
 #
-# Environment: SCALE (corpus size, 1 = ~3 h of speech), STEPS (training steps), DEVICE (auto, cpu, cuda).
+# Environment: SCALE (corpus size, 1 = ~3 h of speech), STEPS (training steps), DEVICE (where `valle prepare`
+# encodes: auto, cpu, cuda; training takes a GPU by itself when there is one).
 # On the 2-core CPU we build on: corpus ~1.5 min, prepare ~1 min, training ~0.67 s/step (8000 steps: 1.5 h).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -19,7 +20,8 @@ mkdir -p "$work"
 "$python" "$here/make_corpus.py" "$work" --scale "${SCALE:-1.0}"
 
 # 2. dataset: phonemes + offline mel-codec tokens + similar-utterance lists
-"$valle" prepare "$work/voices" -o "$work/dataset" --codec mel --max-duration 10 --device "${DEVICE:-auto}"
+"$valle" prepare "$work/voices" -o "$work/dataset" -c "$here/config.yaml" --max-duration 10 \
+  --device "${DEVICE:-auto}"
 
 # 3. training (resumes from the run folder's latest checkpoint); `valle tui "$work/run"` watches it
 "$valle" train "$here/config.yaml" -o "$work/run" --set "data.paths=[$work/dataset]" \
@@ -28,7 +30,11 @@ mkdir -p "$work"
 # 4. the shipped file: fp16 weights with the config, symbol map and codec inside
 "$valle" export "$work/run" --dtype fp16 -o "$work/valle-default.safetensors"
 
-# 5. quality on sentences and a voice it never saw (docs/benchmarks.md, "Shipped default model")
-"$valle" eval "$work/valle-default.safetensors" --texts "$work/eval/texts.txt" --refs "$work/eval/refs" \
-  --impostors "$work/eval/impostors" --transcriber pocketsphinx --verifier resemblyzer -o "$work/eval-report"
-echo "model: $work/valle-default.safetensors (copy it to plugins/valle-default-model/src/valle_default_model/)"
+echo "model: $work/valle-default.safetensors (to ship it, copy it to plugins/valle-default-model/src/valle_default_model/)"
+
+# 5. quality on sentences and a voice it never saw (as bench/default_model.py does for docs/benchmarks.md);
+#    the offline ASR is the valle-pocketsphinx plugin, installed beside the run, not into the virtualenv
+"$python" -m pip install -q --no-deps --no-build-isolation --target "$work/site" "$root/plugins/valle-pocketsphinx"
+PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}" "$valle" eval "$work/valle-default.safetensors" \
+  --texts "$work/eval/texts.txt" --refs "$work/eval/refs" --impostors "$work/eval/impostors" \
+  --transcriber pocketsphinx --verifier resemblyzer -o "$work/eval-report"

@@ -13,7 +13,7 @@ def stt(
         None,
         "--model",
         "-m",
-        help="Run folder, step-* checkpoint, exported file or hub id (trained with stt).",
+        help="Run folder, step-* checkpoint, exported file, model plugin or hub id (trained with stt).",
     ),
     language: str = typer.Option("en", "--language", "-l", help="Language of the speech."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
@@ -26,6 +26,15 @@ def stt(
 
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     loaded, dev = _load(model, device, "fp32", False, err)
+    if model is None:
+        from valle_cli.errors import ValleError
+        from valle_cli.infer.stt import supports_stt
+
+        if not supports_stt(loaded.meta):
+            raise ValleError(
+                f"the default model ({loaded.source}) has no speech-to-text task",
+                "pass --model with a model trained with train.stt_prob > 0",
+            )
     for path, result in zip(audio, run(loaded, audio, language, dev), strict=True):
         prefix = f"{path}\t" if len(audio) > 1 else ""
         typer.echo(prefix + result.ipa)

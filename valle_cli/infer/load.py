@@ -137,7 +137,7 @@ def plugin_model(name: str) -> Path:
             f"model plugin {name!r} failed to give its model file: {type(exc).__name__}: {exc}",
             "reinstall the package that provides it (`valle plugins --kind model` lists them)",
         ) from None
-    if not path.is_file():
+    if not path.exists():
         raise ModelLoadError(
             f"model plugin {name!r} names {path}, which does not exist",
             "reinstall the package that provides it (`valle plugins --kind model` lists them)",
@@ -146,7 +146,10 @@ def plugin_model(name: str) -> Path:
 
 
 def default_model() -> tuple[str, str]:
-    """(source, a line saying which model and why) for when no model is named; see the module doc."""
+    """(source, a line saying which model and why) for when no model is named; see the module doc.
+
+    The shipped model comes back as its file's path, so a local file or folder that happens to be named
+    `valle-default` cannot stand in for it."""
     from valle_cli import hub, plugins
 
     env = os.environ.get(DEFAULT_MODEL_ENV)
@@ -161,16 +164,23 @@ def default_model() -> tuple[str, str]:
             why = exc.message
     else:
         why = f"the default model {DEFAULT_MODEL} is not in the Hugging Face cache and the hub cannot be reached"
-    if SHIPPED_MODEL in plugins.names("model"):
-        info = plugins.discover("model")[SHIPPED_MODEL][0]
-        return SHIPPED_MODEL, (
-            f"no --model given; {why}: using the shipped model {SHIPPED_MODEL} "
-            f"({info.distribution} {info.version}, trained offline by valle; see its model card)"
+    if SHIPPED_MODEL not in plugins.names("model"):
+        raise ModelLoadError(
+            f"no --model given; {why}, and the shipped model ({SHIPPED_MODEL}) is not installed",
+            "pass --model RUN|FILE|HUB-ID, or install the shipped model: pip install ./plugins/valle-default-model "
+            "(scripts/setup.sh does)",
         )
-    raise ModelLoadError(
-        f"no --model given; {why}, and the shipped model ({SHIPPED_MODEL}) is not installed",
-        "pass --model RUN|FILE|HUB-ID, or install the shipped model: pip install ./plugins/valle-default-model "
-        "(scripts/setup.sh does)",
+    try:
+        path = plugin_model(SHIPPED_MODEL)
+    except ValleError as exc:
+        raise ModelLoadError(
+            f"no --model given; {why}, and the shipped model is unusable: {exc.message}",
+            "pass --model RUN|FILE|HUB-ID, or reinstall the shipped model: pip install ./plugins/valle-default-model",
+        ) from None
+    info = plugins.discover("model")[SHIPPED_MODEL][0]
+    return str(path), (
+        f"no --model given; {why}: using the shipped model {SHIPPED_MODEL} "
+        f"({info.distribution} {info.version}, a small model trained offline by valle)"
     )
 
 
