@@ -73,7 +73,7 @@ def test_no_shipped_model_and_no_network_names_both_remedies(offline):
     assert "--model" in err.value.remedy and "plugins/valle-default-model" in err.value.remedy
 
 
-def test_model_plugins_by_name_and_their_failures(exported, tmp_path, monkeypatch):
+def test_model_plugins_by_name_and_their_failures(exported, tiny_model, tmp_path, monkeypatch):
     def broken():
         raise RuntimeError("boom")
 
@@ -84,6 +84,8 @@ def test_model_plugins_by_name_and_their_failures(exported, tmp_path, monkeypatc
             resolve_source("gone")
         with pytest.raises(ModelLoadError, match="failed to give its model file: RuntimeError: boom"):
             resolve_source("broken")
+    # a run folder's `latest` pointer file means its newest checkpoint
+    assert load_model(tiny_model / "latest").meta["stats"] == load_model(tiny_model).meta["stats"]
     # a local path of the same name wins over the plugin
     (tmp_path / "mine").mkdir()
     monkeypatch.chdir(tmp_path)

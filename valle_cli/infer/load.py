@@ -187,6 +187,8 @@ def default_model() -> tuple[str, str]:
 def _read(path: Path) -> tuple[dict, dict]:
     """(state dict, meta) from a local checkpoint folder, export file or export folder."""
     p = Path(path)
+    if p.name == "latest" and p.is_file():  # a run folder's pointer to its newest checkpoint
+        p = p.parent
     if p.is_dir():
         from valle_cli.train.checkpoint import latest
 
