@@ -93,13 +93,6 @@ def test_model_plugins_by_name_and_their_failures(exported, tiny_model, tmp_path
         assert resolve_source("mine") == (Path("mine"), Path("mine"))
 
 
-needs_shipped = pytest.mark.skipif(
-    not (SHIPPED / "valle-default.safetensors").is_file(),
-    reason="the shipped model file is not in this checkout",
-)
-
-
-@needs_shipped
 def test_shipped_model_file_is_what_it_says():
     """The committed model: valle's format, the offline codec, a size a repository can carry."""
     loaded = load_model(SHIPPED / "valle-default.safetensors")
@@ -108,7 +101,6 @@ def test_shipped_model_file_is_what_it_says():
     assert (SHIPPED / "reference-us2.flac").stat().st_size < 200 * 2**10
 
 
-@needs_shipped
 def test_synth_with_no_model_offline_speaks_with_the_shipped_model(tmp_path):
     """README's main job, offline: `valle synth TEXT --ref CLIP` with no --model."""
     import soundfile as sf
