@@ -64,9 +64,8 @@ def serve(
         source, why = default_model()
         err.print(why, markup=False)
         model = [source]
-    models = model
     settings = ServeSettings(
-        models=models, home=home or default_home(), host=host, port=port, api_key=key,
+        models=model, home=home or default_home(), host=host, port=port, api_key=key,
         device=str(resolve_device(device)), limits=limits, datasets=list(dataset or []), ui=ui,
     )  # fmt: skip
     for d in settings.datasets:

@@ -2,19 +2,18 @@
 
 A model source is a run folder (its `latest` checkpoint), a `step-*` checkpoint folder, a folder holding
 `model.safetensors` (an `export_hf` folder or a downloaded hub repo), an exported file (`.safetensors` or
-`.pt`), the name of a model plugin (a package registering a trained model under the `valle.models` entry-point
-group, such as the shipped `valle-default`), or a Hugging Face hub id (`owner/name`, optionally
-`owner/name@revision`). Every one carries its
-metadata: format version, the resolved config, the symbol map, the codec it was trained with, training stats,
-and for LoRA checkpoints the adapter settings and the base model they adapt. A LoRA checkpoint loads its base,
-applies the adapters and merges them.
+`.pt`), the name of a model plugin (a package registering a trained model under the `valle.models`
+entry-point group, such as the shipped `valle-default`), or a Hugging Face hub id (`owner/name`, optionally
+`owner/name@revision`). Every one carries its metadata: format version, the resolved config, the symbol map,
+the codec it was trained with, training stats, and for LoRA checkpoints the adapter settings and the base
+model they adapt. A LoRA checkpoint loads its base, applies the adapters and merges them.
 
-A path that exists is always local; then model plugin names. Only a missing path shaped like a hub id is looked
-up on the hub: in the
-local huggingface_hub cache first (so it works offline and with `HF_HUB_OFFLINE=1`), then downloaded
-(`model.safetensors`, `config.json`, `README.md` only) when the hub can be reached. Offline and not cached
-fails at once with one line saying so (see `valle_cli.hub`). A cached repo is used as it is, without asking the
-hub for a newer commit; name a revision (`owner/name@<commit>`) to pin or refresh one.
+A path that exists is always local; then model plugin names. Only a missing path shaped like a hub id is
+looked up on the hub: in the local huggingface_hub cache first (so it works offline and with
+`HF_HUB_OFFLINE=1`), then downloaded (`model.safetensors`, `config.json`, `README.md` only) when the hub can be
+reached. Offline and not cached fails at once with one line saying so (see `valle_cli.hub`). A cached repo is
+used as it is, without asking the hub for a newer commit; name a revision (`owner/name@<commit>`) to pin or
+refresh one.
 
 With no model named, `default_model` picks one: `$VALLE_DEFAULT_MODEL` if set, else the hub default
 (`valle-tts/valle-small`) when it is cached or can be downloaded, else the shipped model plugin
@@ -44,9 +43,8 @@ from valle_cli.errors import ValleError
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTS = "model.safetensors"
 HUB_FILES = [WEIGHTS, "config.json", "README.md"]  # what a hub model repo needs; nothing else is downloaded
-DEFAULT_MODEL = (
-    "valle-tts/valle-small"  # used when no model is named: a hub id (downloaded once, then cached)
-)
+# used when no model is named: a hub id (downloaded once, then cached); see default_model()
+DEFAULT_MODEL = "valle-tts/valle-small"
 DEFAULT_MODEL_ENV = "VALLE_DEFAULT_MODEL"  # overrides it per user
 SHIPPED_MODEL = "valle-default"  # the model plugin used when the hub default cannot be had (offline)
 
