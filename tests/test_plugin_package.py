@@ -22,7 +22,7 @@ pocketsphinx = pytest.importorskip("pocketsphinx")
 
 @pytest.fixture(scope="module")
 def installed(pocketsphinx_site):
-    assert any(p.name.startswith("valle_pocketsphinx-0.1.0.dist-info") for p in pocketsphinx_site.iterdir())
+    assert any(p.name.startswith("valle_pocketsphinx-0.1.1.dist-info") for p in pocketsphinx_site.iterdir())
     return pocketsphinx_site
 
 
@@ -117,3 +117,26 @@ def test_prepare_transcribes_and_cuts_a_long_recording(installed, tmp_path):
         assert 1.0 < m.duration < 4.5  # one sentence plus a little padding, not the whole file
     assert metas[0].end <= metas[1].start + 1e-6 and metas[1].end <= metas[2].start + 1e-6
     assert (out / "transcripts" / "talks" / "ann" / "talk.json").is_file()  # cached for a rerun
+
+
+def test_transcripts_do_not_depend_on_what_was_decoded_before(installed):
+    """One transcriber, files in two orders and each file alone: the same words for every file (pocketsphinx
+    would otherwise carry its cepstral mean from one file to the next, and `valle eval`'s WER with it)."""
+    from valle_cli.audio.speech import mbrola_voices
+
+    voice = "mbrola:us2" if "us2" in mbrola_voices() else "espeak:en-us"
+    code = (
+        "from valle_cli.audio.speech import say\n"
+        "from valle_cli.transcribe import build_transcriber\n"
+        "texts = ['This is a chicken leg in her dish.', 'The weather was cold and windy all day long.',\n"
+        "         'Please bring me a cup of hot tea with milk.']\n"
+        f"wavs = [say(t, {voice!r}) for t in texts]\n"
+        "t = build_transcriber('pocketsphinx')\n"
+        "forward = [t.transcribe_text(w, sr) for w, sr in wavs]\n"
+        "backward = [t.transcribe_text(w, sr) for w, sr in reversed(wavs)][::-1]\n"
+        "alone = [build_transcriber('pocketsphinx').transcribe_text(w, sr) for w, sr in wavs]\n"
+        "print(forward, backward, alone)\n"
+        "assert forward == backward == alone\n"
+    )
+    proc = _python(code, installed)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout

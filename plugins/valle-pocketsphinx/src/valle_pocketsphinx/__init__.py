@@ -2,8 +2,9 @@
 
 Implements valle's transcriber protocol: `transcribe(wav, sample_rate, language) -> list[Segment]`, where a
 segment has `start` and `end` in seconds and `text`. Audio is resampled to 16 kHz. One decoder is kept per
-instance (creating one loads the models, ~0.3 s). Only English is supported; other languages raise ValueError
-with the remedy.
+instance (creating one loads the models, ~0.3 s); its cepstral-mean estimate is reset before every file, so a
+file's transcript never depends on the files decoded before it. Only English is supported; other languages
+raise ValueError with the remedy.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class PocketsphinxTranscriber:
             audio = soxr.resample(audio, sample_rate, self.sample_rate)
         pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
         d = self._decoder
+        d.reinit_feat()  # fresh feature state (cepstral mean): otherwise it carries over from the last file
         d.start_utt()
         d.process_raw(pcm, full_utt=True)
         d.end_utt()
