@@ -170,12 +170,14 @@ class Sampler:
 
 
 def load_item(ds: Dataset, item: Item) -> dict:
-    """Read what one `Item` needs from disk: phonemes with BOS/EOS, prompt and response codes (long)."""
+    """Read what one `Item` needs from disk: phonemes with BOS/EOS, prompt and response codes (long), and
+    the phoneme durations when the dataset has them."""
     from valle_cli.text.symbols import BOS, EOS
 
     ph = ds.phonemes(item.index).astype(np.int64)
     bos, eos = ds.header["symbols"]["symbols"].index(BOS), ds.header["symbols"]["symbols"].index(EOS)
     codes = ds.codes(item.index).astype(np.int64)
+    durations = ds.phoneme_durations(item.index)
     prompt = ds.codes(item.prompt_index).astype(np.int64)[
         :, item.prompt_start : item.prompt_start + item.prompt_frames
     ]
@@ -185,6 +187,7 @@ def load_item(ds: Dataset, item: Item) -> dict:
         "response": torch.from_numpy(codes),
         "language": int(ds.columns["language"][item.index]),
         "uid": ds.uid(item.index),
+        "durations": None if durations is None else torch.from_numpy(durations),  # BOS + phonemes + EOS
     }
 
 
@@ -214,8 +217,14 @@ def batch_stream(ds: Dataset, sampler: Sampler, workers: int = 0) -> Iterator[li
         if workers <= 0:
             source = ([load_item(ds, it) for it in batches[k]] for k in todo)
         else:
+            # spawned, not forked: a fork while another thread (the trainer's stdin reader) holds a lock can
+            # deadlock the child (CPython's multiprocessing closes stdin in it); a fresh interpreter cannot
             source = torch.utils.data.DataLoader(
-                _EpochBatches(ds.path, batches), sampler=list(todo), batch_size=None, num_workers=workers
+                _EpochBatches(ds.path, batches),
+                sampler=list(todo),
+                batch_size=None,
+                num_workers=workers,
+                multiprocessing_context="spawn",
             )
         for loaded in source:
             sampler.position += 1
