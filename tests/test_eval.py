@@ -41,8 +41,13 @@ def test_metric_math_on_known_inputs():
     assert s.closest_to_own == pytest.approx(0.5) and s.rtf == pytest.approx(0.5) and s.per is None
     report = Report("m", "asr", "ver", s, {"a": summarize(rows[:2]), "b": summarize(rows[2:])}, rows)
     md = markdown(report, "valle eval m")
-    assert "| **all** | 3 | 26.7% | 10.0% | 0.633 | 0.800 | 50% | 0.50 |" in md
-    assert "| b | 1 | 0.0% | - | 0.500 | - | - | 0.50 |" in md and "PER" not in md  # no stt: no column
+    assert "| **all** | 3 | 26.7% | 10.0% | 0.633 | 0.800 | 50% | 100% | 0.50 |" in md
+    assert "| b | 1 | 0.0% | - | 0.500 | - | - | 100% | 0.50 |" in md and "PER" not in md  # no stt: no column
+    assert "duration error" not in md  # no item has it
+    rows[0].duration_error, rows[1].duration_error, rows[2].stopped = -0.2, 0.1, False
+    s = summarize(rows)
+    assert s.duration_error == pytest.approx(0.15) and s.stopped == pytest.approx(2 / 3)  # mean |error|
+    assert "| duration error | stopped by itself |" in markdown(Report("m", "a", "v", s, {}, rows))
     assert json.loads(json.dumps(report.to_dict()))["voices"]["a"]["n"] == 2
 
 
@@ -119,6 +124,9 @@ def test_eval_a_tiny_model_end_to_end(tiny_model, pocketsphinx_site, tmp_path):
         assert i["phonemes"] > 0 and i["closest_to_own"] in (True, False)  # stt model: PER; impostors given
         assert (out / "audio" / i["output"]).is_file()
     assert report["overall"]["per"] is not None and report["overall"]["rtf"] > 0
+    # free-running duration error where there is a ground truth; whether the AR stopped by itself
+    assert [i["duration_error"] is not None for i in items] == [i["truth_errors"] is not None for i in items]
+    assert report["overall"]["duration_error"] >= 0 and 0 <= report["overall"]["stopped"] <= 1
     md = (out / "report.md").read_text()
     assert "| voice | n | WER | WER, ground truth | SIM | SIM, ground truth | PER" in md and "| ann |" in md
     assert "Command: `valle eval" in md

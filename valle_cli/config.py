@@ -40,6 +40,10 @@ class ModelConfig:
     ffn_dim: int = 4096
     dropout: float = 0.1
     n_levels: int = 8  # RVQ levels modelled (must not exceed the codec's)
+    # how the response finds its place in the text: none = classic VALL-E (attention alone); pointer = every
+    # frame also gets the embedding of the symbol it speaks and a head moves a pointer through the text
+    # (VALL-E R); needs phoneme durations in the dataset (`valle prepare` makes them)
+    alignment: Literal["none", "pointer"] = "none"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     sdpa_kernel: Literal["auto", "math", "efficient", "flash", "cudnn"] = "auto"  # torch's choice unless set
     max_position: int = 4096
@@ -148,6 +152,14 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {"text": 0.0, "prompt": 0.0, "response": 1.0}
     )
+    # guided-attention loss (DC-TTS) on 2 heads of `guided_attention_layers` (default: the two middle layers):
+    # pulls the level-0 attention over the text towards the diagonal; 0 = off. Needs only lengths.
+    guided_attention: float = 0.0
+    # chance that a level-0 input frame is zeroed while training (Tacotron's prenet dropout): with 0 the AR can
+    # predict most frames from the previous one and never learn to read its text
+    input_dropout: float = 0.0
+    guided_attention_sigma: float = 0.4
+    guided_attention_layers: list[int] = field(default_factory=list)
     eval_every: int = 1000
     eval_samples: int = 0  # at each evaluation, synthesize this many held-out utterances into run/samples/
     save_every: int = 1000
@@ -173,6 +185,10 @@ class TrainConfig:
             raise ConfigError(
                 f"train.level_weights must be non-negative and not all zero, got {self.level_weights}"
             )
+        if not 0 <= self.input_dropout < 1:
+            raise ConfigError(f"train.input_dropout must be in [0, 1), got {self.input_dropout}")
+        if self.guided_attention < 0 or self.guided_attention_sigma <= 0:
+            raise ConfigError("train.guided_attention must be >= 0 and train.guided_attention_sigma > 0")
         if not 0 <= self.stt_prob <= 1:
             raise ConfigError(f"train.stt_prob must be in [0, 1], got {self.stt_prob}")
         if self.lora.rank < 0 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
@@ -182,10 +198,11 @@ class TrainConfig:
                 "train.lora.rank > 0 but there is no base model to adapt",
                 "set train.init_from to a trained run folder, checkpoint or export",
             )
-        unknown = set(self.loss_weights) - {"text", "prompt", "response"}
+        unknown = set(self.loss_weights) - {"text", "prompt", "response", "pointer"}
         if unknown:
             raise ConfigError(
-                f"train.loss_weights has unknown part(s) {sorted(unknown)}", "use text, prompt and response"
+                f"train.loss_weights has unknown part(s) {sorted(unknown)}",
+                "use text, prompt, response and pointer",
             )
 
 

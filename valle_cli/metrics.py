@@ -1,4 +1,5 @@
-"""Quality metrics shared by the benchmarks and `valle eval`: word error rate and cosine similarity.
+"""Quality metrics shared by the benchmarks and `valle eval`: word error rate, cosine similarity and the
+length of speech with its silences trimmed.
 
 WER is the word-level Levenshtein distance divided by the number of reference words, after normalizing both
 texts the same way (lower case, punctuation dropped, numbers left as written). Corpus WER sums errors and
@@ -54,3 +55,21 @@ def cosine(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     denom = float(np.linalg.norm(a) * np.linalg.norm(b))
     return float(a @ b / denom) if denom > 0 else 0.0
+
+
+def speech_seconds(audio, sample_rate: int, floor_db: float = -35.0, frame: float = 0.02) -> float:
+    """Seconds from the first to the last 20 ms frame whose RMS is within `floor_db` of the loudest frame:
+    the speech's length with leading and trailing silence trimmed (0.0 for silence)."""
+    import numpy as np
+
+    x = np.asarray(audio, dtype=np.float64).reshape(-1)
+    n = max(1, int(frame * sample_rate))
+    frames = len(x) // n
+    if frames == 0:
+        return 0.0
+    rms = np.sqrt((x[: frames * n].reshape(frames, n) ** 2).mean(1))
+    peak = rms.max()
+    if peak <= 0:
+        return 0.0
+    loud = np.flatnonzero(rms >= peak * 10 ** (floor_db / 20))
+    return float((loud[-1] - loud[0] + 1) * n / sample_rate)

@@ -22,6 +22,7 @@ from valle_cli.errors import ValleError
 
 XS = ("step", "tokens", "time")
 DEFAULT_YS = ["loss", "acc.ar", "acc.nar", "lr"]
+TEXT_GAP = "eval.text_gap"  # added to the default panels when a run logs it
 
 
 class PlotError(ValleError):

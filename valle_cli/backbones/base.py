@@ -7,7 +7,8 @@
 negative number = masked) and fully explicit, so one backbone runs the AR pass (causal) and the NAR passes
 (no causal mask) and handles padding, with no flag to forget; `attention_mask()` builds it. A backbone
 declares what it supports: `supports_cache` (incremental decoding with `cache`), `supports_noncausal` (an
-arbitrary mask), `has_aux_loss` (mixture-of-experts router loss, returned in `aux_loss`).
+arbitrary mask), `has_aux_loss` (mixture-of-experts router loss, returned in `aux_loss`). `attention_maps`
+(optional) returns every layer's attention probabilities, for alignment plots.
 
 Backbones are plugins (`valle.backbones` entry points); `build_backbone(model_config)` calls
 `cls.from_config(model_config)`.
@@ -117,6 +118,20 @@ class Backbone(torch.nn.Module):
         use_cache: bool = False,
     ) -> BackboneOutput:  # pragma: no cover
         raise NotImplementedError
+
+    def forward_with_attention(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> tuple[BackboneOutput, list[torch.Tensor]]:
+        """`forward` (no cache) plus the attention probabilities of every layer, [(B, H, T, T)], with
+        gradients: for alignment plots and the guided-attention loss. Optional: a backbone without it cannot
+        be plotted or trained with train.guided_attention (both say so)."""
+        raise NotImplementedError(f"the {self.name} backbone does not report its attention")
+
+    def attention_maps(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Attention probabilities of every layer, [(B, H, T, T)] (see `forward_with_attention`)."""
+        return self.forward_with_attention(inputs_embeds, attention_mask, position_ids)[1]
 
 
 def sdpa_context(kind: str):

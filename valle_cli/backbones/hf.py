@@ -76,6 +76,19 @@ class HFBackbone(Backbone):
         )
         return out, (cache if use_cache else None)
 
+    def forward_with_attention(self, inputs_embeds, attention_mask, position_ids):
+        """`forward` plus every layer's attention probabilities (B, H, T, T), computed with the eager kernel
+        (sdpa does not return them); the model's own kernel is restored afterwards."""
+        kind = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        try:
+            out, _ = self._call(
+                inputs_embeds, attention_mask, position_ids, None, False, output_attentions=True
+            )
+        finally:
+            self.model.set_attn_implementation(kind)
+        return BackboneOutput(out.last_hidden_state), list(out.attentions)
+
 
 class LlamaBackbone(HFBackbone):
     name = "llama"

@@ -161,3 +161,21 @@ class TransformerBackbone(Backbone):
                     x, attention_mask, position_ids, cache if use_cache or cache is not None else None, i
                 )
         return BackboneOutput(self.norm(x), cache if use_cache else None)
+
+    def forward_with_attention(self, inputs_embeds, attention_mask, position_ids):
+        """`forward` plus every layer's attention probabilities (B, H, T, T), recomputed from its queries and
+        keys (the forward itself keeps torch's fused kernel)."""
+        maps = []
+        x = inputs_embeds
+        for layer in self.layers:
+            att = layer.attn
+            h = layer.attn_norm(x)
+            b, t, _ = h.shape
+            q = rotary(att.q_proj(h).view(b, t, att.n_heads, att.head_dim).transpose(1, 2), position_ids)
+            k = rotary(att.k_proj(h).view(b, t, att.n_heads, att.head_dim).transpose(1, 2), position_ids)
+            scores = q @ k.transpose(-1, -2) / math.sqrt(att.head_dim)
+            if attention_mask is not None:
+                scores = scores + attention_mask.to(scores.dtype)
+            maps.append(torch.softmax(scores.float(), -1))
+            x = layer(x, attention_mask, position_ids, None, 0)
+        return BackboneOutput(self.norm(x)), maps

@@ -116,3 +116,34 @@ def reindex(
     with stage_progress(con) as progress:
         n = run_reindex(dataset, top_k, progress)
     con.print(f"indexed {n} utterances in {dataset}", markup=False)
+
+
+@app.command("align")
+def align(
+    dataset: Path = typer.Argument(..., help="Dataset folder."),
+    steps: int = typer.Option(None, help="Training steps of the aligner (default: by the dataset's size)."),
+) -> None:
+    """Give every frame its phoneme: train the dataset's own aligner and write the phoneme durations that
+    pointer models (model.alignment=pointer) train on. `valle prepare` does this by itself."""
+    from rich.console import Console
+
+    from valle_cli.cli.progress import stage_progress
+    from valle_cli.data.dataset import open_dataset
+    from valle_cli.errors import DatasetError
+    from valle_cli.fsutil import lock_folder
+    from valle_cli.prepare.align import align_dataset
+
+    if dataset.is_file():
+        raise DatasetError(
+            f"{dataset} is an HDF5 file; durations are written into a dataset folder",
+            "align the folder it was made from, then convert it again with `valle dataset to-hdf5`",
+        )
+    open_dataset(dataset).close()  # a clear error for what is not a finished dataset
+    con = Console(stderr=True, highlight=False)
+    with lock_folder(dataset, "valle dataset align", DatasetError), stage_progress(con) as progress:
+        a = align_dataset(dataset, steps=steps, progress=progress)
+    con.print(
+        f"phoneme durations: {a['aligned']} aligned, {a['unaligned']} too short to align "
+        f"(aligner: {a['steps']} steps, loss {a['loss']}, {a['seconds']:.0f} s) -> {dataset / 'index'}",
+        markup=False,
+    )

@@ -29,6 +29,11 @@ def prepare(
     top_k: int = typer.Option(8, help="Similar utterances kept per utterance."),
     hdf5: bool = typer.Option(False, "--hdf5", help="Also write the dataset as one HDF5 file, OUTPUT.h5."),
     device: str = typer.Option("auto", help="Where to quantize: auto, cpu, cuda, cuda:N."),
+    align_steps: int = typer.Option(
+        None,
+        help="Training steps of the phoneme aligner that gives every frame its phoneme (needed by "
+        "model.alignment=pointer); default: by the dataset's size (100-1500); 0 skips it.",
+    ),
 ) -> None:
     """Turn voices/{group}/{speaker}/ audio into a training dataset: transcripts, phonemes, codec tokens,
     similar-utterance lists, an index. Rerun the same command to resume after an interruption."""
@@ -61,6 +66,7 @@ def prepare(
         shard=parse_shard(shard),
         top_k=top_k,
         device=device,
+        align_steps=align_steps,
     )
     console = Console(stderr=True, soft_wrap=True, highlight=False)
     with stage_progress(console) as progress:
@@ -81,6 +87,13 @@ def prepare(
         f"{report.new} new, {report.resumed} already done, {len(report.skipped)} skipped, {report.elapsed:.1f} s",
         markup=False,
     )
+    if report.alignment:
+        a = report.alignment
+        console.print(
+            f"phoneme durations: {a['aligned']} aligned, {a['unaligned']} too short to align "
+            f"(aligner: {a['steps']} steps, loss {a['loss']}, {a['seconds']:.0f} s)",
+            markup=False,
+        )
     for source, reason in report.skipped[:20]:
         console.print(f"  skipped {source}: {reason}", style="yellow", markup=False)
     if len(report.skipped) > 20:

@@ -46,6 +46,9 @@ COLUMNS = (
     "phoneme_offsets",
     "similar",
 )
+# Written by the aligner (prepare/align.py) after the index: per utterance, frames per symbol of
+# BOS + phonemes + EOS (uint16), and their offsets. Optional: a dataset without them still opens.
+DURATION_COLUMNS = ("durations", "duration_offsets")
 
 
 @dataclass
@@ -146,6 +149,8 @@ def write_index(root: Path, utts: Sequence[Utterance], header: dict, symbols) ->
     }
     index = root / "index"
     index.mkdir(parents=True, exist_ok=True)
+    for name in DURATION_COLUMNS:  # they describe the old index: the aligner writes them anew
+        (index / f"{name}.npy").unlink(missing_ok=True)
     for name, arr in columns.items():
         with atomic_path(index / f"{name}.npy", DatasetError) as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
@@ -211,6 +216,22 @@ class Dataset:
     def phonemes(self, i: int) -> np.ndarray:
         o = self.columns["phoneme_offsets"]
         return np.asarray(self.columns["phonemes"][o[i] : o[i + 1]])
+
+    @property
+    def has_durations(self) -> bool:
+        o = self.columns.get("duration_offsets")
+        return o is not None and len(o) == len(self) + 1
+
+    def phoneme_durations(self, i: int) -> np.ndarray | None:
+        """Frames per symbol of BOS + phonemes + EOS, or None (not aligned, or stale: the lengths disagree)."""
+        if not self.has_durations:
+            return None
+        o = self.columns["duration_offsets"]
+        d = np.asarray(self.columns["durations"][o[i] : o[i + 1]], dtype=np.int64)
+        n = self.columns["phoneme_offsets"][i + 1] - self.columns["phoneme_offsets"][i] + 2
+        if len(d) != n or int(d.sum()) != self.frames(i):
+            return None
+        return d
 
     def similar(self, i: int) -> np.ndarray:
         row = np.asarray(self.columns["similar"][i])
@@ -279,6 +300,9 @@ def open_dataset(path: str | Path) -> Dataset:
             handle = h5py.File(p, "r")
             header = _check_header(json.loads(handle.attrs["header"]), p)
             columns = {name: handle["index"][name][()] for name in (*COLUMNS, "code_offsets")}
+            columns.update(
+                {name: handle["index"][name][()] for name in DURATION_COLUMNS if name in handle["index"]}
+            )
         except (OSError, KeyError) as exc:
             raise DatasetError(f"{p} is not a readable valle HDF5 dataset ({exc})", "rebuild it") from None
         return H5Dataset(p, handle, header, columns)
@@ -299,4 +323,6 @@ def open_dataset(path: str | Path) -> Dataset:
                 f"{p} lacks index/{name}.npy", "rebuild the index with `valle dataset reindex`"
             )
         columns[name] = np.load(f, mmap_mode="r")
+    if all((p / "index" / f"{name}.npy").is_file() for name in DURATION_COLUMNS):
+        columns.update({name: np.load(p / "index" / f"{name}.npy") for name in DURATION_COLUMNS})
     return FolderDataset(p, header, columns)

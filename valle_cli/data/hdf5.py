@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from valle_cli.data.dataset import COLUMNS, FolderDataset, open_dataset
+from valle_cli.data.dataset import COLUMNS, DURATION_COLUMNS, FolderDataset, open_dataset
 from valle_cli.errors import DatasetError
 from valle_cli.fsutil import atomic_path
 
@@ -28,7 +28,7 @@ def folder_to_hdf5(folder: Path, out: Path, progress: Callable[[int, int], None]
     with atomic_path(out, DatasetError) as tmp, h5py.File(tmp, "w") as h5:
         h5.attrs["header"] = json.dumps(ds.header, ensure_ascii=False)
         index = h5.create_group("index")
-        for name in COLUMNS:
+        for name in COLUMNS + (DURATION_COLUMNS if ds.has_durations else ()):
             index.create_dataset(name, data=np.asarray(ds.columns[name]))
         index.create_dataset("code_offsets", data=offsets)
         codes = h5.create_dataset(

@@ -22,8 +22,9 @@ def _settings(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def reindex(folder: Path, top_k: int = 8, progress: Progress | None = None) -> int:
-    """Rebuild index/ and dataset.json from the utterance files (after deleting some, or after a merge)."""
+def reindex(folder: Path, top_k: int = 8, progress: Progress | None = None, align: bool = True) -> int:
+    """Rebuild index/ and dataset.json from the utterance files (after deleting some, or after a merge), and
+    with `align` the phoneme durations (prepare/align.py)."""
     from valle_cli.text import default_symbol_map
 
     settings = _settings(folder)
@@ -33,6 +34,10 @@ def reindex(folder: Path, top_k: int = 8, progress: Progress | None = None) -> i
     _fill_similar(folder, utts, int(settings["codec"]["codebook_size"]), top_k, progress or (lambda *_: None))
     header = {"codec": settings["codec"], "created_by": settings.get("created_by", "?"), "shard": []}
     write_index(folder, utts, header, default_symbol_map(int(settings["symbols_version"])))
+    if align:
+        from valle_cli.prepare.align import align_dataset
+
+        align_dataset(folder, progress=progress)
     return len(utts)
 
 

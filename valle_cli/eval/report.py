@@ -16,6 +16,8 @@ COLUMNS = [
     ("truth_similarity", "SIM, ground truth", "{:.3f}"),
     ("per", "PER (model's stt)", "{:.1%}"),
     ("closest_to_own", "closest to own voice", "{:.0%}"),
+    ("duration_error", "duration error", "{:.1%}"),
+    ("stopped", "stopped by itself", "{:.0%}"),
     ("rtf", "RTF", "{:.2f}"),
 ]
 

@@ -3,8 +3,10 @@
 Per item: the output's word errors against the text (ASR), its similarity to the voice (cosine between the
 output's speaker embedding and the mean embedding of the voice's other clips), the same two for the ground
 truth when there is one (the ceiling), the real-time factor, optionally the phoneme error rate of the
-model's own speech-to-text on the output (models trained with stt), and, given impostor voices, whether the
-output is closer to its own voice than to every impostor.
+model's own speech-to-text on the output (models trained with stt), the free-running duration error (the
+length of the output's speech against the ground truth's, silences trimmed from both ends, as a fraction of
+the ground truth's), whether the AR stopped by itself, and, given impostor voices, whether the output is
+closer to its own voice than to every impostor.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from valle_cli.eval.items import Item
-from valle_cli.metrics import cosine, edit_distance, word_errors
+from valle_cli.metrics import cosine, edit_distance, speech_seconds, word_errors
 
 
 @dataclass
@@ -36,6 +38,8 @@ class Scored:
     phonemes: int | None = None
     closest_to_own: bool | None = None
     output: str | None = None
+    duration_error: float | None = None  # (output speech - truth speech) / truth speech, seconds trimmed
+    stopped: bool = True  # every segment ended by itself (not at the AR step limit)
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Summary:
     truth_similarity: float | None = None
     per: float | None = None
     closest_to_own: float | None = None
+    duration_error: float | None = None  # mean |relative duration error| against the ground truth
+    stopped: float | None = None  # fraction of items that ended by themselves
 
 
 @dataclass
@@ -82,6 +88,8 @@ def summarize(rows: list[Scored]) -> Summary:
         truth_similarity=mean(r.truth_similarity for r in rows),
         per=rate([r.phoneme_errors for r in rows], [r.phonemes for r in rows]),
         closest_to_own=float(np.mean(closest)) if closest else None,
+        duration_error=mean(None if r.duration_error is None else abs(r.duration_error) for r in rows),
+        stopped=float(np.mean([r.stopped for r in rows])) if rows else None,
     )
 
 
@@ -139,12 +147,15 @@ def evaluate(
         hyp = asr(audio, sr)
         errors, words = word_errors(item.text, hyp)
         row = Scored(item.voice, item.text, hyp, errors, words, cosine(out_emb, target), len(audio) / sr,
-                     result.seconds)  # fmt: skip
+                     result.seconds, stopped=all(result.stopped))  # fmt: skip
         if item.truth is not None:
             truth = load_audio(item.truth, sr, allow_silent=True)
             row.truth_hypothesis = asr(truth, sr)
             row.truth_errors = word_errors(item.text, row.truth_hypothesis)[0]
             row.truth_similarity = cosine(emb.of_file(item.truth), target)
+            truth_speech = speech_seconds(truth, sr)
+            if truth_speech > 0:
+                row.duration_error = (speech_seconds(audio, sr) - truth_speech) / truth_speech
         if stt.available:
             row.phoneme_errors, row.phonemes = stt.errors(audio, sr, item.text)
         if impostor_voices:

@@ -15,6 +15,10 @@ non-causal NAR pass per level 1..Q-1, for one request or a batch of them.
 - A `Request` may carry `prefix` codes that open the response (VALL-E's continuation: the prompt's own codes,
   or the previous sentence with rolling context); they are conditioned on and not returned.
 - `beam_width > 1` uses beam search (infer/beam.py) on the AR instead of sampling.
+- Pointer models (`model.alignment: pointer`): each AR step also samples whether the next frame moves on to
+  the next text symbol (greedy when ar_temp is 0); the symbol under the pointer is added to the next
+  input, speech ends when the pointer moves past EOS (no STOP class), and a symbol held for
+  `MAX_SYMBOL_FRAMES` frames is left by force. The NAR passes get the same frame-to-symbol map.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 from valle_cli.backbones.base import attention_mask, padded_mask
+from valle_cli.errors import ValleError
 from valle_cli.infer.sampling import SamplerSettings, TokenSampler, pick
-from valle_cli.model.valle import VALLE, Sample
+from valle_cli.model.valle import MAX_HELD, VALLE, Sample
 
 
 class SamplingConfig:
@@ -79,6 +84,10 @@ class Generated:
     codes: torch.Tensor  # (Q, F) long, without the request's prefix
     stopped: bool  # the AR emitted STOP (False: it hit max_ar_steps)
     ar_steps: int
+    frame_symbols: torch.Tensor | None = None  # (F,) the text symbol of each frame (pointer models)
+
+
+MAX_SYMBOL_FRAMES = 100  # a pointer model leaves a symbol after this many frames even if it would stay
 
 
 @dataclass
@@ -124,9 +133,11 @@ class Decoder:
             out = self.backbone(self.x, mask, self.positions)
         return self.head(out.hidden[:, -1])
 
-    def feed(self, tokens: torch.Tensor) -> None:
-        """Append one token (B,) per row."""
+    def feed(self, tokens: torch.Tensor, extra: torch.Tensor | None = None) -> None:
+        """Append one token (B,) per row; `extra` (B, D) is added to their embeddings."""
         emb = self.embed(tokens.to(self.x.device))[:, None]  # (B, 1, D)
+        if extra is not None:
+            emb = emb + extra[:, None]
         self.x = torch.cat([self.x, emb], 1)
         self.valid = torch.cat([self.valid, self.valid.new_ones(len(tokens), 1)], 1)
         self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], 1)
@@ -145,7 +156,16 @@ def ar_prefix(model: VALLE, req: Request) -> torch.Tensor:
     q = model.n_levels
     empty = torch.zeros(q, 0, dtype=torch.long, device=dev)
     pre, _, _ = model.prefix(Sample(req.phonemes.to(dev), req.prompt[:q].to(dev), empty, 0, req.language))
-    parts = [pre, model.audio_emb[0](torch.tensor([model.start_id], device=dev))]
+    start = model.audio_emb[0](torch.tensor([model.start_id], device=dev))
+    if model.pointer:
+        if req.prefix_frames:
+            raise ValleError(
+                "continuing audio (--prompt-text, --input-prompt-prefix, rolling context) is not available "
+                "for pointer models yet",
+                "leave those options out: the reference clip still sets the voice",
+            )
+        start = start + model.frame_text_emb(req.phonemes[:1].to(dev)) + model.held_emb.weight[:1]
+    parts = [pre, start]
     if req.prefix_frames:
         parts.append(model.audio_emb[0](req.prefix[0].to(dev)))
     return torch.cat(parts)
@@ -153,15 +173,24 @@ def ar_prefix(model: VALLE, req: Request) -> torch.Tensor:
 
 def ar_decoder(model: VALLE, requests: list[Request], use_cache: bool = True) -> Decoder:
     use_cache = use_cache and model.backbone.supports_cache  # a plugin without a cache recomputes
+    head = (lambda h: h) if model.pointer else model.heads[0]  # pointer: ar_tokens applies both heads
     return Decoder(
-        model.backbone, [ar_prefix(model, r) for r in requests], model.audio_emb[0], model.heads[0], use_cache
+        model.backbone, [ar_prefix(model, r) for r in requests], model.audio_emb[0], head, use_cache
     )
 
 
 def ar_tokens(
-    model: VALLE, requests: list[Request], sc: SamplingConfig, use_cache: bool = True
+    model: VALLE,
+    requests: list[Request],
+    sc: SamplingConfig,
+    use_cache: bool = True,
+    symbols: list[list[int]] | None = None,
 ) -> Iterator[list[int | None]]:
-    """Sample level 0 for a batch, one step at a time: yields each row's new token, None once it stopped."""
+    """Sample level 0 for a batch, one step at a time: yields each row's new token, None once it stopped.
+    For pointer models, `symbols` (one list per row) receives the text symbol of every frame."""
+    if model.pointer:
+        yield from _pointer_tokens(model, requests, sc, use_cache, symbols)
+        return
     dec = ar_decoder(model, requests, use_cache)
     samplers = [TokenSampler(sc.ar, model.stop_id, sc.generator()) for _ in requests]
     done = [False] * len(requests)
@@ -179,6 +208,44 @@ def ar_tokens(
         dec.feed(torch.tensor([model.start_id if t is None else t for t in step]))
 
 
+def _pointer_tokens(model, requests, sc, use_cache, symbols) -> Iterator[list[int | None]]:
+    dec = ar_decoder(model, requests, use_cache)
+    samplers = [TokenSampler(sc.ar, model.stop_id, sc.generator()) for _ in requests]
+    gens = [sc.generator() for _ in requests]
+    phonemes = [r.phonemes.to(model.sep.device) for r in requests]
+    symbols = symbols if symbols is not None else [[] for _ in requests]
+    pos = [0] * len(requests)  # the symbol the next frame speaks
+    held = [0] * len(requests)  # frames spent on it so far
+    done = [False] * len(requests)
+    for _ in range(sc.max_ar_steps):
+        hidden = dec.logits()  # (B, D)
+        logits = model.heads[0](hidden)
+        logits[:, model.stop_id] = float("-inf")  # the end is the pointer's to say
+        move = torch.softmax(model.pointer_head(hidden).float(), -1)[:, 1]
+        step: list[int | None] = []
+        for row, sampler in enumerate(samplers):
+            if done[row]:
+                step.append(None)
+                continue
+            step.append(sampler(logits[row]))
+            symbols[row].append(pos[row])
+            held[row] += 1
+            if sc.ar.temperature > 0:
+                moves = bool(torch.rand((), generator=gens[row]) < move[row])
+            else:
+                moves = bool(move[row] > 0.5)
+            if moves or held[row] >= MAX_SYMBOL_FRAMES:
+                pos[row], held[row] = pos[row] + 1, 0
+                done[row] = pos[row] >= len(phonemes[row])
+        yield step
+        if all(done):
+            return
+        nxt = torch.stack([phonemes[row][min(pos[row], len(phonemes[row]) - 1)] for row in range(len(pos))])
+        counts = torch.tensor([min(h, MAX_HELD - 1) for h in held], device=nxt.device)
+        along = model.frame_text_emb(nxt) + model.held_emb(counts)
+        dec.feed(torch.tensor([model.start_id if t is None else t for t in step]), along)
+
+
 @dataclass
 class NarItem:
     """One row of a NAR pass: the request, its response codes (Q, F) with level 0 set, and how many leading
@@ -187,6 +254,7 @@ class NarItem:
     request: Request
     codes: torch.Tensor
     fixed: int = 0
+    frame_symbols: torch.Tensor | None = None  # (F,) pointer models: the text symbol of every frame
 
 
 def nar_fill(
@@ -201,7 +269,12 @@ def nar_fill(
             break
         samples = [
             Sample(
-                items[i].request.phonemes, items[i].request.prompt, out[i], level, items[i].request.language
+                items[i].request.phonemes,
+                items[i].request.prompt,
+                out[i],
+                level,
+                items[i].request.language,
+                frame_symbols=items[i].frame_symbols,
             )
             for i in live
         ]
@@ -237,26 +310,39 @@ def generate_batch(
     sc = sampling or SamplingConfig()
     if not requests:
         return []
+    symbols: list[list[int]] = [[] for _ in requests]
     if sc.beam_width > 1:
+        if model.pointer:
+            raise ValleError(
+                "beam search is not available for pointer models yet", "sample instead (--beam-width 1)"
+            )
         from valle_cli.infer.beam import beam_ar
 
         level0 = [beam_ar(model, r, sc, use_cache) for r in requests]
     else:
         level0 = [([], False) for _ in requests]
-        for step in ar_tokens(model, requests, sc, use_cache):
+        for step in ar_tokens(model, requests, sc, use_cache, symbols):
             for row, token in enumerate(step):
                 if token is not None:
                     level0[row][0].append(token)
-        # a row that never yielded None before the loop ended either stopped (fewer tokens) or hit the limit
-        level0 = [(toks, len(toks) < sc.max_ar_steps) for toks, _ in level0]
+        if model.pointer:  # stopped: the pointer moved past EOS
+            level0 = [
+                (toks, len(sym) > 0 and sym[-1] == len(r.phonemes) - 1 and len(toks) < sc.max_ar_steps)
+                for r, (toks, _), sym in zip(requests, level0, symbols, strict=True)
+            ]
+        else:
+            # a row that never yielded None before the loop ended either stopped (fewer tokens) or hit the
+            # limit
+            level0 = [(toks, len(toks) < sc.max_ar_steps) for toks, _ in level0]
+    fs = [torch.tensor(sym, dtype=torch.long) if model.pointer else None for sym in symbols]
     items = [
-        NarItem(r, response_codes(model, r, toks), r.prefix_frames)
-        for r, (toks, _) in zip(requests, level0, strict=True)
+        NarItem(r, response_codes(model, r, toks), r.prefix_frames, f)
+        for r, (toks, _), f in zip(requests, level0, fs, strict=True)
     ]
     filled = nar_fill(model, items, sc)
     return [
-        Generated(codes[:, r.prefix_frames :].cpu(), stopped, len(toks))
-        for r, codes, (toks, stopped) in zip(requests, filled, level0, strict=True)
+        Generated(codes[:, r.prefix_frames :].cpu(), stopped, len(toks), f)
+        for r, codes, (toks, stopped), f in zip(requests, filled, level0, fs, strict=True)
     ]
 
 

@@ -67,6 +67,7 @@ def stream_codes(
     codes = response_codes(model, req, [])  # (Q, Fc): grows as the AR runs
     done = fc  # frames (prefix included) whose every level is final
     nar_gen = [sc.generator()]
+    symbols: list[list[int]] = [[]]  # pointer models: the text symbol of every frame (no prefix there)
 
     def fill(upto_final: int) -> torch.Tensor:
         nonlocal codes, done
@@ -75,7 +76,8 @@ def stream_codes(
         full[:, : codes.shape[1]] = codes
         full[0, fc:] = torch.tensor(tokens, device=codes.device)
         w0 = max(0, done - st.nar_context)
-        window = nar_fill(model, [NarItem(req, full[:, w0:], done - w0)], sc, nar_gen)[0]
+        fs = torch.tensor(symbols[0][w0:], dtype=torch.long) if model.pointer else None
+        window = nar_fill(model, [NarItem(req, full[:, w0:], done - w0, fs)], sc, nar_gen)[0]
         full[:, done:] = window[:, done - w0 :]
         codes = full
         released = full[:, done:upto_final].cpu()
@@ -83,7 +85,7 @@ def stream_codes(
         return released
 
     size = float(st.chunk_frames)
-    for step in ar_tokens(model, [req], sc):
+    for step in ar_tokens(model, [req], sc, symbols=symbols):
         tokens.append(step[0])
         n = fc + len(tokens)
         if n - st.lookahead - done >= int(size):

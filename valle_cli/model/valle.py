@@ -13,6 +13,15 @@ meet at one frame):
   level L-1); targets rL. No causal mask: every position sees the whole sequence (the original masks it).
 - stt: text-in = BOS, p[0..]; targets p[0..], EOS, through the text head. Causal.
 
+With `model.alignment: pointer` (VALL-E R, arXiv 2406.07855) every response frame also knows which text
+symbol it speaks: the embedding of that symbol (`frame_text_emb`, indexed by the sample's `frame_symbols`,
+from the dataset's phoneme durations) and of how many frames of it came before (`held_emb`) are added to the
+frame's input, in the AR and in every NAR pass, and a pointer head predicts at each AR position whether the
+next frame moves on to the next symbol. Level 0 then has F inputs (START, r0[0..F-2]) for F targets: the end
+of speech is the pointer moving past EOS, not a STOP class. The text segment of the prefix stays.
+`alignment: none` is classic VALL-E, unchanged. Training options for either layout: `input_dropout` (level-0
+inputs zeroed at random) and `guided` (the guided-attention loss, `GuidedAttention`).
+
 Per-level classifier heads (level 0 has one extra class, STOP), a text head. The loss is cross-entropy on the
 response (weight `response`) plus, for causal passes, next-token prediction inside the text and prompt
 segments (weights `text`, `prompt`; 0 by default), plus the backbone's auxiliary loss (MoE routing).
@@ -31,6 +40,7 @@ from valle_cli.backbones.base import attention_mask, build_backbone
 from valle_cli.config import ModelConfig
 
 TASKS = {"tts": 0, "stt": 1}
+MAX_HELD = 64  # pointer models: frames-on-this-symbol counts embedded (longer holds share the last one)
 N_LANGUAGES = 32  # language-token table size; ids index the dataset's language list
 
 
@@ -44,6 +54,7 @@ class Sample:
     level: int = 0  # RVQ level this sample trains (0 = AR)
     language: int = 0
     task: str = "tts"
+    frame_symbols: torch.Tensor | None = None  # (Fr,) index into phonemes of each response frame (pointer)
 
 
 @dataclass
@@ -85,7 +96,16 @@ class VALLE(nn.Module):
         self.backbone = build_backbone(cfg)
         self.heads = nn.ModuleList([nn.Linear(d, k + 1)] + [nn.Linear(d, k) for _ in range(q - 1)])
         self.text_head = nn.Linear(d, n_symbols)
-        for emb in [self.text_emb, self.lang_emb, self.task_emb, self.level_emb, *self.audio_emb]:
+        self.pointer = getattr(cfg, "alignment", "none") == "pointer"
+        self.guided: GuidedAttention | None = None  # set by the trainer with train.guided_attention > 0
+        self.input_dropout = 0.0  # set by the trainer: train.input_dropout
+        extra = []
+        if self.pointer:
+            self.frame_text_emb = nn.Embedding(n_symbols, d)
+            self.held_emb = nn.Embedding(MAX_HELD, d)  # how many frames of this symbol came before this one
+            self.pointer_head = nn.Linear(d, 2)  # 0: the next frame stays on this symbol, 1: it moves on
+            extra += [self.frame_text_emb, self.held_emb]
+        for emb in [self.text_emb, self.lang_emb, self.task_emb, self.level_emb, *self.audio_emb, *extra]:
             nn.init.normal_(emb.weight, std=0.02)
 
     # -- embeddings ------------------------------------------------------------------------------------------
@@ -125,11 +145,44 @@ class VALLE(nn.Module):
             ids = s.phonemes.to(dev)
             return self.text_emb(ids[:-1]), ids[1:], "text"
         r = s.response.to(dev)
+        if self.pointer:
+            along = self.frame_text(s)
+            if s.level == 0:
+                inp = torch.cat([torch.tensor([self.start_id], device=dev), r[0, :-1]])
+                return self.ar_inputs(inp) + along, r[0], 0
+            return self.embed_audio(r, s.level) + along, r[s.level], s.level
         if s.level == 0:
             inp = torch.cat([torch.tensor([self.start_id], device=dev), r[0]])
             tgt = torch.cat([r[0], torch.tensor([self.stop_id], device=dev)])
-            return self.audio_emb[0](inp), tgt, 0
+            return self.ar_inputs(inp), tgt, 0
         return self.embed_audio(r, s.level), r[s.level], s.level
+
+    def ar_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Level-0 input embeddings; while training with `input_dropout` p, each one after START is zeroed
+        with probability p (Tacotron's prenet dropout: the previous frame stops being enough to predict the
+        next one, so the model has to read its text)."""
+        emb = self.audio_emb[0](tokens)
+        if self.training and self.input_dropout > 0:
+            keep = torch.rand(len(tokens), device=emb.device) >= self.input_dropout
+            keep[0] = True
+            emb = emb * keep[:, None].to(emb.dtype)
+        return emb
+
+    def frame_text(self, s: Sample) -> torch.Tensor:
+        """(Fr, D): the embedding of the text symbol each response frame speaks (pointer models)."""
+        if s.frame_symbols is None or len(s.frame_symbols) != s.response.shape[-1]:
+            raise ValueError(
+                "a pointer model needs frame_symbols for every response frame "
+                f"(got {None if s.frame_symbols is None else len(s.frame_symbols)} for {s.response.shape[-1]})"
+            )
+        ph = s.phonemes.to(self.sep.device)
+        fs = s.frame_symbols.to(self.sep.device)
+        return self.frame_text_emb(ph[fs]) + self.held_emb(held_counts(fs))
+
+    def pointer_targets(self, s: Sample) -> torch.Tensor:
+        """(Fr,) 1 where the next frame speaks the next symbol (the last frame moves past EOS)."""
+        fs = s.frame_symbols.to(self.sep.device)
+        return torch.cat([(fs[1:] > fs[:-1]).long(), torch.ones(1, dtype=torch.long, device=fs.device)])
 
     def assemble(self, samples: list[Sample]) -> Batch:
         rows, targets = [], []
@@ -143,6 +196,8 @@ class VALLE(nn.Module):
             resp, tgt, head = self.response_in(s)
             causal = s.task == "stt" or s.level == 0
             targets.append((b, len(pre), tgt, head, "response"))
+            if self.pointer and s.task == "tts" and s.level == 0 and len(tgt):
+                targets.append((b, len(pre), self.pointer_targets(s), "pointer", "pointer"))
             if causal and s.task == "tts":
                 # next-token prediction inside text and prompt (weights default 0: skipped)
                 if weights.get("text", 0) > 0:
@@ -160,6 +215,13 @@ class VALLE(nn.Module):
         pos = torch.arange(t, device=self.sep.device)[None].expand(len(rows), t)
         return Batch(x, lengths, causal, pos, targets)
 
+    def head_for(self, head: int | str) -> nn.Module:
+        if head == "text":
+            return self.text_head
+        if head == "pointer":
+            return self.pointer_head
+        return self.heads[head]
+
     # -- training forward ---------------------------------------------------------------------------------------
 
     def forward(self, samples: list[Sample], return_hidden: bool = False) -> ModelOutput:
@@ -167,7 +229,16 @@ class VALLE(nn.Module):
         mask = attention_mask(
             batch.lengths, batch.causal, batch.inputs_embeds.shape[1], dtype=batch.inputs_embeds.dtype
         )
-        out = self.backbone(batch.inputs_embeds, mask, batch.position_ids)
+        rows = [
+            (b, start, len(tgt), len(samples[b].phonemes))
+            for b, start, tgt, head, part in batch.targets
+            if part == "response" and head == 0 and samples[b].task == "tts"
+        ]
+        guided = self.guided if self.training and self.guided is not None and rows else None
+        if guided is not None:
+            out, maps = self.backbone.forward_with_attention(batch.inputs_embeds, mask, batch.position_ids)
+        else:
+            out = self.backbone(batch.inputs_embeds, mask, batch.position_ids)
         h = out.hidden
         total = h.new_zeros(())
         losses: dict[str, float] = {}
@@ -178,11 +249,15 @@ class VALLE(nn.Module):
         for b, start, tgt, head, part in batch.targets:
             # inputs are already shifted (START / BOS first), so target i is read at position start + i
             idx = torch.arange(len(tgt), device=h.device) + start
-            logits = (self.text_head if head == "text" else self.heads[head])(h[b, idx])
+            logits = self.head_for(head)(h[b, idx])
             loss = F.cross_entropy(logits.float(), tgt, reduction="sum")
             by_part.setdefault(part, []).append(
                 torch.stack([loss, torch.tensor(float(len(tgt)), device=h.device)])
             )
+            if part == "pointer":
+                hits = int((logits.argmax(-1) == tgt).sum())
+                counts["ptr"] = counts.get("ptr", 0) + len(tgt)
+                accuracy["ptr"] = accuracy.get("ptr", 0.0) + hits
             if part == "response":
                 key = "stt" if head == "text" else f"l{head}"
                 hits = int((logits.argmax(-1) == tgt).sum())
@@ -194,13 +269,97 @@ class VALLE(nn.Module):
             mean = s[0] / s[1].clamp_min(1)
             losses[part] = float(mean.detach())
             total = total + self.loss_weights.get(part, 1.0) * mean
+        if guided is not None:
+            g = guided.loss(maps, rows)
+            losses["guided"] = float(g.detach())
+            total = total + guided.weight * g
         if out.aux_loss is not None:
             total = total + out.aux_loss
             losses["aux"] = float(out.aux_loss.detach())
         accuracy = {k: v / counts[k] for k, v in accuracy.items()}
         per_level = {k: float(v) / counts[k] for k, v in level_loss.items()}
+        if "pointer" in losses:  # the pointer's loss and accuracy sit beside the levels' ("ptr")
+            per_level["ptr"] = losses["pointer"]
         return ModelOutput(total, losses, accuracy, counts, per_level, h if return_hidden else None)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class GuidedAttention:
+    """The guided-attention loss (DC-TTS, arXiv 1710.08969), for classic layouts: on some heads of some
+    layers, the attention of each level-0 response position t (of T) over the text symbols n (of N),
+    renormalized over the text, is penalized by 1 - exp(-(n/N - t/T)^2 / (2 sigma^2)): it pushes those heads
+    towards the diagonal. Needs only the lengths; `weight` scales it into the loss."""
+
+    weight: float
+    sigma: float = 0.4
+    layers: tuple[int, ...] = (2, 3)
+    heads: int = 2
+
+    def loss(self, maps: list[torch.Tensor], rows: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        text_start = 4  # language, task, level, separator
+        parts = []
+        for b, start, f, n in rows:
+            dev = maps[0].device
+            t_pos = (torch.arange(f, device=dev, dtype=torch.float32) / f)[:, None]
+            n_pos = (torch.arange(n, device=dev, dtype=torch.float32) / n)[None, :]
+            w = 1 - torch.exp(-((n_pos - t_pos) ** 2) / (2 * self.sigma**2))  # (F, N)
+            for layer in self.layers:
+                a = maps[layer][b, : self.heads, start : start + f, text_start : text_start + n].float()
+                a = a / a.sum(-1, keepdim=True).clamp_min(1e-6)
+                parts.append((a * w).sum(-1).mean())
+        return torch.stack(parts).mean()
+
+
+def held_counts(frame_symbols: torch.Tensor) -> torch.Tensor:
+    """(F,) for each frame, how many frames of its symbol came before it, capped at MAX_HELD - 1."""
+    fs = frame_symbols
+    if not len(fs):
+        return fs
+    starts = torch.ones_like(fs, dtype=torch.bool)
+    starts[1:] = fs[1:] != fs[:-1]
+    idx = torch.arange(len(fs), device=fs.device)
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0).values
+    return (idx - first).clamp_max(MAX_HELD - 1)
+
+
+def frame_symbols(durations: torch.Tensor) -> torch.Tensor:
+    """Durations (frames per symbol, (Lt,)) -> the symbol index of every frame ((sum,) long)."""
+    d = torch.as_tensor(durations, dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(len(d)), d)
+
+
+def stretch_durations(durations: torch.Tensor, frames: int) -> torch.Tensor:
+    """Durations rescaled to sum to `frames`, each at least 1 (needs frames >= len): a transcript's timing
+    laid over audio of another length (the text gap's wrong transcripts)."""
+    d = torch.as_tensor(durations, dtype=torch.float64)
+    n = len(d)
+    if frames < n:
+        raise ValueError(f"{frames} frames cannot hold {n} symbols")
+    edges = torch.round(torch.cumsum(d, 0) / d.sum() * (frames - n)).long()
+    out = torch.diff(edges, prepend=torch.zeros(1, dtype=torch.long)) + 1
+    return out
+
+
+def wrong_text(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(right, wrong): the samples, and each with the next sample's transcript instead (a cyclic shift; for
+    pointer models that transcript's durations are stretched over this sample's frames). A sample whose
+    frames cannot hold the other transcript is left out of both. The text gap is the level-0 loss of the
+    wrong ones minus the right ones'."""
+    right, wrong = [], []
+    n = len(samples)
+    for k, s in enumerate(samples):
+        other = samples[(k + 1) % n]
+        fs = None
+        if s.frame_symbols is not None and other.frame_symbols is not None:
+            d = torch.bincount(other.frame_symbols.cpu(), minlength=len(other.phonemes))
+            frames = s.response.shape[-1]
+            if frames < len(d):
+                continue
+            fs = frame_symbols(stretch_durations(d, frames))
+        right.append(s)
+        wrong.append(Sample(other.phonemes, s.prompt, s.response, s.level, s.language, s.task, fs))
+    return right, wrong

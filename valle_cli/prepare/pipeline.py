@@ -1,4 +1,5 @@
-"""The `valle prepare` engine: discover -> transcribe -> load + phonemize -> quantize -> similar -> index.
+"""The `valle prepare` engine: discover -> transcribe -> load + phonemize -> quantize -> similar -> index ->
+phoneme durations (a small aligner trained on the dataset itself, prepare/align.py).
 
 Work is done per utterance and written atomically (codes, then metadata), so a killed run loses at most the
 batch in flight and a rerun skips everything finished. Transcriptions of files without a transcript are cached
@@ -55,6 +56,8 @@ class PrepareOptions:
     shard: tuple[int, int] | None = None
     top_k: int = 8
     device: str = "auto"
+    align_steps: int | None = None  # phoneme aligner's training steps (prepare/align.py): None = by the
+    # dataset's size, 0 = no durations
 
 
 @dataclass
@@ -89,6 +92,7 @@ class PrepareReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source or uid, reason)
     hdf5: Path | None = None
     hours_per_speaker: dict[str, float] = field(default_factory=dict)
+    alignment: dict | None = None  # the aligner's summary: aligned, unaligned, seconds, loss
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -329,6 +333,10 @@ def _prepare(opts: PrepareOptions, progress: Progress | None) -> PrepareReport:
     _fill_similar(opts.output, utts, codec.codebook_size, opts.top_k, progress)
     header = {"codec": codec_info, "created_by": f"valle {__version__}", "shard": list(opts.shard or [])}
     write_index(opts.output, utts, header, symbols)
+    if opts.align_steps is None or opts.align_steps > 0:
+        from valle_cli.prepare.align import align_dataset
+
+        report.alignment = align_dataset(opts.output, steps=opts.align_steps, progress=progress)
     _summarize(report, utts)
     report.elapsed = time.time() - t0
     _write_report(opts.output, report)

@@ -147,6 +147,19 @@ class Trainer:
             self.device = resolve_train_device(t.device)
         torch.manual_seed(t.seed)
         self.model = VALLE(cfg.model, len(self.symbols), int(codec["codebook_size"]), t.loss_weights)
+        self.model.input_dropout = t.input_dropout
+        if t.guided_attention > 0:
+            from valle_cli.model.valle import GuidedAttention
+
+            n = cfg.model.n_layers
+            layers = tuple(t.guided_attention_layers) or tuple(
+                sorted({max(n // 2 - 1, 0), n // 2 if n > 1 else 0})
+            )
+            if any(not 0 <= k < n for k in layers):
+                raise TrainingError(
+                    f"train.guided_attention_layers {list(layers)} must lie in 0..{n - 1} (model.n_layers is {n})"
+                )
+            self.model.guided = GuidedAttention(t.guided_attention, t.guided_attention_sigma, layers)
         if t.init_from:
             self._load_base(Path(t.init_from))
         self.lora: list[str] = []
@@ -165,6 +178,8 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and t.precision == "fp16")
         train_idx, self.val_idx = split_indices(self.ds, cfg.data)
+        if cfg.model.alignment == "pointer":
+            train_idx, self.val_idx = self._aligned_only(train_idx), self._aligned_only(self.val_idx)
         self.sampler = Sampler(
             self.ds, train_idx, cfg.data, seed=t.seed, shard=(self.dist.rank, self.dist.world)
         )
@@ -193,6 +208,23 @@ class Trainer:
         self.resumed_from: Path | None = None
 
     # -- run folder, checkpoints ------------------------------------------------------------------------------
+
+    def _aligned_only(self, indices):
+        """Utterances with phoneme durations (pointer models train on those only)."""
+        if not self.ds.has_durations:
+            raise TrainingError(
+                f"model.alignment=pointer needs phoneme durations, and {self.ds.path} has none",
+                f"add them with `valle dataset align {self.ds.path}` (or rerun `valle prepare` with this valle)",
+            )
+        keep = np.asarray(
+            [i for i in indices if self.ds.phoneme_durations(int(i)) is not None], dtype=np.int64
+        )
+        if len(indices) and not len(keep):
+            raise TrainingError(
+                f"no utterance of {self.ds.path} has usable phoneme durations (stale after a reindex?)",
+                f"realign with `valle dataset align {self.ds.path}`",
+            )
+        return keep
 
     def _load_base(self, path: Path) -> None:
         """Start from trained weights: a run folder (its latest checkpoint), a step-* folder or an export."""
@@ -376,7 +408,7 @@ class Trainer:
     # -- steps ------------------------------------------------------------------------------------------------
 
     def _samples(self, batch: list[dict], levels: list[int] | None = None):
-        from valle_cli.model.valle import Sample
+        from valle_cli.model.valle import Sample, frame_symbols
 
         q = self.cfg.model.n_levels
         stt = [False] * len(batch)
@@ -389,7 +421,14 @@ class Trainer:
         return [
             Sample(b["phonemes"], b["response"][:q], b["response"][:q, :0], 0, b["language"], "stt")
             if is_stt
-            else Sample(b["phonemes"], b["prompt"], b["response"][:q], level, b["language"])
+            else Sample(
+                b["phonemes"],
+                b["prompt"],
+                b["response"][:q],
+                level,
+                b["language"],
+                frame_symbols=None if b.get("durations") is None else frame_symbols(b["durations"]),
+            )
             for b, level, is_stt in zip(batch, levels, stt, strict=True)
         ]
 
@@ -403,33 +442,75 @@ class Trainer:
     def evaluate(self, max_batches: int = 8) -> dict:
         """Loss and accuracy per level on held-out utterances (each one scored at every level)."""
         from valle_cli.data.loader import Sampler, load_item
+        from valle_cli.model.valle import wrong_text
 
         if len(self.val_idx) == 0:
             return {}
         self.model.eval()
         sampler = Sampler(self.ds, self.val_idx, self.cfg.data, seed=12345)
         totals: dict[str, list[float]] = {}
+
+        def add(key: str, out, k: str | None = None) -> None:
+            k = k or key
+            if k not in out.counts:
+                return
+            n = out.counts[k]
+            acc = totals.setdefault(key, [0.0, 0.0, 0])
+            acc[0] += out.level_loss[k] * n
+            acc[1] += out.accuracy[k] * n
+            acc[2] += n
+
         with torch.no_grad():
             for batch_items in sampler.epoch_batches()[:max_batches]:
                 batch = [load_item(self.ds, it) for it in batch_items]
                 for level in range(self.cfg.model.n_levels):
-                    out = self._forward(self._samples(batch, [level] * len(batch)), self.model)
-                    n = out.counts[f"l{level}"]
-                    acc = totals.setdefault(f"l{level}", [0.0, 0.0, 0])
-                    acc[0] += out.level_loss[f"l{level}"] * n
-                    acc[1] += out.accuracy[f"l{level}"] * n
-                    acc[2] += n
+                    samples = self._samples(batch, [level] * len(batch))
+                    out = self._forward(samples, self.model)
+                    add(f"l{level}", out)
+                    if level == 0:
+                        add("ptr", out)
+                        # the text gap: the same audio scored with other utterances' transcripts
+                        right, wrong = wrong_text(samples) if len(samples) > 1 else ([], [])
+                        if wrong:
+                            add("wrong_text", self._forward(wrong, self.model), "l0")
+                            same = len(right) == len(samples)
+                            add("right_text", out if same else self._forward(right, self.model), "l0")
         self.model.train()
         result = {"step": self.step, "kind": "eval"}
         for key, (loss, hits, n) in totals.items():
             result[f"loss.{key}"] = loss / n
             result[f"acc.{key}"] = hits / n
         result["loss"] = float(np.mean([result[f"loss.l{q}"] for q in range(self.cfg.model.n_levels)]))
+        if "loss.wrong_text" in result:
+            # > 0: the model uses its text; ~0: it ignores it (an audio language model)
+            result["text_gap"] = result["loss.wrong_text"] - result["loss.right_text"]
+            for key in ("acc.wrong_text", "acc.right_text"):
+                result.pop(key, None)
         if self.cfg.train.eval_samples > 0 and self.dist.main:
             self._synthesize_samples(sampler, self.cfg.train.eval_samples)
+        if self.dist.main:
+            self._plot_alignment(sampler)
         self._log(result)
         self._event("eval", result)
         return result
+
+    def _plot_alignment(self, sampler) -> None:
+        """RUN/alignment/step-N.png: attention over the text of the first held-out utterance (teacher-forced)."""
+        from valle_cli.alignment import alignment_maps, render_alignment
+        from valle_cli.data.loader import load_item
+
+        first = sampler.epoch_batches()[0][0]
+        item = load_item(self.ds, first)
+        sample = self._samples([item], [0])[0]
+        try:
+            am = alignment_maps(self.model, sample, self.symbols.symbols)
+            path = render_alignment(
+                am, self.run / "alignment" / f"step-{self.step:08d}.png", f"{item['uid']}, step {self.step}"
+            )
+        except (ValleError, OSError) as exc:
+            self._event("warn", {"message": f"no alignment plot: {exc}"})
+            return
+        self._event("info", {"message": f"alignment plot {path}"})
 
     def _synthesize_samples(self, sampler, n: int) -> None:
         """Greedy synthesis of n held-out utterances from their prompts -> run/samples/step-N/*.wav."""
@@ -591,7 +672,9 @@ class Trainer:
                         self.scaler.scale(out.loss / t.grad_accumulation).backward()
                     else:
                         outs.append(out)  # DeepSpeed: backward once every micro-batch is known to be finite
-                    step_tokens += sum(out.counts.values())
+                    step_tokens += sum(
+                        n for k, n in out.counts.items() if k != "ptr"
+                    )  # frames, not decisions
                     for k, v in out.losses.items():
                         record[f"loss.{k}"] = record.get(f"loss.{k}", 0.0) + v / t.grad_accumulation
                     for k, n in out.counts.items():  # per level: token-weighted over the micro-batches

@@ -48,4 +48,10 @@ class Stats(Static):
         if history.evals:
             ev = history.evals[-1]
             grid.add_row("eval", f"loss {ev.get('loss', float('nan')):.3f} @ {ev['step']:,}")
+            # held-out level-0 loss with a wrong transcript minus the right one: ~0 = the text is ignored
+            if "text_gap" in ev:
+                trend = [e["text_gap"] for e in history.evals if "text_gap" in e][-6:]
+                grid.add_row("text gap", f"{ev['text_gap']:+.3f}" + (
+                    "  (" + " ".join(f"{v:+.2f}" for v in trend[:-1]) + ")" if len(trend) > 1 else ""
+                ))  # fmt: skip
         self.update(grid)

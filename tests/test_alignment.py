@@ -1,0 +1,276 @@
+"""Alignment: the dataset's own aligner (monotonic search, forward-sum loss, durations written by prepare),
+the phoneme-pointer model (training targets, decoding that ends past EOS, the NAR's frame map, streaming),
+the text gap and alignment plots of training, `valle plot --alignment`, and the eval's duration error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from valle_cli.config import load_config
+from valle_cli.infer.engine import Request, SamplingConfig, generate
+from valle_cli.infer.stream import StreamSettings, stream_codes
+from valle_cli.model.valle import VALLE, Sample, frame_symbols, stretch_durations, wrong_text
+from valle_cli.prepare.align import (
+    Aligner,
+    auto_steps,
+    beta_binomial_prior,
+    forward_sum_loss,
+    monotonic_search,
+    train_aligner,
+)
+
+from .conftest import needs_espeak
+
+
+def test_monotonic_search_recovers_a_path_and_covers_every_symbol():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(1, 12))
+        d = rng.integers(1, 6, size=n)
+        path = np.repeat(np.arange(n), d)
+        logp = rng.normal(-6, 1, size=(len(path), n))
+        logp[np.arange(len(path)), path] = 0.0
+        assert np.array_equal(monotonic_search(logp), d)
+    flat = monotonic_search(np.zeros((9, 9)))  # no evidence at all: still one frame each
+    assert np.array_equal(flat, np.ones(9))
+    with pytest.raises(ValueError, match="cannot hold"):
+        monotonic_search(np.zeros((3, 4)))
+
+
+def test_prior_and_forward_sum_loss():
+    prior = beta_binomial_prior(torch.tensor([6]), torch.tensor([30]), 8, 32)[0]
+    assert torch.allclose(prior[:30, :6].sum(-1), torch.ones(30), atol=1e-5)
+    assert prior[:30, 6:].sum() == 0 and prior[30:].sum() == 0
+    assert prior[0].argmax() == 0 and prior[29].argmax() == 5  # the diagonal
+    # a monotonic attention scores a lower loss than one that runs backwards
+    n, t = 5, 20
+    path = np.repeat(np.arange(n), 4)
+    good = torch.full((1, t, n), -8.0)
+    good[0, torch.arange(t), torch.from_numpy(path)] = 0.0
+    bad = good.flip(-1)
+    lens = torch.tensor([n]), torch.tensor([t])
+    assert forward_sum_loss(good.log_softmax(-1), *lens) < forward_sum_loss(bad.log_softmax(-1), *lens) - 1
+
+
+def test_duration_helpers():
+    assert frame_symbols(torch.tensor([2, 1, 3])).tolist() == [0, 0, 1, 2, 2, 2]
+    for frames in (5, 17, 40):
+        d = stretch_durations(torch.tensor([3, 1, 5, 2, 4]), frames)
+        assert int(d.sum()) == frames and int(d.min()) >= 1
+    with pytest.raises(ValueError):
+        stretch_durations(torch.tensor([1, 1, 1]), 2)
+    assert auto_steps(10) == 100 and auto_steps(3650) == 1500 and auto_steps(1000) == 500
+
+
+@needs_espeak
+def test_prepare_writes_durations_and_they_survive_hdf5_and_reindex(dataset, tmp_path):
+    import shutil
+
+    from valle_cli.data.dataset import open_dataset
+    from valle_cli.data.hdf5 import folder_to_hdf5
+    from valle_cli.data.merge import reindex
+
+    ds = open_dataset(dataset)
+    assert ds.has_durations and (dataset / "aligner.safetensors").is_file()
+    for i in range(len(ds)):
+        d = ds.phoneme_durations(i)
+        assert d is not None and len(d) == len(ds.phonemes(i)) + 2
+        assert int(d.sum()) == ds.frames(i) and int(d.min()) >= 1
+    h5 = folder_to_hdf5(dataset, tmp_path / "d.h5")
+    hd = open_dataset(h5)
+    assert hd.has_durations and np.array_equal(hd.phoneme_durations(3), ds.phoneme_durations(3))
+    hd.close()
+    # a reindex rewrites the index, so the old durations go; it aligns again
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    reindex(copy, align=False)
+    assert not open_dataset(copy).has_durations
+    reindex(copy)
+    assert open_dataset(copy).has_durations
+
+
+@needs_espeak
+def test_aligner_learns_on_real_speech(dataset):
+    """The forward-sum loss falls as the aligner trains on the test corpus."""
+    from valle_cli.data.dataset import open_dataset
+    from valle_cli.prepare.align import _batch
+
+    ds = open_dataset(dataset)
+    idx = list(range(min(8, len(ds))))
+
+    def loss(model):
+        text, audio, tl, fl = _batch(ds, idx, 1, 2, model.levels)
+        with torch.no_grad():
+            return float(forward_sum_loss(model(text, audio, tl, fl), tl, fl))
+
+    torch.manual_seed(0)
+    fresh = Aligner(len(ds.header["symbols"]["symbols"]), int(ds.header["codec"]["codebook_size"]))
+    trained = train_aligner(ds, steps=150)
+    assert loss(trained) < loss(fresh) - 0.2
+
+
+@pytest.fixture(scope="module")
+def pointer_model():
+    torch.manual_seed(0)
+    return VALLE(load_config("tiny", ["model.alignment=pointer"]).model, n_symbols=623).eval()
+
+
+def _sample(level: int, durations, seed: int = 0) -> Sample:
+    g = torch.Generator().manual_seed(seed)
+    d = torch.tensor(durations)
+    ph = torch.randint(4, 623, (len(d),), generator=g)
+    ph[0], ph[-1] = 1, 2
+    f = int(d.sum())
+    return Sample(ph, torch.randint(0, 1024, (8, 20), generator=g), torch.randint(0, 1024, (8, f), generator=g),
+                  level, frame_symbols=frame_symbols(d))  # fmt: skip
+
+
+def test_pointer_model_targets_and_wrong_text(pointer_model):
+    s = _sample(0, [2, 3, 1, 4, 2])
+    assert pointer_model.pointer_targets(s).tolist() == [0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 1]
+    batch = pointer_model.assemble([s, _sample(3, [1, 1, 2])])
+    parts = [(b, part) for b, _, _, _, part in batch.targets]
+    assert parts == [(0, "response"), (0, "pointer"), (1, "response")]  # the pointer trains on the AR only
+    # F inputs for F level-0 targets (no STOP position): the end of speech is the pointer's
+    assert len(batch.targets[0][2]) == 12 and int(batch.lengths[0]) == 4 + 5 + 1 + 20 + 1 + 12
+    out = pointer_model([s, _sample(3, [1, 1, 2])])
+    assert "pointer" in out.losses and 0 <= out.accuracy["ptr"] <= 1
+    with pytest.raises(ValueError, match="frame_symbols"):
+        pointer_model([Sample(s.phonemes, s.prompt, s.response, 0)])
+    right, wrong = wrong_text([s, _sample(0, [3, 3, 3, 3, 3, 3, 3, 3], 1), _sample(0, [1, 1, 1], 2)])
+    assert len(right) == len(wrong) == 2  # 3 frames cannot hold the first transcript's 5 symbols
+    for r, w in zip(right, wrong, strict=True):
+        assert len(w.frame_symbols) == r.response.shape[1] and torch.equal(w.response, r.response)
+    assert torch.equal(wrong[0].phonemes, right[1].phonemes)
+
+
+def test_pointer_decoding_ends_past_eos_and_maps_every_frame(pointer_model):
+    ph = torch.tensor([1, 10, 20, 30, 40, 2])
+    prompt = torch.randint(0, 1024, (8, 25), generator=torch.Generator().manual_seed(3))
+    for temp in (0.0, 1.0):
+        out = generate(
+            pointer_model, ph, prompt, sampling=SamplingConfig(ar_temp=temp, max_ar_steps=800, seed=2)
+        )
+        fs = out.frame_symbols
+        assert out.stopped and out.codes.shape == (8, len(fs))
+        assert fs[0] == 0 and fs[-1] == len(ph) - 1  # from BOS through EOS
+        steps = torch.diff(fs)
+        assert set(steps.tolist()) <= {0, 1}  # the pointer stays or moves one symbol
+        assert torch.bincount(fs).max() <= 100  # no symbol held past MAX_SYMBOL_FRAMES
+    # a pointer that never moves by itself is moved by force: speech still ends
+    with torch.no_grad():
+        saved = pointer_model.pointer_head.bias.clone()
+        pointer_model.pointer_head.bias[:] = torch.tensor([50.0, -50.0])
+    try:
+        out = generate(pointer_model, ph, prompt, sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=2000))
+    finally:
+        with torch.no_grad():
+            pointer_model.pointer_head.bias[:] = saved
+    assert out.stopped and out.codes.shape[1] == 100 * len(ph)
+
+
+def test_pointer_stream_matches_whole_generation(pointer_model):
+    req = Request(torch.tensor([1, *range(10, 22), 2]), torch.randint(0, 1024, (8, 30)))
+    sc = SamplingConfig(ar_temp=1.0, top_k=40, max_ar_steps=600, seed=4)
+    whole = generate(pointer_model, req.phonemes, req.prompt, sampling=sc)
+    chunks = list(
+        stream_codes(pointer_model, req, sc, StreamSettings(chunk_frames=100, max_chunk_frames=10_000))
+    )
+    streamed = torch.cat([c.codes for c in chunks], 1)
+    assert torch.equal(streamed[0], whole.codes[0])
+    one = list(
+        stream_codes(pointer_model, req, sc, StreamSettings(chunk_frames=100_000, max_chunk_frames=100_000))
+    )
+    assert torch.equal(one[0].codes, whole.codes)  # the NAR saw the same frame map
+
+
+def test_pointer_models_refuse_what_they_cannot_do_yet(pointer_model):
+    from valle_cli.errors import ValleError
+
+    ph, prompt = torch.tensor([1, 10, 2]), torch.randint(0, 1024, (8, 10))
+    with pytest.raises(ValleError, match="continuing audio"):
+        generate(pointer_model, ph, prompt, prefix=torch.randint(0, 1024, (8, 5)))
+    with pytest.raises(ValleError, match="beam search"):
+        generate(pointer_model, ph, prompt, sampling=SamplingConfig(beam_width=2))
+
+
+@needs_espeak
+def test_training_logs_the_text_gap_and_plots_alignment(dataset, tmp_path):
+    from valle_cli.train.trainer import Trainer
+
+    for alignment in ("none", "pointer"):
+        run = tmp_path / alignment
+        cfg = load_config(
+            "tiny",
+            [f"data.paths=[{dataset}]", "data.batch_size=4", "data.val_fraction=0.3", "train.steps=2",
+             "train.eval_every=2", "train.save_every=2", f"model.alignment={alignment}"],
+        )  # fmt: skip
+        Trainer(cfg, run).train()
+        evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in evals if r.get("kind") == "eval"]
+        assert evals and "text_gap" in evals[-1] and np.isfinite(evals[-1]["text_gap"])
+        assert evals[-1]["text_gap"] == pytest.approx(
+            evals[-1]["loss.wrong_text"] - evals[-1]["loss.right_text"]
+        )
+        assert ("acc.ptr" in evals[-1]) == (alignment == "pointer")
+        assert (run / "alignment" / "step-00000002.png").stat().st_size > 5000
+
+
+@needs_espeak
+def test_pointer_training_needs_durations(dataset, tmp_path):
+    import shutil
+
+    from valle_cli.train.trainer import Trainer, TrainingError
+
+    bare = tmp_path / "bare"
+    shutil.copytree(dataset, bare)
+    for name in ("durations", "duration_offsets"):
+        (bare / "index" / f"{name}.npy").unlink()
+    cfg = load_config("tiny", [f"data.paths=[{bare}]", "model.alignment=pointer"])
+    with pytest.raises(TrainingError, match="valle dataset align"):
+        Trainer(cfg, tmp_path / "run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "valle_cli", "dataset", "align", str(bare), "--steps", "20"],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "aligned" in proc.stderr
+    Trainer(cfg, tmp_path / "run")  # now it starts
+
+
+@needs_espeak
+def test_plot_alignment_of_a_model(tiny_model, speech_24k, tmp_path):
+    import soundfile as sf
+
+    ref = tmp_path / "ref.wav"
+    sf.write(ref, speech_24k[0], 24_000)
+    out = tmp_path / "align.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "valle_cli", "plot", "--alignment", str(tiny_model), "--text", "Good morning.",
+         "--ref", str(ref), "-o", str(out), "--max-ar-steps", "120"],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL, env={**os.environ},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.stat().st_size > 5000 and "focus" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "valle_cli", "plot", "--alignment", str(tiny_model)],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--text" in proc.stderr
+
+
+def test_speech_seconds_trims_silence():
+    from valle_cli.metrics import speech_seconds
+
+    sr = 16_000
+    tone = 0.5 * np.sin(np.arange(sr) * 2 * np.pi * 220 / sr)
+    wav = np.concatenate([np.zeros(sr // 2), tone, np.zeros(sr)])
+    assert speech_seconds(wav, sr) == pytest.approx(1.0, abs=0.03)
+    assert speech_seconds(np.zeros(sr), sr) == 0.0
