@@ -44,6 +44,54 @@ def test_monotonic_search_recovers_a_path_and_covers_every_symbol():
         monotonic_search(np.zeros((3, 4)))
 
 
+@needs_espeak
+def test_aligner_reads_codecs_with_fewer_levels(dataset):
+    """A 1.5 kbps codec has 2 RVQ levels: the aligner reads those (it reads 4 when there are more)."""
+    from valle_cli.data.dataset import open_dataset
+    from valle_cli.prepare.align import durations_for
+
+    ds = open_dataset(dataset)
+
+    class TwoLevels:
+        def __getattr__(self, name):
+            return getattr(ds, name)
+
+        def codes(self, i):
+            return ds.codes(i)[:2]
+
+    model = train_aligner(TwoLevels(), steps=3)
+    assert model.levels == 2
+    d = durations_for(model, TwoLevels(), [0, 1])
+    assert int(d[0].sum()) == ds.frames(0)
+
+
+def test_guided_attention_prefers_the_diagonal():
+    from valle_cli.model.valle import GuidedAttention
+
+    f, n = 12, 6
+    diag = torch.zeros(1, 2, 40, 40)
+    anti = torch.zeros(1, 2, 40, 40)
+    start, text = 20, 4  # response positions 20..31, text symbols at 4..9
+    for t in range(f):
+        diag[0, :, start + t, text + t * n // f] = 1.0
+        anti[0, :, start + t, text + n - 1 - t * n // f] = 1.0
+    g = GuidedAttention(1.0, 0.4, layers=(0,), heads=2)
+    rows = [(0, start, f, n)]
+    assert g.loss([diag], rows) < 0.05 < 0.5 < g.loss([anti], rows)
+
+
+@needs_espeak
+def test_guided_attention_refuses_what_it_cannot_run(dataset, tmp_path):
+    from valle_cli.train.trainer import Trainer, TrainingError
+
+    cfg = load_config(
+        "tiny",
+        [f"data.paths=[{dataset}]", "train.guided_attention=1.0", "model.gradient_checkpointing=true"],
+    )
+    with pytest.raises(TrainingError, match="gradient_checkpointing"):
+        Trainer(cfg, tmp_path / "run")
+
+
 def test_prior_and_forward_sum_loss():
     prior = beta_binomial_prior(torch.tensor([6]), torch.tensor([30]), 8, 32)[0]
     assert torch.allclose(prior[:30, :6].sum(-1), torch.ones(30), atol=1e-5)
@@ -155,25 +203,31 @@ def test_pointer_decoding_ends_past_eos_and_maps_every_frame(pointer_model):
     ph = torch.tensor([1, 10, 20, 30, 40, 2])
     prompt = torch.randint(0, 1024, (8, 25), generator=torch.Generator().manual_seed(3))
     for temp in (0.0, 1.0):
-        out = generate(
-            pointer_model, ph, prompt, sampling=SamplingConfig(ar_temp=temp, max_ar_steps=800, seed=2)
-        )
+        sc = SamplingConfig(ar_temp=temp, max_ar_steps=800, seed=2)
+        out = generate(pointer_model, ph, prompt, sampling=sc)
         fs = out.frame_symbols
-        assert out.stopped and out.codes.shape == (8, len(fs))
+        assert out.codes.shape == (8, len(fs)) and len(fs) < 800
         assert fs[0] == 0 and fs[-1] == len(ph) - 1  # from BOS through EOS
         steps = torch.diff(fs)
         assert set(steps.tolist()) <= {0, 1}  # the pointer stays or moves one symbol
         assert torch.bincount(fs).max() <= 100  # no symbol held past MAX_SYMBOL_FRAMES
-    # a pointer that never moves by itself is moved by force: speech still ends
-    with torch.no_grad():
-        saved = pointer_model.pointer_head.bias.clone()
-        pointer_model.pointer_head.bias[:] = torch.tensor([50.0, -50.0])
-    try:
-        out = generate(pointer_model, ph, prompt, sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=2000))
-    finally:
+
+    def biased(stay: float):
         with torch.no_grad():
-            pointer_model.pointer_head.bias[:] = saved
-    assert out.stopped and out.codes.shape[1] == 100 * len(ph)
+            saved = pointer_model.pointer_head.bias.clone()
+            pointer_model.pointer_head.bias[:] = torch.tensor([stay, -stay])
+        try:
+            return generate(
+                pointer_model, ph, prompt, sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=2000)
+            )
+        finally:
+            with torch.no_grad():
+                pointer_model.pointer_head.bias[:] = saved
+
+    moving = biased(-50.0)  # moves at every frame: one frame per symbol, and it ended by itself
+    assert moving.stopped and moving.frame_symbols.tolist() == list(range(len(ph)))
+    stuck = biased(50.0)  # never moves by itself: moved by force, so speech still ends, but not "stopped"
+    assert not stuck.stopped and stuck.codes.shape[1] == 100 * len(ph)
 
 
 def test_pointer_stream_matches_whole_generation(pointer_model):
@@ -221,6 +275,10 @@ def test_training_logs_the_text_gap_and_plots_alignment(dataset, tmp_path):
         )
         assert ("acc.ptr" in evals[-1]) == (alignment == "pointer")
         assert (run / "alignment" / "step-00000002.png").stat().st_size > 5000
+        from valle_cli.infer.load import _read
+
+        meta = _read(run)[1]  # classic models omit the key, so older valle versions still load them
+        assert ("alignment" in meta["config"]["model"]) == (alignment == "pointer")
 
 
 @needs_espeak

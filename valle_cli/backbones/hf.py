@@ -76,18 +76,22 @@ class HFBackbone(Backbone):
         )
         return out, (cache if use_cache else None)
 
-    def forward_with_attention(self, inputs_embeds, attention_mask, position_ids):
+    def forward_with_attention(self, inputs_embeds, attention_mask, position_ids, **extra):
         """`forward` plus every layer's attention probabilities (B, H, T, T), computed with the eager kernel
         (sdpa does not return them); the model's own kernel is restored afterwards."""
         kind = self.model.config._attn_implementation
         self.model.set_attn_implementation("eager")
         try:
             out, _ = self._call(
-                inputs_embeds, attention_mask, position_ids, None, False, output_attentions=True
+                inputs_embeds, attention_mask, position_ids, None, False, output_attentions=True, **extra
             )
         finally:
             self.model.set_attn_implementation(kind)
-        return BackboneOutput(out.last_hidden_state), list(out.attentions)
+        return BackboneOutput(out.last_hidden_state, None, self._aux(out)), list(out.attentions)
+
+    def _aux(self, out) -> torch.Tensor | None:
+        """The backbone's auxiliary loss from a transformers output (none here; mixtral's router loss)."""
+        return None
 
 
 class LlamaBackbone(HFBackbone):
@@ -130,16 +134,23 @@ class MixtralBackbone(HFBackbone):
     def forward(
         self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False
     ) -> BackboneOutput:
+        out, cache = self._call(
+            inputs_embeds, attention_mask, position_ids, cache, use_cache, output_router_logits=self.training
+        )
+        return BackboneOutput(out.last_hidden_state, cache, self._aux(out))
+
+    def forward_with_attention(self, inputs_embeds, attention_mask, position_ids, **extra):
+        return super().forward_with_attention(
+            inputs_embeds, attention_mask, position_ids, output_router_logits=self.training
+        )
+
+    def _aux(self, out) -> torch.Tensor | None:
+        """The router's load-balancing loss (training only), scaled by its coefficient."""
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-        want_aux = self.training
-        out, cache = self._call(
-            inputs_embeds, attention_mask, position_ids, cache, use_cache, output_router_logits=want_aux
+        if not (self.training and getattr(out, "router_logits", None)):
+            return None
+        cfg = self.model.config
+        return self.aux_coef * load_balancing_loss_func(
+            out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok
         )
-        aux = None
-        if want_aux and getattr(out, "router_logits", None):
-            cfg = self.model.config
-            aux = self.aux_coef * load_balancing_loss_func(
-                out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok
-            )
-        return BackboneOutput(out.last_hidden_state, cache, aux)

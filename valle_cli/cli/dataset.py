@@ -105,6 +105,9 @@ def merge(
 def reindex(
     dataset: Path = typer.Argument(..., help="Dataset folder."),
     top_k: int = typer.Option(8, help="Similar utterances kept per utterance."),
+    align: bool = typer.Option(
+        True, "--align/--no-align", help="Redo the phoneme durations (a few minutes)."
+    ),
 ) -> None:
     """Rebuild the index and similar lists from the utterance files (e.g. after deleting some)."""
     from rich.console import Console
@@ -114,7 +117,7 @@ def reindex(
 
     con = Console(stderr=True)
     with stage_progress(con) as progress:
-        n = run_reindex(dataset, top_k, progress)
+        n = run_reindex(dataset, top_k, progress, align=align)
     con.print(f"indexed {n} utterances in {dataset}", markup=False)
 
 
@@ -133,6 +136,10 @@ def align(
     from valle_cli.fsutil import lock_folder
     from valle_cli.prepare.align import align_dataset
 
+    if steps is not None and steps < 1:
+        raise DatasetError(
+            f"--steps must be at least 1, got {steps}", "leave it out to size it by the dataset"
+        )
     if dataset.is_file():
         raise DatasetError(
             f"{dataset} is an HDF5 file; durations are written into a dataset folder",

@@ -185,11 +185,13 @@ def ar_tokens(
     sc: SamplingConfig,
     use_cache: bool = True,
     symbols: list[list[int]] | None = None,
+    ends: list[bool] | None = None,
 ) -> Iterator[list[int | None]]:
     """Sample level 0 for a batch, one step at a time: yields each row's new token, None once it stopped.
-    For pointer models, `symbols` (one list per row) receives the text symbol of every frame."""
+    For pointer models, `symbols` (one list per row) receives the text symbol of every frame, and `ends`
+    (one bool per row) whether the row ended by its own move past EOS (not forced, not at the step limit)."""
     if model.pointer:
-        yield from _pointer_tokens(model, requests, sc, use_cache, symbols)
+        yield from _pointer_tokens(model, requests, sc, use_cache, symbols, ends)
         return
     dec = ar_decoder(model, requests, use_cache)
     samplers = [TokenSampler(sc.ar, model.stop_id, sc.generator()) for _ in requests]
@@ -208,7 +210,7 @@ def ar_tokens(
         dec.feed(torch.tensor([model.start_id if t is None else t for t in step]))
 
 
-def _pointer_tokens(model, requests, sc, use_cache, symbols) -> Iterator[list[int | None]]:
+def _pointer_tokens(model, requests, sc, use_cache, symbols, ends) -> Iterator[list[int | None]]:
     dec = ar_decoder(model, requests, use_cache)
     samplers = [TokenSampler(sc.ar, model.stop_id, sc.generator()) for _ in requests]
     gens = [sc.generator() for _ in requests]
@@ -217,6 +219,7 @@ def _pointer_tokens(model, requests, sc, use_cache, symbols) -> Iterator[list[in
     pos = [0] * len(requests)  # the symbol the next frame speaks
     held = [0] * len(requests)  # frames spent on it so far
     done = [False] * len(requests)
+    ends = ends if ends is not None else [False] * len(requests)
     for _ in range(sc.max_ar_steps):
         hidden = dec.logits()  # (B, D)
         logits = model.heads[0](hidden)
@@ -237,6 +240,7 @@ def _pointer_tokens(model, requests, sc, use_cache, symbols) -> Iterator[list[in
             if moves or held[row] >= MAX_SYMBOL_FRAMES:
                 pos[row], held[row] = pos[row] + 1, 0
                 done[row] = pos[row] >= len(phonemes[row])
+                ends[row] = done[row] and moves
         yield step
         if all(done):
             return
@@ -255,6 +259,9 @@ class NarItem:
     codes: torch.Tensor
     fixed: int = 0
     frame_symbols: torch.Tensor | None = None  # (F,) pointer models: the text symbol of every frame
+    frame_held: torch.Tensor | None = (
+        None  # (F,) and how many frames of it came before (None: from the above)
+    )
 
 
 def nar_fill(
@@ -275,6 +282,7 @@ def nar_fill(
                 level,
                 items[i].request.language,
                 frame_symbols=items[i].frame_symbols,
+                frame_held=items[i].frame_held,
             )
             for i in live
         ]
@@ -311,6 +319,7 @@ def generate_batch(
     if not requests:
         return []
     symbols: list[list[int]] = [[] for _ in requests]
+    ends = [False] * len(requests)
     if sc.beam_width > 1:
         if model.pointer:
             raise ValleError(
@@ -321,15 +330,12 @@ def generate_batch(
         level0 = [beam_ar(model, r, sc, use_cache) for r in requests]
     else:
         level0 = [([], False) for _ in requests]
-        for step in ar_tokens(model, requests, sc, use_cache, symbols):
+        for step in ar_tokens(model, requests, sc, use_cache, symbols, ends):
             for row, token in enumerate(step):
                 if token is not None:
                     level0[row][0].append(token)
-        if model.pointer:  # stopped: the pointer moved past EOS
-            level0 = [
-                (toks, len(sym) > 0 and sym[-1] == len(r.phonemes) - 1 and len(toks) < sc.max_ar_steps)
-                for r, (toks, _), sym in zip(requests, level0, symbols, strict=True)
-            ]
+        if model.pointer:  # stopped: the pointer moved past EOS by itself (not forced, not at the limit)
+            level0 = [(toks, end) for (toks, _), end in zip(level0, ends, strict=True)]
         else:
             # a row that never yielded None before the loop ended either stopped (fewer tokens) or hit the
             # limit

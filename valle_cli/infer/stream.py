@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from valle_cli.infer.engine import NarItem, Request, SamplingConfig, ar_tokens, nar_fill, response_codes
+from valle_cli.model.valle import held_counts
 
 
 @dataclass
@@ -76,8 +77,11 @@ def stream_codes(
         full[:, : codes.shape[1]] = codes
         full[0, fc:] = torch.tensor(tokens, device=codes.device)
         w0 = max(0, done - st.nar_context)
-        fs = torch.tensor(symbols[0][w0:], dtype=torch.long) if model.pointer else None
-        window = nar_fill(model, [NarItem(req, full[:, w0:], done - w0, fs)], sc, nar_gen)[0]
+        fs = held = None
+        if model.pointer:  # the window's frame map, with held counts from the whole response
+            whole = torch.tensor(symbols[0], dtype=torch.long)
+            fs, held = whole[w0:], held_counts(whole)[w0:]
+        window = nar_fill(model, [NarItem(req, full[:, w0:], done - w0, fs, held)], sc, nar_gen)[0]
         full[:, done:] = window[:, done - w0 :]
         codes = full
         released = full[:, done:upto_final].cpu()

@@ -55,6 +55,9 @@ class Sample:
     language: int = 0
     task: str = "tts"
     frame_symbols: torch.Tensor | None = None  # (Fr,) index into phonemes of each response frame (pointer)
+    frame_held: torch.Tensor | None = (
+        None  # (Fr,) frames of its symbol before each frame; None: from the above
+    )
 
 
 @dataclass
@@ -177,7 +180,8 @@ class VALLE(nn.Module):
             )
         ph = s.phonemes.to(self.sep.device)
         fs = s.frame_symbols.to(self.sep.device)
-        return self.frame_text_emb(ph[fs]) + self.held_emb(held_counts(fs))
+        held = held_counts(fs) if s.frame_held is None else s.frame_held.to(fs.device).clamp_max(MAX_HELD - 1)
+        return self.frame_text_emb(ph[fs]) + self.held_emb(held)
 
     def pointer_targets(self, s: Sample) -> torch.Tensor:
         """(Fr,) 1 where the next frame speaks the next symbol (the last frame moves past EOS)."""

@@ -165,11 +165,12 @@ def train_aligner(
     """Fit an aligner to a dataset's own codes and phonemes (minutes on a CPU for hours of speech)."""
     symbols = ds.header["symbols"]["symbols"]
     torch.manual_seed(seed)
-    model = Aligner(len(symbols), int(ds.header["codec"]["codebook_size"]))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
     pool = _alignable(ds)
     if len(pool) == 0:
         raise DatasetError(f"no utterance of {ds.path} has more frames than phonemes: nothing to align")
+    levels = min(ALIGN_LEVELS, ds.codes(int(pool[0])).shape[0])  # a 1.5 kbps codec has only 2
+    model = Aligner(len(symbols), int(ds.header["codec"]["codebook_size"]), levels)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     frames = np.asarray(ds.columns["frames"], dtype=np.int64)
     rng = np.random.default_rng(seed)
     loss_avg = 0.0

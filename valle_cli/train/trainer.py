@@ -149,8 +149,21 @@ class Trainer:
         self.model = VALLE(cfg.model, len(self.symbols), int(codec["codebook_size"]), t.loss_weights)
         self.model.input_dropout = t.input_dropout
         if t.guided_attention > 0:
+            from valle_cli.backbones.base import Backbone
             from valle_cli.model.valle import GuidedAttention
 
+            if type(self.model.backbone).forward_with_attention is Backbone.forward_with_attention:
+                raise TrainingError(
+                    f"train.guided_attention needs the backbone's attention, and {cfg.model.backbone} does not "
+                    "report it",
+                    "set train.guided_attention=0, or use model.backbone=llama, mixtral or transformer",
+                )
+            if cfg.model.gradient_checkpointing:
+                raise TrainingError(
+                    "train.guided_attention cannot run with model.gradient_checkpointing (the attention maps "
+                    "are computed with another kernel than the recomputation would use)",
+                    "set model.gradient_checkpointing=false, or train.guided_attention=0",
+                )
             n = cfg.model.n_layers
             layers = tuple(t.guided_attention_layers) or tuple(
                 sorted({max(n // 2 - 1, 0), n // 2 if n > 1 else 0})
@@ -259,7 +272,7 @@ class Trainer:
         return {
             "format": "valle-model",
             "version": 1,
-            "config": config_to_dict(self.cfg),
+            "config": self._config_meta(),
             "symbols": self.symbols.to_dict(),
             "codec": self.ds.header["codec"],
             "languages": self.ds.languages,
@@ -273,6 +286,14 @@ class Trainer:
                 "layers": self.lora,
             },
         }
+
+    def _config_meta(self) -> dict:
+        """The resolved config for model files. `model.alignment` is left out when it is the classic "none",
+        so valle versions from before it existed still load classic models."""
+        cfg = config_to_dict(self.cfg)
+        if cfg["model"].get("alignment") == "none":
+            del cfg["model"]["alignment"]
+        return cfg
 
     def _rng_state(self) -> dict:
         return {
