@@ -4,7 +4,8 @@ For one utterance (teacher-forced codes, or what the model has just generated) t
 with the backbone's `attention_maps`, and each layer's attention of the response frames over the text
 symbols (the mean of its heads, renormalized over the text) is drawn as an image: frames on x, symbols on y.
 A model that reads its text draws a monotonic diagonal; one that ignores it draws vertical smears or nothing.
-Pointer models also get their frame-to-symbol path drawn over it (red). Each panel is titled with its
+The frame-to-symbol path is drawn over it in red when there is one: the aligner's durations of a dataset
+utterance, or what a pointer model generated. Each panel is titled with its
 layer's *focus*: the mean over frames of the largest attention weight on one symbol (1 = sharp).
 
 Used at every evaluation of `valle train` (RUN/alignment/step-N.png) and by `valle plot --alignment`.
