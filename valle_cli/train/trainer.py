@@ -482,7 +482,8 @@ class Trainer:
             acc[2] += n
 
         with torch.no_grad():
-            for batch_items in sampler.epoch_batches()[:max_batches]:
+            batches = sampler.epoch_batches()
+            for batch_items in batches[:max_batches]:
                 batch = [load_item(self.ds, it) for it in batch_items]
                 for level in range(self.cfg.model.n_levels):
                     samples = self._samples(batch, [level] * len(batch))
@@ -510,17 +511,16 @@ class Trainer:
         if self.cfg.train.eval_samples > 0 and self.dist.main:
             self._synthesize_samples(sampler, self.cfg.train.eval_samples)
         if self.dist.main:
-            self._plot_alignment(sampler)
+            self._plot_alignment(batches[0][0])
         self._log(result)
         self._event("eval", result)
         return result
 
-    def _plot_alignment(self, sampler) -> None:
+    def _plot_alignment(self, first) -> None:
         """RUN/alignment/step-N.png: attention over the text of the first held-out utterance (teacher-forced)."""
         from valle_cli.alignment import alignment_maps, render_alignment
         from valle_cli.data.loader import load_item
 
-        first = sampler.epoch_batches()[0][0]
         item = load_item(self.ds, first)
         sample = self._samples([item], [0])[0]
         try:
