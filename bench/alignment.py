@@ -152,7 +152,9 @@ def main() -> None:
         cells = [f"{ev[s]['text_gap']:+.3f}" if s in ev and "text_gap" in ev[s] else "-" for s in marks]
         last = ev.get(args.steps) or ev[max(ev)]
         ptr = f"{last['acc.ptr']:.3f}" if "acc.ptr" in last else "-"
-        body.append(f"| {name} | {sps or 0:.2f} | " + " | ".join(cells) + f" | {last['acc.l0']:.3f} | {ptr} |")
+        body.append(
+            f"| {name} | {sps or 0:.2f} | " + " | ".join(cells) + f" | {last['acc.l0']:.3f} | {ptr} |"
+        )
     body += [
         "",
         *(f"- **{n}**: {METHODS[n][1]} (`{' '.join(METHODS[n][0]) or 'recipe as is'}`)" for n in names),

@@ -16,7 +16,14 @@ import torch
 from valle_cli.config import load_config
 from valle_cli.infer.engine import Request, SamplingConfig, generate
 from valle_cli.infer.stream import StreamSettings, stream_codes
-from valle_cli.model.valle import VALLE, Sample, frame_symbols, stretch_durations, wrong_text
+from valle_cli.model.valle import (
+    VALLE,
+    Sample,
+    frame_symbols,
+    stretch_durations,
+    swapped_text,
+    wrong_text,
+)
 from valle_cli.prepare.align import (
     Aligner,
     auto_steps,
@@ -199,6 +206,21 @@ def test_pointer_model_targets_and_wrong_text(pointer_model):
     assert torch.equal(wrong[0].phonemes, right[1].phonemes)
 
 
+def test_swapped_text_keeps_boundaries_and_changes_identities():
+    a, b = _sample(0, [2, 3, 1, 4, 2], 0), _sample(0, [1, 2, 2, 1, 3, 1, 1, 2], 1)
+    swapped = swapped_text([a, b])
+    assert len(swapped) == 2
+    for own, other, sw in ((a, b, swapped[0]), (b, a, swapped[1])):
+        assert len(sw.phonemes) == len(own.phonemes) and torch.equal(sw.frame_symbols, own.frame_symbols)
+        assert sw.phonemes[0] == 1 and sw.phonemes[-1] == 2  # BOS and EOS stay
+        assert set(sw.phonemes[1:-1].tolist()) <= set(other.phonemes[1:-1].tolist())
+        assert torch.equal(sw.response, own.response)
+    # resampled in order: the 3 inner symbols of a spread over b's 6 inner positions
+    assert swapped[1].phonemes[1:-1].tolist() == [a.phonemes[i].item() for i in (1, 1, 2, 2, 3, 3)]
+    classic = Sample(a.phonemes, a.prompt, a.response, 0)
+    assert swapped_text([classic, classic]) == [] and swapped_text([a]) == []
+
+
 def test_pointer_decoding_ends_past_eos_and_maps_every_frame(pointer_model):
     ph = torch.tensor([1, 10, 20, 30, 40, 2])
     prompt = torch.randint(0, 1024, (8, 25), generator=torch.Generator().manual_seed(3))
@@ -274,6 +296,7 @@ def test_training_logs_the_text_gap_and_plots_alignment(dataset, tmp_path):
             evals[-1]["loss.wrong_text"] - evals[-1]["loss.right_text"]
         )
         assert ("acc.ptr" in evals[-1]) == (alignment == "pointer")
+        assert ("identity_gap" in evals[-1]) == (alignment == "pointer")  # the boundaries' control
         assert (run / "alignment" / "step-00000002.png").stat().st_size > 5000
         from valle_cli.infer.load import _read
 

@@ -100,3 +100,18 @@ def test_terminal_and_errors(tmp_path):
     assert proc.returncode == 1 and "none of the metrics" in proc.stderr and "Traceback" not in proc.stderr
     proc = valle("plot", str(run), "-o", str(tmp_path / "x.jpg"))
     assert proc.returncode == 1 and "unknown image format" in proc.stderr
+
+
+def test_default_panels_add_the_text_gaps_a_run_logs(tmp_path):
+    run = write_run(tmp_path / "classic", 2.0)
+    proc = valle("plot", str(run), "-o", str(tmp_path / "a.png"))
+    assert proc.returncode == 0 and "4 metric(s)" in proc.stderr, proc.stderr
+    pointer = tmp_path / "pointer"
+    pointer.mkdir()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        if r["kind"] == "eval":
+            r.update(text_gap=r["step"] / 1000, identity_gap=r["step"] / 2000)
+    (pointer / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = valle("plot", str(pointer), "-o", str(tmp_path / "b.png"))
+    assert proc.returncode == 0 and "6 metric(s)" in proc.stderr, proc.stderr

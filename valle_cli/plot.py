@@ -23,6 +23,7 @@ from valle_cli.errors import ValleError
 XS = ("step", "tokens", "time")
 DEFAULT_YS = ["loss", "acc.ar", "acc.nar", "lr"]
 TEXT_GAP = "eval.text_gap"  # added to the default panels when a run logs it
+IDENTITY_GAP = "eval.identity_gap"  # pointer models: the text gap with the utterance's own phoneme boundaries
 
 
 class PlotError(ValleError):

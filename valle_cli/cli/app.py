@@ -39,7 +39,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_state = {"debug": False}
+_state: dict = {"debug": False, "signal": None}
 
 
 def _version(value: bool) -> None:
@@ -110,19 +110,45 @@ def _markup_safe(text: str) -> bool:
     return "[" not in text
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGINT and SIGTERM for every verb: unwind (finally blocks and context managers run, temporaries are
+    removed), then exit 130 or 143. Verbs that save first (train) install their own handlers meanwhile."""
+    _state["signal"] = signum
+    raise KeyboardInterrupt
+
+
+def _interrupted(code: int) -> None:
+    import signal
+
+    name = signal.Signals(_state["signal"] or signal.SIGINT).name
+    _fail(
+        f"interrupted ({name})", "rerun the same command; finished work is kept where the verb resumes", code
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    import signal
+    import threading
+
     from valle_cli.errors import ValleError
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _state["signal"] = None
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(s, _interrupt)
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False: errors reach the handlers below. Typer then returns what would have been the
+        # exit code (an Exit's, or 130 for Ctrl-C) instead of exiting, so it is passed on here.
+        code = app(args=argv, standalone_mode=False)
     except ValleError as exc:
         if debug or _state["debug"]:
             raise
         _fail(exc.message, exc.remedy, exc.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted", None, 130)
+        _interrupted(128 + (_state["signal"] or signal.SIGINT))
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
@@ -139,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
             "rerun with `valle --debug ...` for the traceback and report it if it looks like a bug",
             1,
         )
+    else:
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            if _state["signal"] is not None:  # Typer turned our KeyboardInterrupt into 130
+                _interrupted(128 + _state["signal"])
+            sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,15 @@ def plot(
     from rich.console import Console
 
     from valle_cli.errors import ValleError
-    from valle_cli.plot import DEFAULT_YS, TEXT_GAP, read_metrics, render_png, render_terminal, series
+    from valle_cli.plot import (
+        DEFAULT_YS,
+        IDENTITY_GAP,
+        TEXT_GAP,
+        read_metrics,
+        render_png,
+        render_terminal,
+        series,
+    )
 
     if alignment is not None:
         if runs:
@@ -62,8 +70,10 @@ def plot(
         raise ValleError("nothing to plot", "name run folders (valle plot RUN ...) or use --alignment MODEL")
 
     metrics = [m for y in (ys or DEFAULT_YS) for m in y.replace(",", " ").split()]
-    if not ys and any(TEXT_GAP.removeprefix("eval.") in r for run in runs for r in read_metrics(run)):
-        metrics.append(TEXT_GAP)  # the first thing to watch: does the model use its text?
+    if not ys:
+        logged = {k for run in runs for r in read_metrics(run) for k in r}
+        # the first thing to watch: does the model use its text? (identity_gap: pointer models' control)
+        metrics += [m for m in (TEXT_GAP, IDENTITY_GAP) if m.removeprefix("eval.") in logged]
     if not terminal and output is None:
         output = Path("plot.png")
     if ewm < 0:

@@ -93,6 +93,12 @@ def train(
         raise
     distributed.teardown()  # a process group left alive can abort the process at exit (gloo threads)
     console.print(f"stopped at step {info.step}; run folder {info.run}", markup=False)
+    if info.signal is not None:  # saved: say so, and exit as an interrupted program does (130, or 143)
+        console.print(
+            f"interrupted ({info.signal}): step {info.step} is saved; rerun the same command to resume",
+            markup=False,
+        )
+        raise typer.Exit(143 if info.signal == "SIGTERM" else 130)
 
 
 def _try_me(console, output: Path, text: str | None, audio: Path | None, steps: int) -> None:

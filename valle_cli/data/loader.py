@@ -18,6 +18,9 @@ exactly the batches the uninterrupted run would have drawn. Codes are read in Da
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -208,6 +211,16 @@ class _EpochBatches(torch.utils.data.Dataset):
         return [load_item(self.ds, it) for it in self.batches[k]]
 
 
+def _shield_worker(_: int) -> None:
+    """In each loader worker: leave the trainer's process group, so Ctrl-C in a terminal or a SIGTERM to the
+    group (timeout, Slurm) reaches only the trainer, which saves and then stops its workers; a worker killed
+    first would take the run down with "DataLoader worker exited unexpectedly". A worker still notices a
+    trainer that died (PyTorch's watchdog) and exits."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def batch_stream(ds: Dataset, sampler: Sampler, workers: int = 0) -> Iterator[list[dict]]:
     """Loaded batches, forever, in the sampler's order, from its saved position on. The sampler's position
     advances as batches are consumed here, so its state_dict is exact even while workers read ahead."""
@@ -225,6 +238,7 @@ def batch_stream(ds: Dataset, sampler: Sampler, workers: int = 0) -> Iterator[li
                 batch_size=None,
                 num_workers=workers,
                 multiprocessing_context="spawn",
+                worker_init_fn=_shield_worker,
             )
         for loaded in source:
             sampler.position += 1

@@ -30,7 +30,7 @@ Accuracy is reported per level. Padding (right side) is masked everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -367,3 +367,23 @@ def wrong_text(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
         right.append(s)
         wrong.append(Sample(other.phonemes, s.prompt, s.response, s.level, s.language, s.task, fs))
     return right, wrong
+
+
+def swapped_text(samples: list[Sample]) -> list[Sample]:
+    """Pointer models' control for the text gap: each sample keeps its own phoneme boundaries (frame_symbols,
+    frame_held) but its phonemes' identities are the next sample's, resampled to the same count (BOS and EOS
+    kept). The loss against these minus the right one's is the part of the gap that comes from which
+    phoneme is spoken, not from where one ends. Empty for classic models."""
+    out = []
+    n = len(samples)
+    for k, s in enumerate(samples):
+        if s.frame_symbols is None or n < 2:
+            continue
+        other = samples[(k + 1) % n].phonemes
+        inner, count = other[1:-1], len(s.phonemes) - 2
+        if len(inner) == 0 or count < 1:
+            continue
+        pick = torch.arange(count, device=inner.device) * len(inner) // count
+        phonemes = torch.cat([s.phonemes[:1], inner[pick], s.phonemes[-1:]])
+        out.append(replace(s, phonemes=phonemes))
+    return out

@@ -97,6 +97,7 @@ class RunInfo:
     run: Path
     step: int
     resumed_from: Path | None
+    signal: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the run (after saving)
 
 
 class Trainer:
@@ -218,6 +219,7 @@ class Trainer:
         self.tokens = 0
         self.stop_requested = False
         self._signalled = False
+        self._signal: str | None = None  # the first signal's name
         self.resumed_from: Path | None = None
 
     # -- run folder, checkpoints ------------------------------------------------------------------------------
@@ -463,7 +465,7 @@ class Trainer:
     def evaluate(self, max_batches: int = 8) -> dict:
         """Loss and accuracy per level on held-out utterances (each one scored at every level)."""
         from valle_cli.data.loader import Sampler, load_item
-        from valle_cli.model.valle import wrong_text
+        from valle_cli.model.valle import swapped_text, wrong_text
 
         if len(self.val_idx) == 0:
             return {}
@@ -497,6 +499,11 @@ class Trainer:
                             add("wrong_text", self._forward(wrong, self.model), "l0")
                             same = len(right) == len(samples)
                             add("right_text", out if same else self._forward(right, self.model), "l0")
+                        pointer = self.cfg.model.alignment == "pointer"
+                        swapped = swapped_text(samples) if pointer else []
+                        if swapped and len(swapped) == len(samples):  # the same boundaries, other phonemes
+                            add("swapped_text", self._forward(swapped, self.model), "l0")
+                            add("own_text", out, "l0")
         self.model.train()
         result = {"step": self.step, "kind": "eval"}
         for key, (loss, hits, n) in totals.items():
@@ -507,6 +514,11 @@ class Trainer:
             # > 0: the model uses its text; ~0: it ignores it (an audio language model)
             result["text_gap"] = result["loss.wrong_text"] - result["loss.right_text"]
             for key in ("acc.wrong_text", "acc.right_text"):
+                result.pop(key, None)
+        if "loss.swapped_text" in result:
+            # the gap with the utterance's own phoneme boundaries: what the phonemes' identities are worth
+            result["identity_gap"] = result["loss.swapped_text"] - result.pop("loss.own_text")
+            for key in ("acc.swapped_text", "acc.own_text"):
                 result.pop(key, None)
         if self.cfg.train.eval_samples > 0 and self.dist.main:
             self._synthesize_samples(sampler, self.cfg.train.eval_samples)
@@ -631,6 +643,7 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._signalled = True  # acted on at the next step boundary, on every rank together
+        self._signal = self._signal or signal.Signals(signum).name
         self._event("info", {"message": f"signal {signal.Signals(signum).name}: saving and stopping"})
 
     def train(self, eval_only: bool = False) -> RunInfo:
@@ -682,9 +695,21 @@ class Trainer:
                 outs: list = []
                 per_level: dict[str, list] = {}
                 finite = True
+                interrupted = False
                 step_tokens = 0
+                mark = (self.sampler.epoch, self.sampler.position)
                 for _ in range(t.grad_accumulation):
-                    batch = next(stream)
+                    try:
+                        batch = next(stream)
+                    except RuntimeError:
+                        if not self._signalled:
+                            raise
+                        # a signal to the whole process group reached a loader worker before it could
+                        # leave the group: the step is dropped, the last finished one is saved below
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.sampler.epoch, self.sampler.position = mark  # its batches come again on resume
+                        self.stop_requested = interrupted = True
+                        break
                     out = self._forward(self._samples(batch))
                     if distributed.any_true(not bool(torch.isfinite(out.loss)), self.dist):
                         finite = False  # every rank skips together (DDP ranks must run the same backwards)
@@ -703,6 +728,8 @@ class Trainer:
                         sums[0] += out.level_loss[k] * n
                         sums[1] += out.accuracy[k] * n
                         sums[2] += n
+                if interrupted:
+                    break
                 if not finite:
                     bad += 1
                     self.optimizer.zero_grad(set_to_none=True)
@@ -749,7 +776,7 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
         self._event("done", {"step": self.step})
-        return RunInfo(self.run, self.step, self.resumed_from)
+        return RunInfo(self.run, self.step, self.resumed_from, self._signal if self._signalled else None)
 
     def _memory(self) -> dict:
         """This process's resident memory and, on CUDA, the peak memory allocated (bytes)."""

@@ -54,4 +54,6 @@ class Stats(Static):
                 grid.add_row("text gap", f"{ev['text_gap']:+.3f}" + (
                     "  (" + " ".join(f"{v:+.2f}" for v in trend[:-1]) + ")" if len(trend) > 1 else ""
                 ))  # fmt: skip
+            if "identity_gap" in ev:  # pointer models: the same gap with the utterance's own boundaries
+                grid.add_row("identity gap", f"{ev['identity_gap']:+.3f}")
         self.update(grid)
