@@ -172,3 +172,36 @@ def test_a_client_waiting_for_a_silent_trainer_can_be_aborted(tmp_path):
     thread.join(timeout=5)
     assert not thread.is_alive() and failed and time.monotonic() - t0 < 2
     listener.close()
+
+
+def test_a_crafted_control_json_cannot_delete_files(tmp_path):
+    """control.json is read from disk: the stale socket it names is removed only when it is this run's own
+    kind of socket. A crafted file naming any other path (a file, a link, someone else's socket) leaves it."""
+    from valle_cli.train.commands import Commands
+
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other_socket.bind(str(elsewhere / "control.sock"))  # a socket, but not where a run puts its own
+    other_socket.close()  # stale: nothing listens
+    link = run / "control.sock"
+    for target in (victim, elsewhere / "control.sock", link):
+        if target == link:
+            link.symlink_to(victim)  # the run's own socket path, made a link to the victim
+        (run / "control.json").write_text(json.dumps({"protocol": 1, "socket": str(target), "pid": 1}))
+        ControlServer(run, Commands()).close()
+        assert victim.read_text() == "precious" and (elsewhere / "control.sock").exists()
+    # a stale socket of this run's own (a killed trainer) is still cleaned up and replaced
+    (run / "control.json").write_text(
+        json.dumps({"protocol": 1, "socket": str(run / "control.sock"), "pid": 1})
+    )
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(run / "control.sock"))
+    stale.close()
+    server = ControlServer(run, Commands())
+    assert stat.S_ISSOCK((run / "control.sock").lstat().st_mode)
+    server.close()

@@ -51,6 +51,23 @@ def socket_path_for(run: Path) -> tuple[Path, Path | None]:
     return folder / "control.sock", folder
 
 
+def _ours(path: Path, run: Path) -> bool:
+    """Whether `path` (read from a run's control.json) can be a socket this run made: a socket, not a link,
+    owned by this user, at RUN/control.sock or in a private valle-control-* folder of the temp dir."""
+    import stat
+
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid() or path.name != "control.sock":
+        return False
+    if path.parent == run.resolve():
+        return True
+    temp = Path(tempfile.gettempdir()).resolve()
+    return path.parent.parent == temp and path.parent.name.startswith("valle-control-")
+
+
 def _alive(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(1.0)
@@ -115,7 +132,11 @@ class ControlServer:
                     f"another valle train is already running on {self.run}",
                     "stop it first (`quit` in its terminal or `valle tui`), or use another run folder",
                 )
-            old.unlink(missing_ok=True)  # left by a killed run
+            if _ours(old, self.run):  # left by a killed run; never trust a path read from disk
+                old.unlink(missing_ok=True)
+                if old.parent != self.run.resolve():
+                    with contextlib.suppress(OSError):
+                        old.parent.rmdir()  # its private folder
         path, private = socket_path_for(self.run)
         if path.exists():
             if _alive(path):
