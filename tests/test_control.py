@@ -100,7 +100,13 @@ def test_malformed_unknown_and_abandoned_requests(running):
     assert replies[1]["id"] == "x" and "unknown command 'fly'" in replies[1]["error"]
     assert "protocol version 9" in replies[2]["error"]
     assert "needs a 'cmd'" in replies[3]["error"]
+    s.sendall(b"[" * 30_000 + b"]" * 30_000 + b"\n")  # nested beyond the parser's recursion limit
+    assert "nested too deeply" in json.loads(f.readline())["error"]
     s.sendall(b"x" * (70 * 1024))  # an endless line is cut off
+    assert "longer than" in json.loads(f.readline())["error"]
+    s.close()
+    s, f = raw(run)
+    s.sendall(b"x" * (70 * 1024) + b"\n")  # a whole line over the limit, in one piece
     assert "longer than" in json.loads(f.readline())["error"]
     s.close()
     half, _ = raw(run)
@@ -110,6 +116,29 @@ def test_malformed_unknown_and_abandoned_requests(running):
         step = c.request("status")["step"]
         wait_for(lambda: c.request("status")["step"] > step)
     assert trainer.stop_requested is False
+
+
+def test_a_client_that_never_reads_does_not_stall_training(running):
+    """Thousands of requests whose replies are never read: the replies queue per client, the client is
+    dropped when its queue is full, and the training loop never waits on its socket."""
+    run, trainer, _ = running
+    s, _ = raw(run)
+    s.setblocking(False)
+    flood = b'{"v": 1, "cmd": "status"}\n' * 5000
+    sent = 0
+    deadline = time.time() + 120
+    while sent < len(flood) and time.time() < deadline:
+        try:
+            sent += s.send(flood[sent:])
+        except BlockingIOError:
+            time.sleep(0.01)
+        except OSError:  # dropped by the server
+            break
+    step = trainer.step
+    wait_for(lambda: trainer.step >= step + 3, timeout=120)  # 3 steps of a tiny model: seconds
+    with ControlClient(run) as c:  # others are still served
+        assert c.request("status")["ok"]
+    s.close()
 
 
 def test_second_trainer_on_the_same_run_is_refused(running):

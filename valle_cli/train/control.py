@@ -16,7 +16,8 @@ Protocol 1, newline-delimited JSON, UTF-8, one object per line (at most 64 KiB):
 Commands: status, save, quit, lr VALUE, eval, export, pause, resume (train/commands.py parses and validates
 them: the same handler serves stdin). Replies come when the trainer has applied the command, between steps.
 Malformed JSON, a missing or unknown `cmd`, a wrong `v` or an oversized line get an error reply; a client that
-disconnects, even mid-line, only ends its own connection.
+disconnects, even mid-line, only ends its own connection. Replies never block the trainer: each client has
+its own queue, written by its own thread; a client that lets MAX_QUEUED replies pile up unread is dropped.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import socket
 import struct
 import tempfile
@@ -35,6 +37,7 @@ from valle_cli.train.commands import NAMES, Commands
 
 PROTOCOL = 1
 MAX_LINE = 64 * 1024
+MAX_QUEUED = 256  # unread replies per client before it is dropped
 _SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; keep a margin
 
 
@@ -155,48 +158,90 @@ class ControlServer:
             threading.Thread(target=self._serve, args=(conn,), name="valle-control-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        lock = threading.Lock()
+        out: queue.Queue[bytes | None] = queue.Queue(MAX_QUEUED)
+        gone = threading.Event()
 
-        def send(obj: dict) -> None:
-            data = (json.dumps({"v": PROTOCOL, **obj}) + "\n").encode()
-            with lock, contextlib.suppress(OSError):  # the client may be gone: never disturbs training
-                conn.sendall(data)
+        def send(obj: dict) -> None:  # called from the training loop too: must never block
+            if gone.is_set():
+                return
+            try:
+                out.put_nowait((json.dumps({"v": PROTOCOL, **obj}) + "\n").encode())
+            except queue.Full:  # the client does not read its replies: drop it, not the training's pace
+                gone.set()
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+        def write() -> None:
+            while not (gone.is_set() or self._closed.is_set()):
+                try:
+                    data = out.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if data is None:
+                    return
+                view = memoryview(data)
+                while view and not (gone.is_set() or self._closed.is_set()):
+                    try:
+                        view = view[conn.send(view) :]
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        gone.set()
+                        return
 
         with conn:
             try:
                 if _peer_uid(conn) != os.getuid():
-                    send({"ok": False, "error": "permission denied: this run belongs to another user"})
+                    conn.sendall(
+                        b'{"v": 1, "ok": false, "error": "permission denied: this run belongs to another user"}\n'
+                    )
                     return
             except OSError:
                 return
-            send({"type": "hello", "run": str(self.run), "pid": os.getpid(), "commands": list(NAMES)})
             conn.settimeout(0.5)
+            writer = threading.Thread(target=write, name="valle-control-write", daemon=True)
+            writer.start()
+            send({"type": "hello", "run": str(self.run), "pid": os.getpid(), "commands": list(NAMES)})
             buffer = b""
-            while not self._closed.is_set():
-                try:
-                    chunk = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not chunk:
-                    return  # the client left (a partial line is dropped)
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
-                        self._handle(line, send)
-                if len(buffer) > MAX_LINE:
-                    send({"ok": False, "error": f"request longer than {MAX_LINE} bytes; closing"})
-                    return
+            try:
+                while not (self._closed.is_set() or gone.is_set()):
+                    try:
+                        chunk = conn.recv(65536)
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        return
+                    if not chunk:
+                        return  # the client left (a partial line is dropped)
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        if len(line) > MAX_LINE:
+                            send({"ok": False, "error": f"request longer than {MAX_LINE} bytes; closing"})
+                            return
+                        if line.strip():
+                            self._handle(line, send)
+                    if len(buffer) > MAX_LINE:
+                        send({"ok": False, "error": f"request longer than {MAX_LINE} bytes; closing"})
+                        return
+            finally:
+                with contextlib.suppress(queue.Full):
+                    out.put_nowait(
+                        None
+                    )  # the writer sends what is queued (a final error included), then ends
+                writer.join(timeout=2.0)
+                gone.set()
 
     def _handle(self, raw: bytes, send) -> None:
         try:
             request = json.loads(raw.decode("utf-8"))
             if not isinstance(request, dict):
                 raise ValueError("a request must be a JSON object")
-        except (UnicodeDecodeError, ValueError) as exc:
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            if isinstance(exc, RecursionError):
+                reason = "nested too deeply"
+            else:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
             send({"ok": False, "error": f"malformed request: {reason}"})
             return
         rid = request.get("id")
