@@ -236,3 +236,16 @@ def test_unknown_hub_id_offline_fails_at_once(hub_cache, tmp_path, monkeypatch):
     ]
     assert len(lines) == 2 and lines[1].strip().startswith("remedy: connect once"), proc.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_hub_export_creates_missing_parents_and_leaves_nothing_on_error(source, tmp_path):
+    """README's `valle export RUN --hf hub/valle-mine` failed when hub/ did not exist."""
+    src, _ = source
+    out = export_hf(src, tmp_path / "hub" / "deeper" / "valle-mine")
+    assert (out / "model.safetensors").is_file() and load_model(out).meta
+    with pytest.raises(ModelLoadError):
+        export_hf(tmp_path / "no-such-run", tmp_path / "new" / "valle-x")
+    assert not (tmp_path / "new").exists()  # nothing made for an export that failed
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ModelLoadError, match="not a writable folder"):
+        export_hf(src, tmp_path / "a-file" / "sub" / "valle-x")

@@ -29,6 +29,7 @@ export never leaves a half-written model card folder behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -324,18 +325,22 @@ def export_hf(source: str | Path, folder: str | Path, dtype: str = "fp32", force
             "pick a new folder, or add --force to replace it",
         )
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise ModelLoadError(
-            f"cannot write {out}: folder {parent} does not exist", "create it or pick another path"
-        )
+    ancestor = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ModelLoadError(f"cannot write {out}: {ancestor} is not a writable folder", "pick another path")
     loaded = load_model(source, merge=True)
     n_params = sum(p.numel() for p in loaded.model.parameters())
     state, meta = _cast(loaded.model.state_dict(), loaded.meta, dtype)
     if meta.get("lora"):  # unmerged adapters cannot happen with merge=True; keep the card honest regardless
         raise ModelLoadError(f"{source} still holds LoRA adapters", "export the merged model")
+    made = [p for p in (parent, *parent.parents) if not p.exists()]  # made here; removed again on failure
     try:
+        parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     except OSError as exc:
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise ModelLoadError(
             f"cannot write {out}: {exc.strerror or exc}", "check the folder's permissions and free space"
         ) from None
@@ -358,6 +363,10 @@ def export_hf(source: str | Path, folder: str | Path, dtype: str = "fp32", force
     except OSError as exc:
         if old is not None and old.exists() and not out.exists():
             os.replace(old, out)  # put the old folder back
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # the parents this export created, innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise ModelLoadError(
             f"cannot write {out}: {exc.strerror or exc}", "check free disk space and permissions"
         ) from None
