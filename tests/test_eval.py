@@ -139,3 +139,14 @@ def test_eval_needs_one_source(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0 and "give either --texts FILE and --refs DIR, or --dataset DIR" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_speaker_encoder_loads_without_a_deprecation_warning():
+    """resemblyzer's webrtcvad imports pkg_resources, whose deprecation warning leaked into `valle eval`."""
+    pytest.importorskip("resemblyzer")
+    proc = subprocess.run(
+        [sys.executable, "-W", "default", "-c", "from valle_cli.eval.judges import Resemblyzer; Resemblyzer()"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "pkg_resources" not in proc.stderr

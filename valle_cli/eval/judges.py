@@ -48,8 +48,13 @@ class Resemblyzer:
     name = "resemblyzer"
 
     def __init__(self, device: str = "cpu"):
+        import warnings
+
         try:
-            from resemblyzer import VoiceEncoder
+            with warnings.catch_warnings():
+                # its webrtcvad dependency imports pkg_resources, which warns about its own deprecation
+                warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+                from resemblyzer import VoiceEncoder
         except ImportError:
             raise EvalError(
                 "the resemblyzer speaker encoder is not installed",
