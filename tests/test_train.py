@@ -519,3 +519,24 @@ def test_export_lora_merged_and_alone(dataset, tmp_path):
     torch.testing.assert_close(beside.model([s], return_hidden=True).hidden, want, atol=1e-5, rtol=1e-4)
     with pytest.raises(ModelLoadError, match="not a LoRA run"):
         export_model(tmp_path / "base", tmp_path / "x.safetensors", lora_only=True)
+
+
+def test_progress_line_shows_an_eta_when_steps_are_slow():
+    """Rich estimates speed over the last 30 s by default, so with steps over 30 s the ETA was -:--:--."""
+    import io
+
+    from rich.console import Console
+
+    from valle_cli.cli.train import progress_bar
+
+    now = [1000.0]
+    out = io.StringIO()
+    bar = progress_bar(Console(file=out, width=120, force_terminal=False), get_time=lambda: now[0])
+    task = bar.add_task("train", total=100, stats="")
+    for step in range(1, 4):
+        now[0] += 45.0  # one step every 45 s
+        bar.update(task, completed=step, stats="")
+    text = "".join(str(c) for c in bar.columns[-1].render(bar.tasks[0]).plain)
+    assert text != "-:--:--" and text.count(":") == 2
+    h, m, s = (int(x) for x in text.split(":"))
+    assert abs(h * 3600 + m * 60 + s - 97 * 45) < 120  # 97 steps left at 45 s

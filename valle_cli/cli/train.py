@@ -47,19 +47,7 @@ def train(
         )
     cfg = load_config(config_file, set_ or [])
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    # One live progress line (step, loss, lr, tokens/s, ETA); events and command replies print above it.
-    bar = Progress(
-        TextColumn("train"),
-        BarColumn(bar_width=24),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+    bar = progress_bar(console)
     task = bar.add_task("train", total=cfg.train.steps, stats="starting")
 
     def events(kind: str, p: dict) -> None:
@@ -99,6 +87,24 @@ def train(
             markup=False,
         )
         raise typer.Exit(143 if info.signal == "SIGTERM" else 130)
+
+
+def progress_bar(console, get_time=None):
+    """One live progress line (step, loss, lr, tokens/s, ETA); events and command replies print above it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("train"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        speed_estimate_period=24 * 3600,  # Rich's default (30 s) shows no ETA at all once a step takes longer
+        get_time=get_time,
+    )
 
 
 def _try_me(console, output: Path, text: str | None, audio: Path | None, steps: int) -> None:
