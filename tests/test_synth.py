@@ -50,8 +50,8 @@ def test_synth_speaks_the_memorized_sentence(trained, tmp_path):
     assert "hit --max-ar-steps" not in proc.stderr
     two = tmp_path / "two.wav"
     proc = synth(
-        f"{TEXT}\n\n{TEXT}", "--ref", str(ref), "--model", str(out / "run"), "--ar-temp", "0", "-o", str(two)
-    )
+        f"{TEXT}\\n{TEXT}", "--ref", str(ref), "--model", str(out / "run"), "--ar-temp", "0", "-o", str(two)
+    )  # a typed \n, what bash passes for "a\nb": a line break
     assert proc.returncode == 0, proc.stderr
     both, _ = sf.read(two)
     assert "2 line(s)" in proc.stderr

@@ -15,7 +15,9 @@ import typer
 
 def synth(
     text: str = typer.Argument(
-        None, help="Text to speak; each line is generated separately, all joined in one file."
+        None,
+        help="Text to speak; each line (a newline, or a typed \\n) is generated separately, all joined in "
+        "one file.",
     ),
     ref: list[Path] = typer.Option(
         None, "--ref", "-r", help="Reference audio of the voice (repeatable); none: a random voice."
@@ -89,6 +91,9 @@ def synth(
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     if batch is None and not text:
         raise ValleError("no text given", 'valle synth "Hello there." --ref voice.wav (or --batch lines.txt)')
+    if text:
+        # a shell passes "a\nb" as backslash + n: read it as the line break it was meant to be
+        text = text.replace("\\n", "\n")
     if batch is not None and text:
         raise ValleError("give either TEXT or --batch FILE, not both")
     if batch is not None and (stream or play):
