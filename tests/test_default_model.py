@@ -1,4 +1,4 @@
-"""The model used when none is named ($VALLE_DEFAULT_MODEL, the hub default, the shipped model plugin), model
+"""The model used when none is named ($VALLE_DEFAULT_MODEL, else the shipped model plugin), model
 plugins, and the shipped model itself (plugins/valle-default-model): it loads offline and speaks."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import pytest
 
 from valle_cli import plugins
 from valle_cli.infer.load import (
-    DEFAULT_MODEL,
     SHIPPED_MODEL,
     ModelLoadError,
     default_model,
@@ -38,14 +37,43 @@ def exported(tiny_model, tmp_path_factory):
     return export_model(tiny_model, tmp_path_factory.mktemp("export") / "m.safetensors")
 
 
-def test_offline_without_a_named_model_uses_the_shipped_plugin(offline, exported):
+def test_without_a_named_model_the_shipped_plugin_is_used(offline, exported):
     with plugins.overridden("model", add={SHIPPED_MODEL: lambda: exported}):
         source, why = default_model()
         loaded = load_model(source)
     assert source == str(exported)  # the file itself: a local "valle-default" cannot stand in for it
-    assert f"the default model {DEFAULT_MODEL} is not in the Hugging Face cache" in why
-    assert f"using the shipped model {SHIPPED_MODEL}" in why
+    assert why.startswith(f"no --model given: using the shipped model {SHIPPED_MODEL}")
     assert loaded.meta["format"] == "valle-model"
+
+
+def test_no_hub_repository_is_asked_for_by_default(exported, monkeypatch, tmp_path):
+    """Online, the default used to be a hub repository nobody publishes (valle-tts/valle-small): every
+    `valle synth` without --model asked the hub for it first."""
+    from valle_cli import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("VALLE_DEFAULT_MODEL", raising=False)
+    asked = []
+    monkeypatch.setattr(hub, "online", lambda *a, **k: asked.append("online") or True)
+    monkeypatch.setattr(hub, "cached_snapshot", lambda *a, **k: asked.append("cache"))
+    with plugins.overridden("model", add={SHIPPED_MODEL: lambda: exported}):
+        source, _ = default_model()
+    assert source == str(exported) and asked == []
+
+
+def test_online_follows_huggingface_hubs_settings(monkeypatch):
+    import socket
+
+    from valle_cli import hub
+
+    looked_up = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port: looked_up.append(host) or [])
+    for value in ("1", "ON", "yes", "True"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert not hub.online()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example.org/")
+    assert hub.online() and looked_up == ["hf-mirror.example.org"]
 
 
 def test_a_shipped_model_without_its_file_is_reported_not_chosen(offline, tmp_path):
@@ -66,10 +94,10 @@ def test_the_environment_variable_wins(offline, exported, monkeypatch):
     assert source == str(exported) and "$VALLE_DEFAULT_MODEL" in why
 
 
-def test_no_shipped_model_and_no_network_names_both_remedies(offline):
+def test_no_shipped_model_names_both_remedies(offline):
     with plugins.overridden("model", hide=[SHIPPED_MODEL]), pytest.raises(ModelLoadError) as err:
         default_model()
-    assert "not installed" in err.value.message
+    assert "not installed" in err.value.message and "$VALLE_DEFAULT_MODEL is not set" in err.value.message
     assert "--model" in err.value.remedy and "plugins/valle-default-model" in err.value.remedy
 
 
@@ -120,3 +148,4 @@ def test_synth_with_no_model_offline_speaks_with_the_shipped_model(tmp_path):
     assert "valle-default.safetensors ->" in proc.stderr and "hit --max-ar-steps" not in proc.stderr
     wav, sr = sf.read(out)
     assert 1.0 < wav.size / sr < 8.0  # a sentence of 8 words, not silence and not a runaway
+

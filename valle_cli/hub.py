@@ -29,9 +29,16 @@ class HubOffline(OSError):
     """Not in the cache, and the hub cannot be reached."""
 
 
-def online(host: str = "huggingface.co") -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+def online(host: str | None = None) -> bool:
+    """Whether the hub can be asked: not in huggingface_hub's offline mode (`HF_HUB_OFFLINE`, read now, with
+    its own truthy values), and the host of `HF_ENDPOINT` (a mirror) or huggingface.co resolves."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
         return False
+    if host is None:
+        from urllib.parse import urlparse
+
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        host = urlparse(endpoint).hostname or "huggingface.co"
     try:
         socket.getaddrinfo(host, 443)
     except OSError:

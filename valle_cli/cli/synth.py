@@ -30,7 +30,7 @@ def synth(
         "--model",
         "-m",
         help="Run folder, step-* checkpoint, exported file, model plugin or hub id (default: "
-        "$VALLE_DEFAULT_MODEL, else the hub default if it can be had, else the shipped valle-default).",
+        "$VALLE_DEFAULT_MODEL, else the shipped valle-default).",
     ),
     language: str = typer.Option("en", "--language", "-l", help="Language of the text."),
     batch: Path = typer.Option(None, "--batch", help="A text file: one output file per line, in -o FOLDER."),

@@ -15,9 +15,9 @@ reached. Offline and not cached fails at once with one line saying so (see `vall
 used as it is, without asking the hub for a newer commit; name a revision (`owner/name@<commit>`) to pin or
 refresh one.
 
-With no model named, `default_model` picks one: `$VALLE_DEFAULT_MODEL` if set, else the hub default
-(`valle-tts/valle-small`) when it is cached or can be downloaded, else the shipped model plugin
-(`valle-default`, plugins/valle-default-model), so a machine with no network still speaks.
+With no model named, `default_model` picks one: `$VALLE_DEFAULT_MODEL` if set (any source above: a path, a
+plugin name or a hub id), else the shipped model plugin (`valle-default`, plugins/valle-default-model). No
+hub repository is asked for by default: valle publishes none, and a machine with no network still speaks.
 
 `export_model` writes one file with the weights (optionally cast to fp16/bf16) and that metadata: the merged
 model, or with `lora_only` just the adapters (which `load_model` puts beside their base again). `export_hf`
@@ -44,10 +44,8 @@ from valle_cli.errors import ValleError
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTS = "model.safetensors"
 HUB_FILES = [WEIGHTS, "config.json", "README.md"]  # what a hub model repo needs; nothing else is downloaded
-# used when no model is named: a hub id (downloaded once, then cached); see default_model()
-DEFAULT_MODEL = "valle-tts/valle-small"
-DEFAULT_MODEL_ENV = "VALLE_DEFAULT_MODEL"  # overrides it per user
-SHIPPED_MODEL = "valle-default"  # the model plugin used when the hub default cannot be had (offline)
+DEFAULT_MODEL_ENV = "VALLE_DEFAULT_MODEL"  # the model used when none is named, per user; see default_model()
+SHIPPED_MODEL = "valle-default"  # the model plugin used otherwise
 
 
 class ModelLoadError(ValleError):
@@ -149,23 +147,15 @@ def default_model() -> tuple[str, str]:
 
     The shipped model comes back as its file's path, so a local file or folder that happens to be named
     `valle-default` cannot stand in for it."""
-    from valle_cli import hub, plugins
+    from valle_cli import plugins
 
     env = os.environ.get(DEFAULT_MODEL_ENV)
     if env:
         return env, f"no --model given: using ${DEFAULT_MODEL_ENV} = {env}"
-    repo, revision = hub.parse_hub_id(DEFAULT_MODEL) or (DEFAULT_MODEL, None)
-    if hub.cached_snapshot(repo, revision, HUB_FILES) is not None or hub.online():
-        try:
-            resolve_source(DEFAULT_MODEL)  # cached, or downloaded now
-            return DEFAULT_MODEL, f"no --model given: using the default model {DEFAULT_MODEL}"
-        except ModelLoadError as exc:
-            why = exc.message
-    else:
-        why = f"the default model {DEFAULT_MODEL} is not in the Hugging Face cache and the hub cannot be reached"
     if SHIPPED_MODEL not in plugins.names("model"):
         raise ModelLoadError(
-            f"no --model given; {why}, and the shipped model ({SHIPPED_MODEL}) is not installed",
+            f"no --model given, ${DEFAULT_MODEL_ENV} is not set, and the shipped model ({SHIPPED_MODEL}) is not "
+            "installed",
             "pass --model RUN|FILE|HUB-ID, or install the shipped model: pip install ./plugins/valle-default-model "
             "(scripts/setup.sh does)",
         )
@@ -173,12 +163,12 @@ def default_model() -> tuple[str, str]:
         path = plugin_model(SHIPPED_MODEL)
     except ValleError as exc:
         raise ModelLoadError(
-            f"no --model given; {why}, and the shipped model is unusable: {exc.message}",
+            f"no --model given, and the shipped model is unusable: {exc.message}",
             "pass --model RUN|FILE|HUB-ID, or reinstall the shipped model: pip install ./plugins/valle-default-model",
         ) from None
     info = plugins.discover("model")[SHIPPED_MODEL][0]
     return str(path), (
-        f"no --model given; {why}: using the shipped model {SHIPPED_MODEL} "
+        f"no --model given: using the shipped model {SHIPPED_MODEL} "
         f"({info.distribution} {info.version}, a small model trained offline by valle)"
     )
 
