@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from valle_cli.cli.app import main
-from valle_cli.infer.load import ModelLoadError, build_from_meta, export_hf, load_model
+from valle_cli.infer.load import ModelLoadError, build_from_meta, export_hf, export_model, load_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -249,3 +249,21 @@ def test_hub_export_creates_missing_parents_and_leaves_nothing_on_error(source, 
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ModelLoadError, match="not a writable folder"):
         export_hf(src, tmp_path / "a-file" / "sub" / "valle-x")
+
+
+def test_model_files_get_the_usual_permissions(tiny_model, tmp_path):
+    """safetensors writes 0600: model.safetensors files were private while everything beside them was not."""
+    import stat
+
+    from valle_cli.train.checkpoint import latest
+
+    mask = os.umask(0)
+    os.umask(mask)
+    usual = 0o666 & ~mask
+    checkpoint = latest(tiny_model)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in checkpoint.iterdir() if f.is_file()}
+    assert set(modes.values()) == {usual}, modes
+    out = export_model(tiny_model, tmp_path / "m.safetensors")
+    assert stat.S_IMODE(out.stat().st_mode) == usual
+    hub = export_hf(tiny_model, tmp_path / "hub")
+    assert stat.S_IMODE((hub / "model.safetensors").stat().st_mode) == usual

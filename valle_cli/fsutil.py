@@ -23,6 +23,14 @@ def _umask() -> int:
     return mask
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """safetensors' `save_file`, with the permissions a plain `open()` would give (it writes 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def check_writable(target: str | os.PathLike, error: type[ValleError] = ValleError) -> None:
     """Raise `error` now if `target` could not be written later (missing folder, a folder, no permission)."""
     p = Path(target)

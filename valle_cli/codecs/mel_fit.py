@@ -155,7 +155,7 @@ def fit_mel_codec(
 
 
 def save_codebooks(path, codebooks, mean, std, params: dict, info: dict) -> Path:
-    from safetensors.torch import save_file
+    from valle_cli.fsutil import save_safetensors
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -171,5 +171,5 @@ def save_codebooks(path, codebooks, mean, std, params: dict, info: dict) -> Path
         "std": std.detach().cpu().float().contiguous(),
     }
     with atomic_path(p, CodecError) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
     return p

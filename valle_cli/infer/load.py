@@ -292,9 +292,9 @@ def _cast(state: dict, meta: dict, dtype: str) -> tuple[dict, dict]:
 
 
 def _save_safetensors(state: dict, meta: dict, path: str | Path) -> None:
-    from safetensors.torch import save_file
+    from valle_cli.fsutil import save_safetensors
 
-    save_file(state, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    save_safetensors(state, path, {k: json.dumps(v) for k, v in meta.items()})
 
 
 def export_hf(source: str | Path, folder: str | Path, dtype: str = "fp32", force: bool = False) -> Path:

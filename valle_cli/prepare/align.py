@@ -220,9 +220,8 @@ def align_dataset(
     """Train an aligner on the dataset folder at root (`steps`: None = `auto_steps`) and write
     index/durations.npy + duration_offsets.npy and aligner.safetensors. Returns a summary (aligned,
     unaligned, steps, seconds, final loss)."""
-    from safetensors.torch import save_file
-
     from valle_cli.data.dataset import open_dataset
+    from valle_cli.fsutil import save_safetensors
 
     t0 = time.time()
     ds = open_dataset(root)
@@ -247,7 +246,7 @@ def align_dataset(
             np.save(f, arr)
     if model is not None:
         with atomic_path(root / "aligner.safetensors", DatasetError) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+            save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, {})
     ds.close()
     return {
         "aligned": len(ok),

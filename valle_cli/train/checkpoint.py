@@ -56,7 +56,7 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of `step` and point `latest` at it. With `staged`, the staging folder already
     exists and holds files other ranks or DeepSpeed put there; otherwise it is made afresh."""
-    from safetensors.torch import save_file
+    from valle_cli.fsutil import save_safetensors
 
     final = step_dir(run, step)
     tmp = staging_dir(run, step)
@@ -65,9 +65,7 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-        save_file(
-            tensors, str(tmp / "model.safetensors"), metadata={k: json.dumps(v) for k, v in meta.items()}
-        )
+        save_safetensors(tensors, tmp / "model.safetensors", {k: json.dumps(v) for k, v in meta.items()})
         torch.save(optimizer_state, tmp / "optimizer.pt")
         write_rng(tmp, 0, rng_state)
         (tmp / "trainer.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, **trainer_state}))

@@ -414,17 +414,15 @@ class Trainer:
         self._event("info", {"message": f"resumed from {found} (step {self.step})"})
 
     def export(self) -> Path | None:
-        from safetensors.torch import save_file
-
         if not self.dist.main:
             return None
         out = self.run / "exports" / f"step-{self.step:08d}.safetensors"
         out.parent.mkdir(parents=True, exist_ok=True)
-        from valle_cli.fsutil import atomic_path
+        from valle_cli.fsutil import atomic_path, save_safetensors
 
         with atomic_path(out, TrainingError) as tmp:
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-            save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in self.meta().items()})
+            save_safetensors(tensors, tmp, {k: json.dumps(v) for k, v in self.meta().items()})
         self._event("info", {"message": f"exported {out}"})
         return out
 
