@@ -355,3 +355,24 @@ def test_speech_seconds_trims_silence():
     wav = np.concatenate([np.zeros(sr // 2), tone, np.zeros(sr)])
     assert speech_seconds(wav, sr) == pytest.approx(1.0, abs=0.03)
     assert speech_seconds(np.zeros(sr), sr) == 0.0
+
+
+def test_greedy_pointer_moves_at_the_mean_duration(pointer_model):
+    """The move head gives a per-frame hazard: with a constant 0.2 the mean duration is 5 frames, and greedy
+    decoding holds every symbol 5 frames (comparing 0.2 itself with 1/2 never moved)."""
+    import math
+
+    ph = torch.tensor([1, 10, 20, 30, 2])
+    prompt = torch.randint(0, 1024, (8, 25), generator=torch.Generator().manual_seed(3))
+    head = pointer_model.pointer_head
+    with torch.no_grad():
+        saved = head.weight.clone(), head.bias.clone()
+        head.weight.zero_()
+        head.bias[:] = torch.tensor([0.0, math.log(0.25)])  # softmax: move = 0.25 / 1.25 = 0.2
+    try:
+        out = generate(pointer_model, ph, prompt, sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=800))
+    finally:
+        with torch.no_grad():
+            head.weight.copy_(saved[0])
+            head.bias.copy_(saved[1])
+    assert out.stopped and torch.bincount(out.frame_symbols).tolist() == [5] * len(ph)

@@ -149,3 +149,17 @@ def test_synth_with_no_model_offline_speaks_with_the_shipped_model(tmp_path):
     wav, sr = sf.read(out)
     assert 1.0 < wav.size / sr < 8.0  # a sentence of 8 words, not silence and not a runaway
 
+
+def test_shipped_model_stops_by_itself_when_greedy():
+    """Issue 14: the earlier shipped model droned to --max-ar-steps at --ar-temp 0. A model that follows its
+    text ends each sentence by itself, with about its length in speech (2-3 words a second)."""
+    from valle_cli.infer.engine import SamplingConfig
+    from valle_cli.infer.synth import synthesize
+
+    loaded = load_model(SHIPPED / "valle-default.safetensors")
+    lines = ["A quiet river runs past the old mill.", "Please bring me two cups of tea and some bread."]
+    for text in lines:
+        res = synthesize(loaded, text, [SHIPPED / "reference-us2.flac"], sampling=SamplingConfig(ar_temp=0.0))
+        words, seconds = len(text.split()), res.audio.size / res.sample_rate
+        assert all(res.stopped), f"{text!r}: greedy decoding did not end by itself"
+        assert words / 5 < seconds < words, f"{text!r}: {seconds:.1f} s for {words} words"

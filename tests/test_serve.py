@@ -315,7 +315,11 @@ def test_valle_serve_command_warns_when_public_and_stops_cleanly(model, tmp_path
 
     cmd = [sys.executable, "-m", "valle_cli", "serve", "--model", f"tiny={model}", "--host", "0.0.0.0",
            "--port", "0", "--home", str(tmp_path / "home"), "--device", "cpu"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    # SIGINT as at a terminal, even when the tests run in the background (which passes it on ignored)
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, preexec_fn=restore
+    )
     try:
         lines = []
         while not any("valle serve on" in x for x in lines) and len(lines) < 50:

@@ -218,6 +218,7 @@ def _pointer_tokens(model, requests, sc, use_cache, symbols, ends) -> Iterator[l
     symbols = symbols if symbols is not None else [[] for _ in requests]
     pos = [0] * len(requests)  # the symbol the next frame speaks
     held = [0] * len(requests)  # frames spent on it so far
+    expected = [0.0] * len(requests)  # greedy: the expected number of moves since the symbol began
     done = [False] * len(requests)
     ends = ends if ends is not None else [False] * len(requests)
     for _ in range(sc.max_ar_steps):
@@ -236,9 +237,13 @@ def _pointer_tokens(model, requests, sc, use_cache, symbols, ends) -> Iterator[l
             if sc.ar.temperature > 0:
                 moves = bool(torch.rand((), generator=gens[row]) < move[row])
             else:
-                moves = bool(move[row] > 0.5)
+                # the move head gives a per-frame hazard (about 1 in 6 frames moves), so "move > 0.5" almost
+                # never holds; greedy moves once the expected number of moves since the symbol began reaches
+                # one (for a constant hazard p: after 1/p frames, the mean duration)
+                expected[row] += float(move[row])
+                moves = expected[row] >= 1.0 - 1e-6
             if moves or held[row] >= MAX_SYMBOL_FRAMES:
-                pos[row], held[row] = pos[row] + 1, 0
+                pos[row], held[row], expected[row] = pos[row] + 1, 0, 0.0
                 done[row] = pos[row] >= len(phonemes[row])
                 ends[row] = done[row] and moves
         yield step
