@@ -118,12 +118,18 @@ def _interrupt(signum, frame) -> None:
 
 
 def _interrupted(code: int) -> None:
+    """Not an error: one line on stderr, then the exit status of a program stopped by that signal."""
     import signal
 
-    name = signal.Signals(_state["signal"] or signal.SIGINT).name
-    _fail(
-        f"interrupted ({name})", "rerun the same command; finished work is kept where the verb resumes", code
+    from rich.console import Console
+
+    name = signal.Signals(code - 128).name if code in (130, 143) else "SIGINT"
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"interrupted ({name}); what was finished is kept, and prepare and train resume when rerun",
+        style="yellow",
+        markup=False,
     )
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
