@@ -774,7 +774,7 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
         self._event("done", {"step": self.step})
-        return RunInfo(self.run, self.step, self.resumed_from, self._signal if self._signalled else None)
+        return RunInfo(self.run, self.step, self.resumed_from, self._signal)
 
     def _memory(self) -> dict:
         """This process's resident memory and, on CUDA, the peak memory allocated (bytes)."""
