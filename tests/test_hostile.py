@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import pty
 import signal
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from valle_cli.plot import read_metrics
 from valle_cli.train.checkpoint import latest
 
 HANG = 600  # seconds: only catches hangs, never a slow machine
@@ -32,14 +31,11 @@ def _train_args(dataset: Path, run: Path, *extra: str) -> list[str]:
 
 
 def _train_steps(run: Path) -> list[int]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
+    if not (run / "metrics.jsonl").is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line being written
-            rows.append(json.loads(line))
-    return [r["step"] for r in rows if r.get("kind") == "train"]
+    return [
+        r["step"] for r in read_metrics(run) if r.get("kind") == "train"
+    ]  # a line being written is skipped
 
 
 def _wait_for_steps(proc, run: Path, n: int) -> None:
