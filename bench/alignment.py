@@ -23,17 +23,35 @@ from pathlib import Path
 
 from report import ROOT, command, write_section  # bench/ is on sys.path when run as a script
 
-METHODS = {  # name -> (overrides, what it is)
-    "classic": ([], "VALL-E as published: the text only in the prefix, attention must find its place"),
-    "classic-drop": (["train.input_dropout=0.5"], "classic + level-0 input dropout 0.5 (Tacotron's prenet)"),
+METHODS = {  # name -> (overrides, what it is); the recipe itself now trains a pointer model with an AR-first phase
+    "classic": (
+        ["model.alignment=none", "train.ar_only_steps=0"],
+        "VALL-E as published: the text only in the prefix, attention must find its place",
+    ),
+    "classic-drop": (
+        ["model.alignment=none", "train.ar_only_steps=0", "train.input_dropout=0.5"],
+        "classic + level-0 input dropout 0.5 (Tacotron's prenet)",
+    ),
     "guided-drop": (
-        ["train.input_dropout=0.5", "train.guided_attention=1.0"],
+        [
+            "model.alignment=none",
+            "train.ar_only_steps=0",
+            "train.input_dropout=0.5",
+            "train.guided_attention=1.0",
+        ],
         "classic + input dropout + guided-attention loss (DC-TTS, sigma 0.4, 2 heads x 2 middle layers)",
     ),
-    "pointer": (["model.alignment=pointer"], "phoneme pointer (VALL-E R): each frame gets its symbol"),
+    "pointer": (
+        ["model.alignment=pointer", "train.ar_only_steps=0"],
+        "phoneme pointer (VALL-E R): each frame gets its symbol; levels drawn 3:1:...:1 from the start",
+    ),
     "pointer-drop": (
-        ["model.alignment=pointer", "train.input_dropout=0.5"],
+        ["model.alignment=pointer", "train.ar_only_steps=0", "train.input_dropout=0.5"],
         "phoneme pointer + input dropout 0.5",
+    ),
+    "pointer-ar-only": (
+        ["model.alignment=pointer", "train.level_weights=[1,0,0,0,0,0,0,0]"],
+        "phoneme pointer, every sample trains level 0 (the first phase of `train.ar_only_steps`)",
     ),
 }
 

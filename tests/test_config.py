@@ -62,6 +62,7 @@ def test_defaults_without_source():
         ("inference:\n  ar_temp: -1\n", "cannot be negative", None),
         ("data:\n  max_duration: 5\n  prompt_duration: [1, 10]\n", "exceeds data.max_duration", None),
         ("train:\n  level_weights: [1, 1]\n", "train.level_weights has 2 entries", None),
+        ("train:\n  ar_only_steps: -5\n", "train.ar_only_steps cannot be negative", None),
         (
             "codec:\n  name: encodek\n",
             "codec.name: no codec plugin named 'encodek'",

@@ -72,6 +72,19 @@ def test_trains_logs_and_keeps_the_last_checkpoints(dataset, tmp_path):
     assert meta["codec"]["name"] == "mel"
 
 
+def test_ar_only_steps_train_level_zero_first(dataset, tmp_path):
+    """The curriculum: every sample trains the AR until train.ar_only_steps, then levels follow the weights."""
+    cfg = config(dataset, "train.steps=8", "train.ar_only_steps=4", "data.batch_size=4")
+    events = []
+    Trainer(cfg, tmp_path / "run", lambda k, p: events.append((k, p))).train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    levels = {r["step"]: {k for k in r if k.startswith("loss.l")} for r in rows if r["kind"] == "train"}
+    assert all(levels[s] == {"loss.l0"} for s in range(1, 5)), levels
+    # 16 samples drawn uniformly from 8 levels: all of them level 0 has odds of 8**-16
+    assert set().union(*(levels[s] for s in range(5, 9))) - {"loss.l0"}, levels
+    assert any("level 0 (AR) only until step 4" in p.get("message", "") for k, p in events if k == "info")
+
+
 def test_resume_after_kill_matches_an_uninterrupted_run(dataset, tmp_path):
     straight = tmp_path / "straight"
     Trainer(config(dataset, "train.steps=20", "train.save_every=10"), straight).train()

@@ -148,6 +148,9 @@ class TrainConfig:
     level_weights: list[float] = field(
         default_factory=list
     )  # chance of training each RVQ level; [] = uniform
+    # curriculum: every sample trains level 0 (the AR) for the first N steps, then levels follow level_weights.
+    # The AR learns to read its text several times sooner when it gets every batch (docs/benchmarks.md).
+    ar_only_steps: int = 0
     stt_prob: float = 0.0  # chance a sample trains speech-to-text (audio -> phonemes, `valle stt`) instead
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {"text": 0.0, "prompt": 0.0, "response": 1.0}
@@ -185,6 +188,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.level_weights must be non-negative and not all zero, got {self.level_weights}"
             )
+        if self.ar_only_steps < 0:
+            raise ConfigError(f"train.ar_only_steps cannot be negative, got {self.ar_only_steps}")
         if not 0 <= self.input_dropout < 1:
             raise ConfigError(f"train.input_dropout must be in [0, 1), got {self.input_dropout}")
         if self.guided_attention < 0 or self.guided_attention_sigma <= 0:

@@ -439,6 +439,10 @@ class Trainer:
             ).tolist()
             if self.cfg.train.stt_prob > 0:  # drawn only when on, so runs without stt keep their RNG stream
                 stt = (torch.rand(len(batch), generator=self.level_rng) < self.cfg.train.stt_prob).tolist()
+            if (
+                self.step < self.cfg.train.ar_only_steps
+            ):  # drawn all the same: the stream does not depend on it
+                levels = [0] * len(batch)
         return [
             Sample(b["phonemes"], b["response"][:q], b["response"][:q, :0], 0, b["language"], "stt")
             if is_stt
@@ -683,6 +687,13 @@ class Trainer:
             "info",
             {"message": f"training from step {self.step} to {t.steps} on {self.device} (pid {os.getpid()})"},
         )
+        if self.step < t.ar_only_steps and self.cfg.model.n_levels > 1:
+            then = (
+                "then levels follow train.level_weights"
+                if t.ar_only_steps < t.steps
+                else "levels 1+ stay untrained"
+            )
+            self._event("info", {"message": f"level 0 (AR) only until step {t.ar_only_steps}; {then}"})
         bad = 0
         started, start_tokens = time.time(), self.tokens
         self.model.train()
