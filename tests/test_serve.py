@@ -179,6 +179,12 @@ def test_malformed_requests_get_json_errors(server):
     assert_error(httpx.post(speech, json={"input": "Hi.", "response_format": "mp3", "stream_format": "audio"}),
                  400, "streaming sends pcm or wav")  # fmt: skip
     assert_error(httpx.post(speech, json={"input": "Hi.", "top_p": 0}), 400, "top_p")
+    assert_error(httpx.post(speech, json={"input": "Hi.", "seed": 2**70}), 400, "seed")
+    assert_error(httpx.post(speech, json={"input": "Hi.", "seed": -1}), 400, "seed")
+    lone = httpx.post(
+        speech, content=b'{"input": "Hi \\ud800 there."}', headers={"content-type": "application/json"}
+    )
+    assert_error(lone, 400, "input", "lone surrogate")
     assert_error(httpx.post(speech, json={"input": "x" * 5000}), 400, "at most 4096")
     assert_error(httpx.get(server.url + "/v1/nothing"), 404, "no route")
     assert_error(httpx.get(speech), 405)
@@ -235,6 +241,41 @@ def test_transcription_with_the_openai_client(server):
     verbose = httpx.post(server.url + "/v1/audio/transcriptions", data={"response_format": "verbose_json"},
                          files={"file": ("a.wav", clip(2.0))}, timeout=120).json()  # fmt: skip
     assert verbose["duration"] == pytest.approx(2.0, abs=0.01) and verbose["phonemes"] is True
+
+
+def test_model_errors_name_the_served_model_not_its_path(model, tmp_path):
+    """A model without the stt task, and one whose file is broken: clients get the served id, never a path."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from valle_cli.fsutil import save_safetensors
+    from valle_cli.train.checkpoint import latest
+
+    src = latest(model) / "model.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+    config = json.loads(meta["config"])
+    config["train"]["stt_prob"] = 0.0
+    tts_only = tmp_path / "secret-place" / "tts-only.safetensors"
+    tts_only.parent.mkdir()
+    save_safetensors(load_file(str(src)), tts_only, {**meta, "config": json.dumps(config)})
+    broken = tmp_path / "secret-place" / "broken.safetensors"
+    broken.write_bytes(tts_only.read_bytes()[:5000])
+    settings = ServeSettings(
+        models=[f"speaker={tts_only}", f"broken={broken}"], home=tmp_path / "home",
+        limits=Limits(max_output_seconds=1.5, max_upload_bytes=2 * 1024 * 1024),
+    )  # fmt: skip
+    srv = Server(settings)
+    try:
+        tr = httpx.post(
+            srv.url + "/v1/audio/transcriptions", files={"file": ("a.wav", clip(1.0))}, timeout=120
+        )
+        body = assert_error(tr, 400, "'speaker' was not trained for speech-to-text")
+        gone = httpx.post(srv.url + "/v1/audio/speech", json={"input": "Hi.", "model": "broken"}, timeout=120)
+        body2 = assert_error(gone, 503, "'broken' cannot be loaded")
+        assert "secret-place" not in json.dumps(body) + json.dumps(body2)
+    finally:
+        srv.stop()
 
 
 def test_api_key_and_a_full_queue(model, tmp_path):

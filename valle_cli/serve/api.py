@@ -24,7 +24,7 @@ import torch
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from valle_cli import __version__
@@ -67,7 +67,7 @@ class SpeechRequest(BaseModel):
     instructions: str | None = None
     # valle's own
     language: str = "en"
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     split_sentences: bool = True
     ar_temp: float | None = Field(None, ge=0.0, le=5.0)
     nar_temp: float | None = Field(None, ge=0.0, le=5.0)
@@ -75,6 +75,17 @@ class SpeechRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     min_p: float | None = Field(None, ge=0.0, lt=1.0)
     repetition_penalty: float | None = Field(None, ge=0.5, le=5.0)
+
+    @field_validator("model", "input", "voice", "instructions", "language")
+    @classmethod
+    def _unicode(cls, value: str | None) -> str | None:
+        """JSON may escape a lone surrogate (\\ud800): not text, and it breaks every encoder downstream."""
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("not valid Unicode text (it holds a lone surrogate)") from None
+        return value
 
 
 class BodyLimit:
@@ -415,7 +426,7 @@ def _transcribe(job: Job, registry: Registry, model_id: str, data: bytes, langua
     import soundfile as sf
 
     from valle_cli.errors import AudioError
-    from valle_cli.infer.stt import stt
+    from valle_cli.infer.stt import stt, supports_stt
 
     limits = settings.limits
     tmp = settings.home / "tmp" / f"transcribe-{uuid.uuid4().hex}"
@@ -435,6 +446,13 @@ def _transcribe(job: Job, registry: Registry, model_id: str, data: bytes, langua
             )  # fmt: skip
         loaded = registry.get(model_id)
         job.check()
+        if not supports_stt(loaded.meta):
+            raise ApiError(
+                400,
+                f"model {model_id!r} was not trained for speech-to-text",
+                param="model",
+                code="stt_not_supported",
+            )
         try:
             with torch.inference_mode():
                 return next(stt(loaded, [tmp], language, registry.device))

@@ -4,6 +4,7 @@ One model is resident at a time (loading another unloads it), loaded on the gene
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,17 @@ OPENAI_NAMES = (
 )
 
 
+log = logging.getLogger("valle.serve")
+
+
 class UnknownModel(ValleError):
     pass
+
+
+class ModelUnavailable(ValleError):
+    """A served model that cannot be loaded: the operator's problem, told to clients by its served id only."""
+
+    status = 503
 
 
 @dataclass
@@ -86,6 +96,16 @@ class Registry:
                 return self._loaded[1]
             self._loaded = None
             gc.collect()
-            loaded = load_model(self.entries[model_id].source, self.device)
+            source = self.entries[model_id].source
+            try:
+                loaded = load_model(source, self.device)
+            except (
+                ValleError
+            ) as exc:  # the message names a path on this machine: the log gets it, not clients
+                log.error("cannot load model %r from %s: %s", model_id, source, exc)
+                raise ModelUnavailable(
+                    f"model {model_id!r} cannot be loaded on this server",
+                    "its operator can read why in the log",
+                ) from None
             self._loaded = (model_id, loaded)
             return loaded
