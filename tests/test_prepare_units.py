@@ -47,6 +47,36 @@ def test_discover_ids_and_languages(tmp_path):
     assert [(s.uid, s.language) for s in srcs] == [("g1/s1/ch__u", "de"), ("g2/s2/v", "fr")]
 
 
+def test_unreadable_entries_are_skipped_with_their_reason(tmp_path):
+    """Non-UTF-8 transcripts (sidecar or table), broken links, FIFOs and folders named like audio are each
+    reported, never read as something else."""
+    import os
+
+    spk = tmp_path / "g" / "s"
+    _wav(spk / "good.wav")
+    (spk / "good.txt").write_text("Café au lait.", encoding="utf-8")
+    _wav(spk / "latin.wav")
+    (spk / "latin.txt").write_bytes("Café au lait.".encode("latin-1"))
+    _wav(spk / "sub" / "t1.wav")
+    (spk / "sub" / "metadata.csv").write_bytes("t1|Déjà vu.\n".encode("cp1252"))
+    (spk / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    os.mkfifo(spk / "pipe.flac")
+    (spk / "folder.wav").mkdir()
+    _wav(spk / "folder.wav" / "inner.wav")
+    skipped: list[tuple[str, str]] = []
+    srcs = list(discover(tmp_path, skipped=skipped))
+    assert {s.uid: s.text for s in srcs} == {
+        "g/s/good": "Café au lait.", "g/s/folder.wav__inner": None
+    }  # fmt: skip
+    why = {os.path.relpath(p, spk): reason for p, reason in skipped}
+    assert "latin.txt is not UTF-8 (byte 0xe9" in why["latin.wav"] and "iconv" in why["latin.wav"]
+    assert "metadata.csv is not UTF-8" in why["sub/t1.wav"]
+    assert "broken symbolic link" in why["gone.wav"]
+    assert "FIFO" in why["pipe.flac"]
+    assert "folder named like an audio file" in why["folder.wav"]
+    assert len(why) == 5
+
+
 def test_discover_errors(tmp_path):
     with pytest.raises(DatasetError, match="no group folders"):
         list(discover(tmp_path))

@@ -12,6 +12,10 @@ transcript is looked up in this order:
 The language of a file is the first of: a `--language GROUP[/SPEAKER]=LANG` mapping, a `language.txt` in the
 speaker or group folder, the default language.
 
+Transcripts must be UTF-8: a file that is not is skipped with the reason (its text would otherwise be decoded
+into wrong phonemes), and so are entries with an audio extension that are no audio file (a broken symbolic
+link, a FIFO, a folder named `x.wav`).
+
 Utterance ids are `group/speaker/relative-path-without-extension` (slashes inside the speaker folder become
 `__`), stable across runs, so a rerun can recognize finished work.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +46,37 @@ class Source:
     language: str
 
 
+class BadTranscript(Exception):
+    """A transcript file that cannot be read as text; the message says which and how to fix it."""
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> BadTranscript:
+    return BadTranscript(
+        f"its transcript {path.name} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+        "save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+    )
+
+
 def _read_text(path: Path) -> str:
-    return " ".join(path.read_text(encoding="utf-8", errors="replace").split())
+    try:
+        return " ".join(path.read_text(encoding="utf-8").split())
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
 
 
 @functools.lru_cache(maxsize=4096)
-def _table(path: Path) -> dict[str, str]:
-    """Transcripts from metadata.csv (LJSpeech) or transcripts.tsv, keyed by file stem."""
+def _table(path: Path) -> dict[str, str] | BadTranscript:
+    """Transcripts from metadata.csv (LJSpeech) or transcripts.tsv, keyed by file stem (or why it is unreadable,
+    cached like the table)."""
+    try:
+        return _read_table(path)
+    except UnicodeDecodeError as exc:
+        return _not_utf8(path, exc)
+
+
+def _read_table(path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
-    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+    with path.open(encoding="utf-8", newline="") as f:
         if path.name == "metadata.csv":
             for row in csv.reader(f, delimiter="|", quoting=csv.QUOTE_NONE):
                 if len(row) >= 2 and row[0].strip():
@@ -64,6 +91,7 @@ def _table(path: Path) -> dict[str, str]:
 
 
 def find_transcript(audio: Path, speaker_dir: Path) -> tuple[str | None, str]:
+    """(text, where it came from); raises BadTranscript for a transcript file that is not UTF-8."""
     for suffix, label in ((".txt", "sidecar"), (".lab", "lab"), (".normalized.txt", "normalized.txt")):
         side = audio.with_name(audio.stem + suffix)
         if side.is_file():
@@ -73,7 +101,10 @@ def find_transcript(audio: Path, speaker_dir: Path) -> tuple[str | None, str]:
         for name in ("metadata.csv", "transcripts.tsv"):
             table = folder / name
             if table.is_file():
-                text = _table(table).get(audio.stem)
+                rows = _table(table)
+                if isinstance(rows, BadTranscript):
+                    raise rows
+                text = rows.get(audio.stem)
                 if text is not None:
                     return text, name
         if folder == speaker_dir or speaker_dir not in folder.parents:
@@ -102,15 +133,38 @@ def _language(group_dir: Path, speaker_dir: Path, mapping: dict[str, str], defau
         return mapping[key]
     for folder in (speaker_dir, group_dir):
         f = folder / "language.txt"
-        if f.is_file() and f.read_text().strip():
-            return f.read_text().strip()
+        if f.is_file():
+            try:
+                lang = f.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                raise DatasetError(
+                    f"{f} is not UTF-8 text", "write a language code such as en or de in it"
+                ) from None
+            if lang:
+                return lang
     return mapping.get(group_dir.name, default)
 
 
+def _not_audio_file(path: Path) -> str | None:
+    """Why an entry with an audio extension is no audio file to read (None: it is a regular file)."""
+    if path.is_symlink() and not path.exists():
+        return f"a broken symbolic link (to {os.readlink(path)})"
+    if path.is_dir():
+        return "a folder named like an audio file (audio files inside it are read as usual)"
+    if not path.is_file():
+        return "not a regular file (a FIFO, socket or device)"
+    return None
+
+
 def discover(
-    root: Path, default_language: str = "en", languages: dict[str, str] | None = None
+    root: Path,
+    default_language: str = "en",
+    languages: dict[str, str] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> Iterator[Source]:
-    """Every audio file under root/{group}/{speaker}/, sorted, with its transcript (if any) and language."""
+    """Every audio file under root/{group}/{speaker}/, sorted, with its transcript (if any) and language.
+    Entries that look like audio but cannot be used are appended to `skipped` as (path, reason)."""
+    skipped = skipped if skipped is not None else []
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(
@@ -129,11 +183,19 @@ def discover(
         ):
             lang = _language(group_dir, speaker_dir, languages or {}, default_language)
             for path in sorted(speaker_dir.rglob("*")):
-                if path.suffix.lower() not in exts or not path.is_file() or path.name.startswith("."):
+                if path.suffix.lower() not in exts or path.name.startswith("."):
+                    continue
+                why = _not_audio_file(path)
+                if why is not None:
+                    skipped.append((str(path), why))
                     continue
                 rel = path.relative_to(speaker_dir).with_suffix("")
                 name = "__".join(rel.parts)
-                text, source = find_transcript(path, speaker_dir)
+                try:
+                    text, source = find_transcript(path, speaker_dir)
+                except BadTranscript as exc:
+                    skipped.append((str(path), str(exc)))
+                    continue
                 yield Source(
                     path=path,
                     group=group_dir.name,

@@ -276,7 +276,7 @@ def _prepare(opts: PrepareOptions, progress: Progress | None) -> PrepareReport:
     )
     remove_stale_temporaries(opts.output)  # half-written files of a killed earlier run (we hold the lock)
 
-    sources = [s for s in discover(opts.voices, opts.language, opts.languages)]
+    sources = list(discover(opts.voices, opts.language, opts.languages, report.skipped))
     if not sources:
         raise DatasetError(
             f"no audio files under {opts.voices}", "lay audio out as voices/{group}/{speaker}/*.wav"

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from valle_cli.errors import AudioError, ValleError
 
-NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # starts with a letter or digit: never an option (-rf)
+# names Windows cannot create (a voices folder may be shared or copied there)
+RESERVED = {"con", "prn", "aux", "nul", *(f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10))}
 RANDOM = "random"  # not a stored voice: no reference at all (a random voice)
 SAMPLE_RATE = 24000
 MIN_SECONDS = 1.0
@@ -37,11 +39,16 @@ class Voice:
     created: float
 
 
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and bool(NAME.fullmatch(name)) and name.lower() not in RESERVED
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME.fullmatch(name):
+    if not valid_name(name):
         raise VoiceError(
             f"invalid voice name {name!r}",
-            "use 1-64 letters, digits, '_' or '-' (voices are names, never paths)",
+            "use 1-64 letters, digits, '_' or '-', starting with a letter or digit, and not a name Windows "
+            "reserves (CON, NUL, COM1...); voices are names, never paths",
         )
     if name == RANDOM:
         raise VoiceError(
@@ -66,7 +73,7 @@ class VoiceStore:
         for meta in sorted(self.folder.glob("*.json")):
             with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
                 data = json.loads(meta.read_text())
-                if NAME.fullmatch(meta.stem) and (self.folder / f"{meta.stem}.wav").is_file():
+                if valid_name(meta.stem) and (self.folder / f"{meta.stem}.wav").is_file():
                     out.append(Voice(meta.stem, data["seconds"], data.get("transcript"), data["created"]))
         return out
 
