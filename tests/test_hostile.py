@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from valle_cli.plot import read_metrics
@@ -169,3 +170,116 @@ def test_training_in_a_terminal_runs_takes_commands_and_stops_on_ctrl_c(dataset,
     assert proc.returncode == 130, text[-2000:]
     assert "interrupted (SIGINT)" in text and "Traceback" not in text
     assert latest(run).name == f"step-{max(_train_steps(run)):08d}"
+
+
+# -- hours of audio ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_hours(tmp_path_factory, speech_24k) -> Path:
+    """A 2-hour FLAC (a sentence of speech, then silence: a few hundred KB on disk, 170 M samples decoded)."""
+    import soundfile as sf
+
+    wav, _ = speech_24k
+    path = tmp_path_factory.mktemp("long") / "two-hours.flac"
+    block = np.zeros(24_000 * 600, dtype=np.float32)
+    with sf.SoundFile(path, "w", 24_000, 1, format="FLAC") as f:
+        f.write(wav)
+        for _ in range(12):
+            f.write(block)
+    return path
+
+
+class _CountingRead:
+    """soundfile.read, remembering the most frames any call returned."""
+
+    def __init__(self, monkeypatch):
+        import soundfile as sf
+
+        self.most, real = 0, sf.read
+
+        def read(*args, **kw):
+            data, sr = real(*args, **kw)
+            self.most = max(self.most, len(data))
+            return data, sr
+
+        monkeypatch.setattr(sf, "read", read)
+
+
+def test_hours_of_audio_are_read_in_bounded_pieces_or_refused(two_hours, tiny_model, tmp_path, monkeypatch):
+    """A 2-hour file: a prompt reads its first seconds, a span reads the span, limits refuse it from the
+    header (no decoding), and `valle stt` names its limit before loading the model's work."""
+    from valle_cli.audio.io import audio_seconds, load_audio
+    from valle_cli.errors import AudioError
+
+    assert audio_seconds(two_hours) == pytest.approx(7200 + 2.9, abs=1)
+    reads = _CountingRead(monkeypatch)
+    assert load_audio(two_hours, 16_000, end=3.0).size == 48_000
+    assert load_audio(two_hours, 16_000, start=3600.0, end=3602.0, allow_silent=True).size == 32_000
+    with pytest.raises(AudioError, match=r"is 2:00:0\d long; at most 30.0 s is read here") as info:
+        load_audio(two_hours, 16_000, max_duration=(30.0, "cut it"))
+    assert info.value.remedy == "cut it"
+    assert reads.most <= 3 * 24_000  # nothing but the pieces asked for was decoded
+
+    from valle_cli.infer.load import load_model
+    from valle_cli.infer.synth import SynthOptions, synthesize
+
+    out = synthesize(load_model(tiny_model), "Hello there.", [two_hours], SynthOptions(split_sentences=False))
+    assert out.audio.size > 0 and reads.most <= 10 * 24_000  # the prompt's seconds, not two hours
+
+    proc = subprocess.run(_valle("stt", str(two_hours), "--model", str(tiny_model), "--device", "cpu"),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 1 and "transcribes at most" in proc.stderr and "sox" in proc.stderr, proc.stderr
+
+
+def test_prepare_skips_an_hours_long_file_without_decoding_it(two_hours, tmp_path, monkeypatch):
+    from valle_cli.prepare.discover import Source
+    from valle_cli.prepare.pipeline import Job, _load
+
+    src = Source(two_hours, "g", "s", "g/s/long", "Hello.", "sidecar", "en")
+    reads = _CountingRead(monkeypatch)
+    item = _load(Job(src, src.uid, src.text), 24_000, 0.5, 20.0)
+    assert item.wav is None and "outside the duration range" in item.reason and reads.most == 0
+    span = _load(Job(src, src.uid + "__000", "The little boat.", 0.0, 2.9), 24_000, 0.5, 20.0)
+    assert span.wav is not None and span.wav.size == pytest.approx(2.9 * 24_000, abs=2)
+
+
+def test_long_recordings_are_transcribed_in_windows_without_cutting_an_utterance(tmp_path):
+    """`transcribe_file` on a 25-minute recording with 10-minute windows: every window is at most 10 minutes,
+    segments come back in file time, none is cut at a window's edge, none is repeated."""
+    import soundfile as sf
+
+    from valle_cli.prepare.pipeline import transcribe_file
+
+    sr = 16_000
+    bursts = [(t, t + 4.0) for t in np.arange(5.0, 1500.0, 37.0)]  # 4 s of tone every 37 s
+    path = tmp_path / "long.flac"
+    wav = np.zeros(1500 * sr, dtype=np.float32)
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(4 * sr) / sr)).astype(np.float32)
+    for a, _ in bursts:
+        wav[int(a * sr) : int(a * sr) + len(tone)] = tone
+    sf.write(path, wav, sr, format="FLAC")
+
+    class Energy:
+        """A real (if simple) transcriber: one segment per stretch of sound, named by where it starts."""
+
+        def __init__(self):
+            self.windows: list[float] = []
+
+        def transcribe(self, w, rate, language):
+            self.windows.append(len(w) / rate)
+            hop = rate // 100  # 10 ms frames: loud where a frame's peak is
+            frames = np.abs(w[: len(w) // hop * hop]).reshape(-1, hop).max(1)
+            loud = frames > 0.05
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], loud.astype(np.int8), [0]])))
+            return [
+                type("Seg", (), {"start": a * hop / rate, "end": b * hop / rate, "text": "burst"})
+                for a, b in zip(edges[::2], edges[1::2], strict=True)
+            ]
+
+    t = Energy()
+    segs = transcribe_file(t, path, "en", window=600.0, margin=30.0)
+    assert max(t.windows) <= 600.0 + 1e-6 and len(t.windows) >= 3
+    assert len(segs) == len(bursts)
+    for seg, (a, b) in zip(segs, bursts, strict=True):
+        assert seg["start"] == pytest.approx(a, abs=0.01) and seg["end"] == pytest.approx(b, abs=0.01)

@@ -88,6 +88,14 @@ def test_bad_input_is_one_clear_line(trained, tmp_path, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_missing_reference_is_reported_before_the_model_loads(tmp_path):
+    """The model named here does not exist either: the reference, checked first, is what the user hears of."""
+    proc = synth(
+        "Hello", "--ref", "/no/such.wav", "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "o.wav")
+    )
+    assert proc.returncode == 1 and "audio file /no/such.wav does not exist" in proc.stderr, proc.stderr
+
+
 def ref_of(out):
     return out / "voices" / "try-me" / "speaker" / "utterance.wav"
 

@@ -38,25 +38,26 @@ def resample(wav: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return soxr.resample(wav, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
 
 
-def load_audio(
-    path: str | os.PathLike,
-    sample_rate: int,
-    *,
-    min_duration: float = 0.0,
-    allow_silent: bool = False,
-) -> np.ndarray:
-    """Read an audio file as mono float32 in [-1, 1] at `sample_rate`. Returns shape (T,)."""
+def audio_seconds(path: str | os.PathLike) -> float:
+    """A file's duration from its header, without decoding it; the same errors as `load_audio`."""
+    return _open_info(Path(path)).duration
+
+
+def _open_info(p: Path):
     import soundfile as sf
 
-    p = Path(path)
     if not p.exists():
+        if p.is_symlink():
+            raise AudioError(f"audio file {p} is a broken symbolic link", "point it at an existing file")
         raise AudioError(f"audio file {p} does not exist", "check the path")
     if p.is_dir():
         raise AudioError(f"{p} is a folder, not an audio file")
+    if not p.is_file():
+        raise AudioError(f"{p} is not a regular file (a FIFO or device)", "give a file path")
     if p.stat().st_size == 0:
         raise AudioError(f"audio file {p} is empty (0 bytes)", "re-record or re-export it, or remove it")
     try:
-        data, sr = sf.read(str(p), dtype="float32", always_2d=True)
+        return sf.info(str(p))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         if p.suffix.lower() == ".mp3" and ".mp3" not in supported_extensions():
             raise AudioError(
@@ -67,11 +68,56 @@ def load_audio(
             f"cannot read {p}: {exc}".rstrip(),
             f"the file is corrupt or not a supported format ({', '.join(supported_extensions())})",
         ) from None
+
+
+def load_audio(
+    path: str | os.PathLike,
+    sample_rate: int,
+    *,
+    min_duration: float = 0.0,
+    allow_silent: bool = False,
+    start: float = 0.0,
+    end: float | None = None,
+    max_duration: tuple[float, str] | None = None,
+) -> np.ndarray:
+    """Read an audio file as mono float32 in [-1, 1] at `sample_rate`. Returns shape (T,).
+
+    Only `start`..`end` seconds are decoded (None: to the end), so a clip of an hours-long file costs the
+    clip's memory. `max_duration` = (seconds, remedy): a longer span is refused from the header, before any
+    decoding, with the limit and the remedy in the message."""
+    import soundfile as sf
+
+    p = Path(path)
+    info = _open_info(p)
+    first = max(0, round(start * info.samplerate))
+    last = info.frames if end is None else min(info.frames, round(end * info.samplerate))
+    if max_duration is not None and (last - first) / info.samplerate > max_duration[0]:
+        raise AudioError(
+            f"{p} is {_clock((last - first) / info.samplerate)} long; at most {_clock(max_duration[0])} is read here",
+            max_duration[1],
+        )
+    try:
+        data, sr = sf.read(str(p), dtype="float32", always_2d=True, start=first, stop=max(first, last))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioError(
+            f"cannot read {p}: {exc}".rstrip(),
+            f"the file is corrupt or not a supported format ({', '.join(supported_extensions())})",
+        ) from None
     if data.shape[0] == 0:
+        if first and first >= info.frames:
+            raise AudioError(f"{p} ends at {info.duration:.2f} s, before {start:.2f} s", "check the times")
         raise AudioError(f"audio file {p} holds no samples", "re-record or re-export it, or remove it")
     wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     wav = resample(np.ascontiguousarray(wav), sr, sample_rate)
     return check_audio(wav, sample_rate, name=str(p), min_duration=min_duration, allow_silent=allow_silent)
+
+
+def _clock(seconds: float) -> str:
+    """7384.2 -> '2:03:04'; 42.5 -> '42.5 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d} min"
 
 
 def check_audio(

@@ -92,7 +92,8 @@ def roundtrip(
         wav = resample(wav, sr, codec.sample_rate)
         source = f"{voice} saying {say!r}"
     else:
-        wav = load_audio(audio, codec.sample_rate)
+        limit = (600.0, f"cut a piece to listen to, e.g. `sox {audio} piece.wav trim 0 60`")
+        wav = load_audio(audio, codec.sample_rate, max_duration=limit)  # a listening check, not a converter
         source = str(audio)
     result = run_roundtrip(codec, wav)
     save_audio(output, result.audio, codec.sample_rate)

@@ -21,10 +21,13 @@ def stt(
     """Print the IPA phonemes the model hears in each file (one line per file)."""
     from rich.console import Console
 
+    from valle_cli.audio.io import audio_seconds
     from valle_cli.cli.synth import _load
     from valle_cli.infer.stt import stt as run
 
     err = Console(stderr=True, soft_wrap=True, highlight=False)
+    for path in audio:  # missing, unreadable or not audio: said before the model loads
+        audio_seconds(path)
     loaded, dev = _load(model, device, "fp32", False, err)
     if model is None:
         from valle_cli.errors import ValleError

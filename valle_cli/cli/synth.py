@@ -127,6 +127,10 @@ def synth(
             raise ValleError(
                 f"cannot write {output}: unknown audio format", "use a .wav, .flac or .ogg file name"
             )
+    from valle_cli.audio.io import audio_seconds
+
+    for clip in ref or []:  # missing or unreadable: said now, not after the model loads
+        audio_seconds(clip)
     loaded, dev = _load(model, device, dtype, compile, err)
     sampling = SamplingConfig(
         ar_temp=ar_temp,

@@ -64,7 +64,7 @@ def fit_folder(
     total = 0
     for i, path in enumerate(files):
         try:
-            wav = load_audio(path, 24_000)
+            wav = load_audio(path, 24_000, end=(budget - total) / 24_000)  # no more than the budget needs
         except AudioError as exc:
             skipped.append((str(path), exc.message))
             continue

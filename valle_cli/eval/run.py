@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from valle_cli.eval.items import Item
+from valle_cli.eval.judges import EvalError
 from valle_cli.metrics import cosine, edit_distance, speech_seconds, word_errors
 
 
@@ -93,6 +94,10 @@ def summarize(rows: list[Scored]) -> Summary:
     )
 
 
+EMBED_SECONDS = 60.0  # of a reference or impostor file, for its voice embedding
+MAX_TRUTH_SECONDS = 120.0  # a ground-truth recording of one sentence
+
+
 class Embeddings:
     """Speaker embeddings of files, computed once each."""
 
@@ -103,7 +108,8 @@ class Embeddings:
         from valle_cli.audio.io import load_audio
 
         if path not in self._cache:
-            self._cache[path] = self.verifier.embed(load_audio(path, 16000, allow_silent=True), 16000)
+            wav = load_audio(path, 16000, allow_silent=True, end=EMBED_SECONDS)  # a voice, not the whole file
+            self._cache[path] = self.verifier.embed(wav, 16000)
         return self._cache[path]
 
     def voice(self, paths: list[Path]) -> np.ndarray:
@@ -127,10 +133,17 @@ def evaluate(
     top_k, top_p) and judge it."""
     import torch
 
-    from valle_cli.audio.io import load_audio, save_audio
+    from valle_cli.audio.io import audio_seconds, load_audio, save_audio
     from valle_cli.infer.engine import SamplingConfig
     from valle_cli.infer.synth import SynthOptions, synthesize
 
+    for item in items:  # before any synthesis: a ground truth of hours would be read whole by the judges
+        if item.truth is not None and audio_seconds(item.truth) > MAX_TRUTH_SECONDS:
+            raise EvalError(
+                f"the ground truth {item.truth} is {audio_seconds(item.truth):.0f} s long; valle eval compares "
+                f"sentences, at most {MAX_TRUTH_SECONDS:.0f} s each",
+                "give each sentence its own recording (valle prepare cuts long recordings at pauses)",
+            )
     emb = Embeddings(verifier)
     impostor_voices = {name: emb.voice(paths) for name, paths in (impostors or {}).items()}
     stt = _SttJudge(loaded, language, device)

@@ -254,6 +254,23 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", merge: bo
     return Loaded(model.to(device).float().eval(), meta, label)
 
 
+def _ready_to_write(out: Path) -> None:
+    """Create the output's folder (like `-o runs/new/model.safetensors` expects) and check it can be written."""
+    from valle_cli.fsutil import check_writable
+
+    if out.is_dir():
+        raise ModelLoadError(
+            f"cannot write {out}: it is a folder", "give a file name, e.g. model.safetensors"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot create {out.parent}: {exc.strerror or exc}", "pick another path"
+        ) from None
+    check_writable(out, ModelLoadError)
+
+
 def export_model(
     source: str | Path,
     output: str | Path,
@@ -270,6 +287,7 @@ def export_model(
         raise ModelLoadError(f"unknown export format {fmt!r}", "use safetensors or pt")
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
+    _ready_to_write(out)  # before loading: a bad output path should not cost the load first
     if lora_only:
         state, meta = _read(resolve_source(source)[0])
         if not meta.get("lora"):

@@ -64,6 +64,28 @@ def supports_stt(meta: dict) -> bool:
     return float(meta.get("config", {}).get("train", {}).get("stt_prob", 0.0)) > 0
 
 
+def max_stt_seconds(model, frame_rate: float) -> float:
+    """The longest audio the model transcribes in one pass: three quarters of its context (max_position) hold
+    the audio frames, the rest the header and the phonemes."""
+    return int(model.cfg.max_position * 0.75 - 8) / frame_rate
+
+
+def check_lengths(audio: list[Path], cap: float) -> None:
+    """Refuse any file longer than `cap` seconds, from its header (nothing is decoded)."""
+    from valle_cli.audio.io import audio_seconds
+    from valle_cli.errors import AudioError
+
+    for path in audio:
+        seconds = audio_seconds(path)
+        if seconds > cap:
+            raise AudioError(
+                f"{path} is {seconds:.1f} s long; this model transcribes at most {cap:.1f} s at a time (its "
+                "context)",
+                "cut it into utterances first: `valle prepare` cuts long recordings at pauses, or e.g. "
+                f"`sox {path} part.wav trim 0 {int(cap)}`",
+            )
+
+
 def stt(loaded: Loaded, audio: list[Path], language: str = "en", device: str = "cpu") -> Iterator[SttResult]:
     """Transcribe each file in turn (the codec is built once)."""
     from valle_cli.audio.io import load_audio
@@ -79,9 +101,13 @@ def stt(loaded: Loaded, audio: list[Path], language: str = "en", device: str = "
     lang = model_language(meta, language)
     codec = model_codec(meta, model, device)
     symbols = SymbolMap.from_dict(meta["symbols"])
+    check_lengths(audio, max_stt_seconds(model, codec.frame_rate))  # every file, before transcribing any
     for path in audio:
         t0 = time.time()
         wav = load_audio(path, codec.sample_rate, min_duration=0.2)
         codes = codec.encode(torch.from_numpy(wav)[None, None])[0]
-        ids, finished = transcribe_codes(model, codes, symbols.bos_id, symbols.eos_id, lang)
+        room = model.cfg.max_position - codes.shape[-1] - 8  # the phonemes share the context with the audio
+        ids, finished = transcribe_codes(
+            model, codes, symbols.bos_id, symbols.eos_id, lang, max(1, min(1000, room))
+        )
         yield SttResult(symbols.decode(ids), ids, time.time() - t0, wav.size / codec.sample_rate, finished)

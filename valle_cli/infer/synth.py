@@ -134,13 +134,20 @@ def model_codec(meta: dict, model, device: str):
     return codec
 
 
-def reference_audio(codec, refs: list[Path]) -> np.ndarray | None:
-    """The reference clips joined at the codec's rate, (T,) float32; None without refs."""
+def reference_audio(
+    codec, refs: list[Path], seconds: float | None = None, cap: float | None = None
+) -> np.ndarray | None:
+    """The reference clips joined at the codec's rate, (T,) float32; None without refs. `seconds`: only that
+    much of each clip is decoded (a prompt needs a few seconds, even of an hours-long file); `cap`: when the
+    whole clip is needed, a longer one is refused from its header."""
     from valle_cli.audio.io import load_audio
 
     if not refs:
         return None
-    wav = np.concatenate([load_audio(r, codec.sample_rate) for r in refs])
+    limit = (
+        None if cap is None else (cap, "continue from a shorter clip: its transcript must cover all of it")
+    )
+    wav = np.concatenate([load_audio(r, codec.sample_rate, end=seconds, max_duration=limit) for r in refs])
     if wav.size < MIN_PROMPT_SECONDS * codec.sample_rate:
         raise AudioError(
             f"the reference audio is {wav.size / codec.sample_rate:.2f} s; at least {MIN_PROMPT_SECONDS:.0f} s is needed",
@@ -190,7 +197,14 @@ class _Speaker:
         trained = (self.meta.get("config", {}).get("data", {}).get("prompt_duration") or [3.0, 6.0])[-1]
         seconds = opts.prompt_seconds or float(trained)
         repeat = opts.prompt_seconds is not None and not continuing
-        wav = reference_audio(self.codec, refs)
+        context = (
+            self.model.cfg.max_position / 2 / self.codec.frame_rate
+        )  # half the context for the reference
+        wav = (
+            reference_audio(self.codec, refs, cap=context)
+            if continuing
+            else reference_audio(self.codec, refs, seconds=seconds)
+        )
         self.prompt = prompt_codes(self.codec, wav, seconds, self.model.n_levels, repeat)
         # the continuation prefix is the whole reference: its transcript describes all of it
         self.reference = prompt_codes(self.codec, wav, None, self.model.n_levels) if continuing else None

@@ -139,6 +139,40 @@ def _check_settings(output: Path, settings: dict) -> None:
 
 # -- transcription ------------------------------------------------------------------------------------------
 
+TRANSCRIBE_WINDOW = 600.0  # seconds of a long recording decoded and transcribed at a time
+WINDOW_MARGIN = 30.0  # segments ending this close to a window's end are redone in the next window
+
+
+def transcribe_file(
+    transcriber, path: Path, language: str, window: float = TRANSCRIBE_WINDOW, margin: float = WINDOW_MARGIN
+) -> list[dict]:
+    """Segments ({start, end, text}, seconds in the file) of one recording, in windows of `window` seconds so
+    that an hours-long file costs one window's memory. A window keeps only the segments that end `margin`
+    seconds before its end; the next one starts where the last kept segment ended, so no utterance is cut at a
+    window's edge."""
+    from valle_cli.audio.io import audio_seconds, load_audio
+
+    total = audio_seconds(path)
+    if total <= window:
+        segs = transcriber.transcribe(load_audio(path, 16_000), 16_000, language)
+        return [{"start": float(s.start), "end": float(s.end), "text": s.text.strip()} for s in segs]
+    out: list[dict] = []
+    t = 0.0
+    while t < total:
+        end = min(total, t + window)
+        wav = load_audio(path, 16_000, start=t, end=end, allow_silent=True)
+        segs = [
+            (t + float(s.start), t + float(s.end), s.text.strip())
+            for s in transcriber.transcribe(wav, 16_000, language)
+        ]
+        last = end >= total
+        keep = segs if last else [seg for seg in segs if seg[1] <= end - margin]
+        out += [{"start": a, "end": b, "text": text} for a, b, text in keep]
+        if last:
+            break
+        t = max(keep[-1][1], t + 1.0) if keep else end - margin
+    return out
+
 
 def _transcribe(
     sources: list[Source],
@@ -160,18 +194,14 @@ def _transcribe(
                 from valle_cli.transcribe import build_transcriber
 
                 transcriber = build_transcriber(opts.transcriber)
-            from valle_cli.audio.io import load_audio
-
             try:
-                wav = load_audio(src.path, 16_000)
-                segs = transcriber.transcribe(wav, 16_000, src.language)
+                segments = transcribe_file(transcriber, src.path, src.language)
             except ValleError as exc:
                 skipped.append((str(src.path), exc.message))
                 continue
             except ValueError as exc:  # e.g. a transcriber that does not know the language
                 skipped.append((str(src.path), f"transcriber: {exc}"))
                 continue
-            segments = [{"start": float(s.start), "end": float(s.end), "text": s.text.strip()} for s in segs]
             cache.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(cache, DatasetError) as tmp:
                 Path(tmp).write_text(json.dumps(segments, ensure_ascii=False), encoding="utf-8")
@@ -202,24 +232,22 @@ def _transcribe(
 
 
 def _load(job: Job, sample_rate: int, min_duration: float, max_duration: float) -> Loaded:
-    from valle_cli.audio.io import load_audio
+    """Decode one utterance (only its span of the file), after checking its length from the header."""
+    from valle_cli.audio.io import audio_seconds, load_audio
     from valle_cli.text import phonemize
 
     try:
-        wav = load_audio(job.source.path, sample_rate)
+        total = audio_seconds(job.source.path)
+        seconds = min(total, job.end if job.end is not None else total) - job.start
+        if seconds < min_duration or seconds > max_duration:
+            return Loaded(
+                job,
+                None,
+                reason=f"{seconds:.2f} s is outside the duration range [{min_duration}, {max_duration}] s",
+            )
+        wav = load_audio(job.source.path, sample_rate, start=job.start, end=job.end)
     except ValleError as exc:
         return Loaded(job, None, reason=exc.message)
-    if job.start or job.end is not None:
-        a = int(job.start * sample_rate)
-        b = wav.size if job.end is None else min(wav.size, int(job.end * sample_rate))
-        wav = wav[a:b]
-    seconds = wav.size / sample_rate
-    if seconds < min_duration or seconds > max_duration:
-        return Loaded(
-            job,
-            None,
-            reason=f"{seconds:.2f} s is outside the duration range [{min_duration}, {max_duration}] s",
-        )
     try:
         ipa = phonemize(job.text or "", job.source.language)
     except ValleError as exc:

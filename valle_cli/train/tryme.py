@@ -80,7 +80,8 @@ def try_me(
     folder = output / "voices" / "try-me" / "speaker"
     folder.mkdir(parents=True, exist_ok=True)
     if audio is not None:
-        wav, sr, voice = load_audio(audio, 24_000, min_duration=1.0), 24_000, str(audio)
+        limit = (30.0, "try-me memorizes one utterance: record or cut one sentence")
+        wav, sr, voice = load_audio(audio, 24_000, min_duration=1.0, max_duration=limit), 24_000, str(audio)
     else:
         voice = _speaker()
         wav, sr = say(text, voice)
