@@ -34,12 +34,12 @@ def model(tiny_model):
 
 
 class Server:
-    def __init__(self, settings: ServeSettings):
+    def __init__(self, settings: ServeSettings, **server_options):
         self.app, self.registry, self.queue = build(settings)
         self.registry.get(self.registry.default)
         self.sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn_server(self.app, log_level="warning")
+        self.server = uvicorn_server(self.app, log_level="warning", **server_options)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -275,6 +275,36 @@ def test_model_errors_name_the_served_model_not_its_path(model, tmp_path):
         body2 = assert_error(gone, 503, "'broken' cannot be loaded")
         assert "secret-place" not in json.dumps(body) + json.dumps(body2)
     finally:
+        srv.stop()
+
+
+def test_slow_and_stalled_clients_cannot_starve_the_server(model, tmp_path):
+    """Slowloris: 80 connections that never finish their headers, and bodies that stall, are dropped after
+    the request deadline; meanwhile /health and every other route answer at once."""
+    import socket
+
+    settings = ServeSettings(models=[f"tiny={model}"], home=tmp_path / "home")
+    srv = Server(settings, request_seconds=1.0)
+    port = int(srv.url.rsplit(":", 1)[1])
+    held = []
+    try:
+        for k in range(80):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" if k % 2 else b"POST /v1/voices HTTP/1.1\r\n"
+                      b"Host: x\r\nContent-Length: 100000\r\nContent-Type: text/plain\r\n\r\nabc")  # fmt: skip
+            held.append(s)
+        t0 = time.time()
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
+        assert httpx.get(srv.url + "/v1/models", timeout=30).status_code == 200
+        assert time.time() - t0 < 20  # generous: only catches a server that waits for the held connections
+        for s in held:  # every held connection is closed by the server (a recv timeout would fail here)
+            s.settimeout(60)
+            while s.recv(65536):  # perhaps an error response first, then the close
+                pass
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
+    finally:
+        for s in held:
+            s.close()
         srv.stop()
 
 

@@ -9,6 +9,7 @@ bounded queue (jobs.py): a full queue answers 429 with Retry-After, a job past i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
@@ -36,6 +37,7 @@ from valle_cli.serve.settings import ServeSettings
 from valle_cli.serve.voices import RANDOM, VoiceStore
 
 log = logging.getLogger("valle.serve")
+UPLOAD_DECODERS = 2  # voice uploads decoded at once (on threads); more get a 429
 UPLOAD_PATHS = ("/v1/voices", "/v1/audio/transcriptions", "/ui/")  # bodies up to the upload limit
 
 
@@ -121,6 +123,7 @@ class BodyLimit:
 
 def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, queue: JobQueue) -> FastAPI:
     limits = settings.limits
+    decode_slots = asyncio.Semaphore(UPLOAD_DECODERS)
     app = FastAPI(
         title="valle",
         version=__version__,
@@ -366,7 +369,12 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
         data = await file.read()
         if not data:
             raise ApiError(400, "file is empty", param="file")
-        return asdict(voices.add(name, data, transcript, replace))
+        if decode_slots.locked():  # decoding is CPU work: a few at a time, never on the event loop
+            raise ApiError(429, "busy: other uploads are being decoded; retry shortly", "rate_limit_error",
+                           code="uploads_busy", headers={"Retry-After": "2"})  # fmt: skip
+        async with decode_slots:
+            voice = await asyncio.to_thread(voices.add, name, data, transcript, replace)
+        return asdict(voice)
 
     @app.delete("/v1/voices/{name}", dependencies=[Depends(require_key)])
     async def delete_voice(name: str) -> dict:

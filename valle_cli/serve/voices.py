@@ -95,7 +95,7 @@ class VoiceStore:
         return self._paths(name)[0]
 
     def add(self, name: str, data: bytes, transcript: str | None = None, replace: bool = False) -> Voice:
-        from valle_cli.audio.io import load_audio, save_audio
+        from valle_cli.audio.io import audio_seconds, load_audio, save_audio
         from valle_cli.fsutil import atomic_path
 
         check_name(name)
@@ -105,18 +105,19 @@ class VoiceStore:
         try:
             upload.write_bytes(data)
             try:
+                seconds = audio_seconds(upload)  # from the header: a long clip is refused before decoding
+                if seconds > self.max_seconds:
+                    raise VoiceError(
+                        f"the clip is {seconds:.1f} s long; this server takes at most {self.max_seconds:g} s",
+                        "trim it (3-10 s of clean speech is best)",
+                        status=413,
+                    )
                 wav = load_audio(upload, SAMPLE_RATE, min_duration=MIN_SECONDS)
             except AudioError as exc:
                 raise VoiceError(exc.message.replace(str(upload), "the uploaded file"), exc.remedy) from None
         finally:
             upload.unlink(missing_ok=True)
         seconds = len(wav) / SAMPLE_RATE
-        if seconds > self.max_seconds:
-            raise VoiceError(
-                f"the clip is {seconds:.1f} s long; this server takes at most {self.max_seconds:g} s",
-                "trim it (3-10 s of clean speech is best)",
-                status=413,
-            )
         wav_path, meta_path = self._paths(name)
         with self._lock:
             exists = meta_path.exists()
