@@ -357,6 +357,21 @@ def test_speech_seconds_trims_silence():
     assert speech_seconds(np.zeros(sr), sr) == 0.0
 
 
+def test_forced_durations_hold_each_symbol_that_long(pointer_model):
+    from valle_cli.errors import ValleError
+    from valle_cli.infer.engine import generate_batch
+
+    ph = torch.tensor([1, 10, 20, 30, 2])
+    prompt = torch.randint(0, 1024, (8, 25), generator=torch.Generator().manual_seed(3))
+    durations = torch.tensor([2, 3, 1, 7, 2])
+    out = generate_batch(pointer_model, [Request(ph, prompt, durations=durations)], SamplingConfig(seed=0))[0]
+    assert out.stopped and torch.bincount(out.frame_symbols).tolist() == durations.tolist()
+    assert out.codes.shape == (8, int(durations.sum()))
+    for bad in (torch.tensor([2, 3, 1, 7]), torch.tensor([2, 3, 0, 7, 2])):
+        with pytest.raises(ValleError, match="durations must give at least 1 frame"):
+            generate_batch(pointer_model, [Request(ph, prompt, durations=bad)])
+
+
 def test_greedy_pointer_moves_at_the_mean_duration(pointer_model):
     """The move head gives a per-frame hazard: with a constant 0.2 the mean duration is 5 frames, and greedy
     decoding holds every symbol 5 frames (comparing 0.2 itself with 1/2 never moved)."""

@@ -63,6 +63,7 @@ def test_defaults_without_source():
         ("data:\n  max_duration: 5\n  prompt_duration: [1, 10]\n", "exceeds data.max_duration", None),
         ("train:\n  level_weights: [1, 1]\n", "train.level_weights has 2 entries", None),
         ("train:\n  ar_only_steps: -5\n", "train.ar_only_steps cannot be negative", None),
+        ("train:\n  scheduled_sampling: 1.5\n", "train.scheduled_sampling must be in [0, 1]", None),
         (
             "codec:\n  name: encodek\n",
             "codec.name: no codec plugin named 'encodek'",

@@ -131,3 +131,31 @@ def test_preset_sizes():
         with torch.device("meta"):
             n = count_parameters(VALLE(cfg, n_symbols=623))
         assert low < n < high, (name, n)
+
+
+def test_scheduled_sampling_feeds_own_guesses_and_keeps_the_targets():
+    """p=1: every level-0 input frame is the model's guess (not the truth), the targets stay the truth;
+    p=0 and NAR samples are left alone; a training forward with it on still learns."""
+    model = tiny()
+    batch = [sample(level=0, fr=40), sample(level=3, seed=1)]
+    own = model.own_inputs(batch, 1.0, torch.Generator().manual_seed(0))
+    assert own[1] is batch[1] and own[0].ar_inputs is not None
+    assert (own[0].ar_inputs != batch[0].response[0]).float().mean() > 0.9  # 1025 classes: guesses differ
+    assert torch.equal(own[0].response, batch[0].response)
+    with torch.no_grad():
+        a = hidden(model, batch[0])
+        b = model(own[:1], return_hidden=True).hidden[0]
+    n = len(a) - 41  # classic layout: START and the 40 frames (the last one predicts STOP)
+    assert torch.allclose(a[: n + 1], b[: n + 1], atol=1e-5)  # up to START: the same inputs
+    assert not torch.allclose(a[n + 1 :], b[n + 1 :], atol=1e-3)  # after it: the guesses
+    assert model.own_inputs(batch, 0.0) is batch
+    model.train()
+    model.scheduled_sampling = 0.5
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(batch[:1]).loss.item()
+    for _ in range(30):
+        out = model(batch[:1])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.loss.item() < first

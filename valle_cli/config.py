@@ -161,6 +161,10 @@ class TrainConfig:
     # chance that a level-0 input frame is zeroed while training (Tacotron's prenet dropout): with 0 the AR can
     # predict most frames from the previous one and never learn to read its text
     input_dropout: float = 0.0
+    # scheduled sampling (parallel, Duckworth et al. 2019): the chance that a level-0 input frame is the model's
+    # own sampled guess (from a teacher-forced pass without gradients) instead of the true previous frame, so
+    # the AR learns to recover from its own mistakes; costs one extra forward pass of the level-0 samples
+    scheduled_sampling: float = 0.0
     guided_attention_sigma: float = 0.4
     guided_attention_layers: list[int] = field(default_factory=list)
     eval_every: int = 1000
@@ -190,6 +194,8 @@ class TrainConfig:
             )
         if self.ar_only_steps < 0:
             raise ConfigError(f"train.ar_only_steps cannot be negative, got {self.ar_only_steps}")
+        if not 0 <= self.scheduled_sampling <= 1:
+            raise ConfigError(f"train.scheduled_sampling must be in [0, 1], got {self.scheduled_sampling}")
         if not 0 <= self.input_dropout < 1:
             raise ConfigError(f"train.input_dropout must be in [0, 1), got {self.input_dropout}")
         if self.guided_attention < 0 or self.guided_attention_sigma <= 0:

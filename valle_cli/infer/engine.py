@@ -73,6 +73,9 @@ class Request:
     prompt: torch.Tensor  # (Q, Fp) codes of the reference voice; Fp = 0: no reference (a random voice)
     language: int = 0
     prefix: torch.Tensor | None = None  # (Q, Fc) codes the response continues from; not returned
+    # pointer models: frames to hold each symbol (one per phoneme id, BOS/EOS included), in place of the move
+    # head's decisions; None = the model decides. Speed control, and the oracle-duration diagnostic.
+    durations: torch.Tensor | None = None
 
     @property
     def prefix_frames(self) -> int:
@@ -234,7 +237,10 @@ def _pointer_tokens(model, requests, sc, use_cache, symbols, ends) -> Iterator[l
             step.append(sampler(logits[row]))
             symbols[row].append(pos[row])
             held[row] += 1
-            if sc.ar.temperature > 0:
+            forced = requests[row].durations
+            if forced is not None:
+                moves = held[row] >= int(forced[pos[row]])
+            elif sc.ar.temperature > 0:
                 moves = bool(torch.rand((), generator=gens[row]) < move[row])
             else:
                 # the move head gives a per-frame hazard (about 1 in 6 frames moves), so "move > 0.5" almost
@@ -323,6 +329,17 @@ def generate_batch(
     sc = sampling or SamplingConfig()
     if not requests:
         return []
+    for r in requests:
+        if r.durations is not None:
+            if not model.pointer:
+                raise ValleError(
+                    "phoneme durations can only be forced on pointer models (model.alignment: pointer)"
+                )
+            if r.durations.shape != r.phonemes.shape or int(r.durations.min()) < 1:
+                raise ValleError(
+                    f"durations must give at least 1 frame for each of the {len(r.phonemes)} symbols "
+                    f"(BOS and EOS included); got {tuple(r.durations.shape)} values, the least {int(r.durations.min())}"
+                )
     symbols: list[list[int]] = [[] for _ in requests]
     ends = [False] * len(requests)
     if sc.beam_width > 1:

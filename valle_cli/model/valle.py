@@ -58,6 +58,9 @@ class Sample:
     frame_held: torch.Tensor | None = (
         None  # (Fr,) frames of its symbol before each frame; None: from the above
     )
+    # level 0: the tokens fed as "the previous frame" in place of the response's own (scheduled sampling);
+    # the targets stay the response's
+    ar_inputs: torch.Tensor | None = None  # (Fr,)
 
 
 @dataclass
@@ -102,6 +105,7 @@ class VALLE(nn.Module):
         self.pointer = getattr(cfg, "alignment", "none") == "pointer"
         self.guided: GuidedAttention | None = None  # set by the trainer with train.guided_attention > 0
         self.input_dropout = 0.0  # set by the trainer: train.input_dropout
+        self.scheduled_sampling = 0.0  # set by the trainer: train.scheduled_sampling
         extra = []
         if self.pointer:
             self.frame_text_emb = nn.Embedding(n_symbols, d)
@@ -148,14 +152,15 @@ class VALLE(nn.Module):
             ids = s.phonemes.to(dev)
             return self.text_emb(ids[:-1]), ids[1:], "text"
         r = s.response.to(dev)
+        fed = r[0] if s.ar_inputs is None else s.ar_inputs.to(dev)  # level 0's "previous frames"
         if self.pointer:
             along = self.frame_text(s)
             if s.level == 0:
-                inp = torch.cat([torch.tensor([self.start_id], device=dev), r[0, :-1]])
+                inp = torch.cat([torch.tensor([self.start_id], device=dev), fed[:-1]])
                 return self.ar_inputs(inp) + along, r[0], 0
             return self.embed_audio(r, s.level) + along, r[s.level], s.level
         if s.level == 0:
-            inp = torch.cat([torch.tensor([self.start_id], device=dev), r[0]])
+            inp = torch.cat([torch.tensor([self.start_id], device=dev), fed])
             tgt = torch.cat([r[0], torch.tensor([self.stop_id], device=dev)])
             return self.ar_inputs(inp), tgt, 0
         return self.embed_audio(r, s.level), r[s.level], s.level
@@ -228,7 +233,38 @@ class VALLE(nn.Module):
 
     # -- training forward ---------------------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def own_inputs(
+        self, samples: list[Sample], p: float, generator: torch.Generator | None = None
+    ) -> list[Sample]:
+        """Scheduled sampling in parallel (Duckworth et al. 2019, arXiv 1906.04331): a teacher-forced pass
+        predicts every level-0 frame; each level-0 sample then gets, with probability p per frame, its own
+        sampled prediction as the input "previous frame" instead of the true one. Training on its own
+        guesses is what keeps a free-running AR from drifting away from its text (teacher forcing alone
+        never shows it a wrong previous frame). Other samples are returned as they are."""
+        rows = [k for k, s in enumerate(samples) if s.task == "tts" and s.level == 0 and s.response.shape[-1]]
+        if not rows or p <= 0:
+            return samples
+        sub = [samples[k] for k in rows]
+        batch = self.assemble(sub)
+        mask = attention_mask(
+            batch.lengths, batch.causal, batch.inputs_embeds.shape[1], dtype=batch.inputs_embeds.dtype
+        )
+        h = self.backbone(batch.inputs_embeds, mask, batch.position_ids).hidden
+        out = list(samples)
+        starts = {b: start for b, start, _, head, part in batch.targets if part == "response"}
+        for b, k in enumerate(rows):
+            s = samples[k]
+            r0 = s.response[0].to(h.device)
+            logits = self.heads[0](h[b, starts[b] : starts[b] + len(r0)]).float()[:, : self.codebook_size]
+            guess = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+            swap = torch.rand(len(r0), device=h.device, generator=generator) < p
+            out[k] = replace(s, ar_inputs=torch.where(swap, guess, r0))
+        return out
+
     def forward(self, samples: list[Sample], return_hidden: bool = False) -> ModelOutput:
+        if self.training and self.scheduled_sampling > 0:
+            samples = self.own_inputs(samples, self.scheduled_sampling)
         batch = self.assemble(samples)
         mask = attention_mask(
             batch.lengths, batch.causal, batch.inputs_embeds.shape[1], dtype=batch.inputs_embeds.dtype

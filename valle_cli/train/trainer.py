@@ -149,6 +149,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = VALLE(cfg.model, len(self.symbols), int(codec["codebook_size"]), t.loss_weights)
         self.model.input_dropout = t.input_dropout
+        self.model.scheduled_sampling = t.scheduled_sampling
         if t.guided_attention > 0:
             from valle_cli.backbones.base import Backbone
             from valle_cli.model.valle import GuidedAttention
