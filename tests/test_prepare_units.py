@@ -55,6 +55,10 @@ def test_unreadable_entries_are_skipped_with_their_reason(tmp_path):
     spk = tmp_path / "g" / "s"
     _wav(spk / "good.wav")
     (spk / "good.txt").write_text("Café au lait.", encoding="utf-8")
+    _wav(spk / "bom.wav")
+    (spk / "bom.txt").write_bytes("\ufeffWith a BOM.".encode())
+    _wav(spk / "wide.wav")
+    (spk / "wide.txt").write_text("Windows Unicode.", encoding="utf-16")
     _wav(spk / "latin.wav")
     (spk / "latin.txt").write_bytes("Café au lait.".encode("latin-1"))
     _wav(spk / "sub" / "t1.wav")
@@ -66,7 +70,8 @@ def test_unreadable_entries_are_skipped_with_their_reason(tmp_path):
     skipped: list[tuple[str, str]] = []
     srcs = list(discover(tmp_path, skipped=skipped))
     assert {s.uid: s.text for s in srcs} == {
-        "g/s/good": "Café au lait.", "g/s/folder.wav__inner": None
+        "g/s/good": "Café au lait.", "g/s/folder.wav__inner": None, "g/s/bom": "With a BOM.",
+        "g/s/wide": "Windows Unicode.",
     }  # fmt: skip
     why = {os.path.relpath(p, spk): reason for p, reason in skipped}
     assert "latin.txt is not UTF-8 (byte 0xe9" in why["latin.wav"] and "iconv" in why["latin.wav"]

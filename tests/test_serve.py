@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from fastapi import FastAPI, Request  # module level: the annotations below are resolved from here
 
 from valle_cli.serve.jobs import JobQueue, QueueFull
 from valle_cli.serve.server import bind, build, uvicorn_server
@@ -475,3 +476,101 @@ def test_web_ui_synthesizes_in_headless_chromium(server):
             driver.save_screenshot(str(SCREENSHOT))
     finally:
         driver.quit()
+
+
+def test_request_deadlines_keep_slow_clients_out_and_real_ones_in():
+    """The guarded protocol on a small app (no model): a slow dribble after a first request is cut, pipelined
+    requests are all answered even when slow, stalled uploads cannot take the slots of other requests."""
+    import asyncio
+    import socket
+
+    from valle_cli.serve.server import MAX_IN_FLIGHT
+
+    app = FastAPI()
+
+    @app.get("/fast")
+    async def fast():
+        return {"ok": 1}
+
+    @app.get("/slow")
+    async def slow():
+        await asyncio.sleep(1.5)
+        return {"ok": 2}
+
+    @app.post("/upload")
+    async def upload(request: Request):
+        return {"n": len(await request.body())}
+
+    @app.get("/health")
+    async def health():
+        return {"ok": 0}
+
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn_server(app, log_level="warning", request_seconds=0.5)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def connect():
+        s = socket.create_connection(("127.0.0.1", port))
+        s.settimeout(30)
+        return s
+
+    def read_until(s, marker: bytes, count: int = 1) -> bytes:
+        buf = b""
+        while buf.count(marker) < count:
+            data = s.recv(65536)
+            assert data, buf
+            buf += data
+        return buf
+
+    held = []
+    try:
+        s = connect()  # keep-alive: a first request, then a new request's headers a byte at a time
+        s.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        read_until(s, b'{"ok":1}')
+        t0, closed = time.time(), False
+        for byte in b"GET /fast HTTP/1.1\r\nHost: x\r\n":
+            try:
+                s.sendall(bytes([byte]))
+                time.sleep(0.2)
+            except OSError:
+                closed = True
+                break
+            if time.time() - t0 > 10:
+                break
+        s.settimeout(10)
+        closed = closed or s.recv(65536) == b""
+        assert closed and time.time() - t0 < 10
+        s = connect()  # pipelined: the slow second request outlives the header deadline and is answered
+        s.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b'{"ok":2}' in read_until(s, b'{"ok":2}')
+        for _ in range(MAX_IN_FLIGHT):  # uploads that never send their bodies
+            u = connect()
+            u.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 26214400\r\n\r\n")
+            held.append(u)
+        assert httpx.get(f"http://127.0.0.1:{port}/fast", timeout=30).status_code == 200
+        big = httpx.post(f"http://127.0.0.1:{port}/upload", content=b"x" * 5_000_000, timeout=60)
+        assert big.status_code in (200, 503)  # at full speed: in, or told to retry while the slots are full
+    finally:
+        for u in held:
+            u.close()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_voices_saved_under_the_old_name_rule_stay_usable(tmp_path):
+    """`_old` was a valid name before; such a voice is still listed and deletable, but no new one is made."""
+    from valle_cli.serve.voices import VoiceError, VoiceStore
+
+    store = VoiceStore(tmp_path / "voices", tmp_path / "tmp", 60.0, 10)
+    sf.write(tmp_path / "voices" / "_old.wav", np.zeros(24_000, np.float32), 24_000)
+    (tmp_path / "voices" / "_old.json").write_text('{"seconds": 1.0, "created": 0}')
+    assert [v.name for v in store.list()] == ["_old"]
+    assert store.audio_path("_old").name == "_old.wav"
+    with pytest.raises(VoiceError, match="invalid voice name"):
+        store.add("_new", clip(2.0))
+    store.delete("_old")
+    assert store.list() == []

@@ -262,3 +262,12 @@ def test_continuation_uses_the_whole_reference_once(trained):
     assert sp.request(seg[1], first=False).prefix is None
     with pytest.raises(TextError, match="--prompt-text instead"):
         _Speaker(loaded, [ref_of(out)], SynthOptions(prompt_prefix=True, split_sentences=True), "cpu")
+
+
+def test_a_prompt_under_a_second_is_cut_from_a_longer_reference(trained, tmp_path):
+    """Only the prompt's seconds of a reference are decoded, but the 1-second minimum is the clip's."""
+    out, _ = trained
+    proc = synth("Hello there.", "--ref", str(ref_of(out)), "--input-prompt-length", "0.5",
+                 "-o", str(tmp_path / "o.wav"), "--model", str(out / "run"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sf.info(str(tmp_path / "o.wav")).frames > 0

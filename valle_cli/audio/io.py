@@ -88,6 +88,10 @@ def load_audio(
     import soundfile as sf
 
     p = Path(path)
+    if end is not None and not end > start:
+        raise AudioError(
+            f"nothing to read from {p}: the span {start:g}-{end:g} s is empty", "check the times"
+        )
     info = _open_info(p)
     first = max(0, round(start * info.samplerate))
     last = info.frames if end is None else min(info.frames, round(end * info.samplerate))

@@ -203,7 +203,7 @@ class _Speaker:
         wav = (
             reference_audio(self.codec, refs, cap=context)
             if continuing
-            else reference_audio(self.codec, refs, seconds=seconds)
+            else reference_audio(self.codec, refs, seconds=max(seconds, MIN_PROMPT_SECONDS))
         )
         self.prompt = prompt_codes(self.codec, wav, seconds, self.model.n_levels, repeat)
         # the continuation prefix is the whole reference: its transcript describes all of it

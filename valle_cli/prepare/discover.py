@@ -53,15 +53,22 @@ class BadTranscript(Exception):
 def _not_utf8(path: Path, exc: UnicodeDecodeError) -> BadTranscript:
     return BadTranscript(
         f"its transcript {path.name} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-        "save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+        "convert it to UTF-8 from its encoding, e.g. `iconv -f cp1252 -t utf-8` for a Windows file"
     )
 
 
-def _read_text(path: Path) -> str:
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 (a BOM is dropped), or UTF-16 when a BOM says so (Windows' "Unicode"); anything else raises."""
     try:
-        return " ".join(path.read_text(encoding="utf-8").split())
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc) from None
+
+
+def _read_text(path: Path) -> str:
+    return " ".join(_decode(path, path.read_bytes()).split())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -70,13 +77,15 @@ def _table(path: Path) -> dict[str, str] | BadTranscript:
     cached like the table)."""
     try:
         return _read_table(path)
-    except UnicodeDecodeError as exc:
-        return _not_utf8(path, exc)
+    except BadTranscript as exc:
+        return exc
 
 
 def _read_table(path: Path) -> dict[str, str]:
+    import io
+
     out: dict[str, str] = {}
-    with path.open(encoding="utf-8", newline="") as f:
+    with io.StringIO(_decode(path, path.read_bytes()), newline="") as f:
         if path.name == "metadata.csv":
             for row in csv.reader(f, delimiter="|", quoting=csv.QUOTE_NONE):
                 if len(row) >= 2 and row[0].strip():

@@ -69,7 +69,7 @@ class SpeechRequest(BaseModel):
     instructions: str | None = None
     # valle's own
     language: str = "en"
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, lt=2**63, strict=True)  # true is not a seed
     split_sentences: bool = True
     ar_temp: float | None = Field(None, ge=0.0, le=5.0)
     nar_temp: float | None = Field(None, ge=0.0, le=5.0)

@@ -52,55 +52,111 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 MAX_IN_FLIGHT = 64  # requests being answered at once; more get 503 (except /health)
+MAX_RECEIVING = 16  # requests still sending their bodies (uploads); more get 503
 REQUEST_SECONDS = 10.0  # to send a request's headers, from connecting or from the previous response
-MIN_UPLOAD_RATE = 64 * 1024  # bytes/s a body must keep up on average (plus REQUEST_SECONDS of slack)
+MIN_UPLOAD_RATE = 64 * 1024  # bytes/s a body must keep up on average (after REQUEST_SECONDS of grace)
+
+
+def _has_body(scope) -> bool:
+    headers = dict(scope.get("headers") or [])
+    length = headers.get(b"content-length", b"")
+    return (length.isdigit() and int(length) > 0) or b"chunked" in headers.get(b"transfer-encoding", b"")
 
 
 class InFlightLimit:
     """ASGI middleware: at most `limit` requests in the app at once (503 beyond), /health always answered.
-    It counts requests, not connections, so idle or half-open connections cannot starve anyone."""
+    A request with a body counts against `receiving` (a smaller limit) until its body is in, and only then
+    against `limit`: slow uploads cannot take the slots of everything else, and idle or half-open
+    connections (which never reach the app) count nowhere."""
 
-    def __init__(self, app, limit: int = MAX_IN_FLIGHT):
-        self.app, self.limit, self.active = app, limit, 0
+    def __init__(self, app, limit: int = MAX_IN_FLIGHT, receiving: int = MAX_RECEIVING):
+        self.app, self.limit, self.max_receiving = app, limit, receiving
+        self.active = self.receiving = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] == "/health":
             return await self.app(scope, receive, send)
-        if self.active >= self.limit:
+        uploading = _has_body(scope)
+        if self.active >= self.limit or (uploading and self.receiving >= self.max_receiving):
             from valle_cli.serve.api import error_response
 
             busy = error_response(503, "too many requests in flight; retry shortly", "server_error", code="busy",
                                   headers={"Retry-After": "2"})  # fmt: skip
             return await busy(scope, receive, send)
-        self.active += 1
+        state = {"uploading": uploading}
+        if uploading:
+            self.receiving += 1
+        else:
+            self.active += 1
+
+        async def counted():
+            message = await receive()
+            body_done = message["type"] == "http.request" and not message.get("more_body", False)
+            if state["uploading"] and (body_done or message["type"] == "http.disconnect"):
+                state["uploading"] = False  # the body is in: from now on an ordinary request
+                self.receiving -= 1
+                self.active += 1
+            return message
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, counted, send)
         finally:
-            self.active -= 1
+            if state["uploading"]:
+                self.receiving -= 1
+            else:
+                self.active -= 1
 
 
 def guarded_h11(request_seconds: float = REQUEST_SECONDS, min_rate: float = MIN_UPLOAD_RATE):
-    """uvicorn's h11 protocol with deadlines, against slow or stalled clients (slowloris): the request headers
-    must arrive within `request_seconds` of connecting (or of the previous response), and the body within
-    `request_seconds` + its length / `min_rate`. A client that misses one is disconnected."""
+    """uvicorn's h11 protocol with deadlines against slow or stalled clients (slowloris): whenever the server
+    waits for a request (its headers, on a new connection or after a response), they must arrive within
+    `request_seconds`; a body must then average `min_rate` bytes/s after `request_seconds` of grace. A client
+    that falls behind is disconnected. While the app works on a request that is fully in, no deadline runs."""
+    import time
+
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11(H11Protocol):
         _deadline = None
-
-        def _arm(self, seconds: float) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(seconds, self._too_slow)
+        _body_start = 0.0
+        _body_bytes = 0
 
         def _disarm(self) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
                 self._deadline = None
 
-        def _too_slow(self) -> None:
+        def _arm(self, seconds: float) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._check)
+
+        def _guard(self, new_request: bool = False) -> None:
+            """Arm or disarm after h11's state changed: waiting for headers keeps its first deadline, a new
+            request's body starts the rate check, a request fully in stops all checks."""
+            state = self.conn.their_state
+            if state is h11.IDLE:
+                if self._deadline is None:
+                    self._arm(request_seconds)
+            elif state is h11.SEND_BODY:
+                if new_request or self._deadline is None:
+                    self._body_start, self._body_bytes = time.monotonic(), 0
+                    self._arm(request_seconds)
+            else:
+                self._disarm()
+
+        def _check(self) -> None:
             self._deadline = None
-            if not self.transport.is_closing():
-                self.transport.close()  # the app sees a disconnect; the connection is freed
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.SEND_BODY:
+                owed = (time.monotonic() - self._body_start - request_seconds) * min_rate
+                if self._body_bytes >= owed:  # keeping up: look again in a second
+                    self._deadline = self.loop.call_later(1.0, self._check)
+                    return
+            elif self.conn.their_state is not h11.IDLE:
+                return  # the request is in; the app has it
+            self.transport.close()  # the app, if it has the request, sees a disconnect
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -110,22 +166,21 @@ def guarded_h11(request_seconds: float = REQUEST_SECONDS, min_rate: float = MIN_
             self._disarm()
             super().connection_lost(exc)
 
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.SEND_BODY:
+                self._body_bytes += len(data)
+            super().data_received(data)
+
         def handle_events(self) -> None:
             cycle = self.cycle
             super().handle_events()
-            if self.cycle is not None and self.cycle is not cycle:  # headers of a new request arrived
-                headers = dict(self.headers)
-                length = headers.get(b"content-length", b"")
-                chunked = b"chunked" in headers.get(b"transfer-encoding", b"")
-                size = int(length) if length.isdigit() else 0
-                self._arm(request_seconds * (6 if chunked else 1) + size / min_rate)
-            if self.cycle is not None and not self.cycle.more_body:
-                self._disarm()  # the whole request is in: the app takes its time
+            self._guard(new_request=self.cycle is not cycle)
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
+            cycle = self.cycle
+            super().on_response_complete()  # may start a pipelined request
             if not self.transport.is_closing():
-                self._arm(request_seconds)  # the next request's headers (keep-alive may close sooner)
+                self._guard(new_request=self.cycle is not cycle)
 
     return GuardedH11
 

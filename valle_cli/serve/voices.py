@@ -17,7 +17,7 @@ from valle_cli.errors import AudioError, ValleError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # starts with a letter or digit: never an option (-rf)
 # names Windows cannot create (a voices folder may be shared or copied there)
-RESERVED = {"con", "prn", "aux", "nul", *(f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10))}
+RESERVED = {"con", "prn", "aux", "nul", *(f"{p}{i}" for p in ("com", "lpt") for i in range(10))}
 RANDOM = "random"  # not a stored voice: no reference at all (a random voice)
 SAMPLE_RATE = 24000
 MIN_SECONDS = 1.0
@@ -39,12 +39,20 @@ class Voice:
     created: float
 
 
+STORED = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what earlier versions accepted: still listed, used and deletable
+
+
 def valid_name(name: object) -> bool:
     return isinstance(name, str) and bool(NAME.fullmatch(name)) and name.lower() not in RESERVED
 
 
-def check_name(name: str) -> str:
-    if not valid_name(name):
+def stored_name(name: object) -> bool:
+    """A name a voice on disk may have (new names must also pass `valid_name`); never a path."""
+    return isinstance(name, str) and bool(STORED.fullmatch(name))
+
+
+def check_name(name: str, new: bool = False) -> str:
+    if not (valid_name(name) if new else stored_name(name)):
         raise VoiceError(
             f"invalid voice name {name!r}",
             "use 1-64 letters, digits, '_' or '-', starting with a letter or digit, and not a name Windows "
@@ -73,7 +81,7 @@ class VoiceStore:
         for meta in sorted(self.folder.glob("*.json")):
             with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
                 data = json.loads(meta.read_text())
-                if valid_name(meta.stem) and (self.folder / f"{meta.stem}.wav").is_file():
+                if stored_name(meta.stem) and (self.folder / f"{meta.stem}.wav").is_file():
                     out.append(Voice(meta.stem, data["seconds"], data.get("transcript"), data["created"]))
         return out
 
@@ -98,7 +106,7 @@ class VoiceStore:
         from valle_cli.audio.io import audio_seconds, load_audio, save_audio
         from valle_cli.fsutil import atomic_path
 
-        check_name(name)
+        check_name(name, new=True)
         if transcript is not None and not transcript.strip():
             transcript = None
         upload = self.tmp / f"upload-{uuid.uuid4().hex}"
