@@ -10,6 +10,8 @@ import soundfile as sf
 
 from .conftest import needs_espeak
 
+HANG = 3600  # seconds: try-me runs a fixed number of steps; this only catches a hang, never a loaded machine
+
 
 @needs_espeak
 def test_try_me_memorizes_and_reproduces_the_utterance(tmp_path):
@@ -18,7 +20,7 @@ def test_try_me_memorizes_and_reproduces_the_utterance(tmp_path):
         [sys.executable, "-m", "valle_cli.cli.app", "train", "--try-me", "-o", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG,
         env={**os.environ, "COLUMNS": "200"},
         stdin=subprocess.DEVNULL,
     )
@@ -36,7 +38,7 @@ def test_try_me_audio_needs_text(tmp_path):
         [sys.executable, "-m", "valle_cli.cli.app", "train", "--try-me", "--audio", str(tmp_path / "x.wav")],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG,
         stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 1 and "--audio needs --text" in proc.stderr
