@@ -21,28 +21,23 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from report import ROOT, command, write_section  # bench/ is on sys.path when run as a script
+from report import command, write_section  # bench/ is on sys.path when run as a script
 
 READABLE = ("mbrola/", "piper/")  # voices PocketSphinx transcribes well
 
 
 def pocketsphinx_importable(site: Path) -> None:
-    """Make the pocketsphinx transcriber plugin importable in this process (pip --target when missing)."""
-    from valle_cli import plugins
+    """Make the pocketsphinx transcriber plugin importable in this process (default_model.py installs it with
+    pip --target when the virtualenv lacks it; entry points are read from sys.path at each lookup)."""
+    from default_model import pocketsphinx_env
 
-    if "pocketsphinx" in plugins.names("transcriber"):
-        return
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-         str(site), str(ROOT / "plugins" / "valle-pocketsphinx")],
-        check=True,
-    )  # fmt: skip
-    sys.path.insert(0, str(site))  # entry points are read from sys.path at each lookup
+    extra = pocketsphinx_env(site).get("PYTHONPATH")
+    if extra and str(site) in extra.split(os.pathsep):
+        sys.path.insert(0, str(site))
 
 
 def measure(run: Path, checkpoint: Path, n: int, asr, temp: float = 0.95, top_k: int = 0, extra=None) -> dict:

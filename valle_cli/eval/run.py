@@ -138,9 +138,10 @@ def evaluate(
     from valle_cli.infer.synth import SynthOptions, synthesize
 
     for item in items:  # before any synthesis: a ground truth of hours would be read whole by the judges
-        if item.truth is not None and audio_seconds(item.truth) > MAX_TRUTH_SECONDS:
+        seconds = audio_seconds(item.truth) if item.truth is not None else 0.0
+        if seconds > MAX_TRUTH_SECONDS:
             raise EvalError(
-                f"the ground truth {item.truth} is {audio_seconds(item.truth):.0f} s long; valle eval compares "
+                f"the ground truth {item.truth} is {seconds:.0f} s long; valle eval compares "
                 f"sentences, at most {MAX_TRUTH_SECONDS:.0f} s each",
                 "give each sentence its own recording (valle prepare cuts long recordings at pauses)",
             )

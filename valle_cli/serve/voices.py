@@ -39,7 +39,9 @@ class Voice:
     created: float
 
 
-STORED = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what earlier versions accepted: still listed, used and deletable
+STORED = re.compile(
+    r"[A-Za-z0-9_-]{1,64}"
+)  # what earlier versions accepted: still listed, used and deletable
 
 
 def valid_name(name: object) -> bool:
