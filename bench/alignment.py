@@ -53,6 +53,10 @@ METHODS = {  # name -> (overrides, what it is); the recipe itself now trains a p
         ["model.alignment=pointer", "train.level_weights=[1,0,0,0,0,0,0,0]"],
         "phoneme pointer, every sample trains level 0 (the first phase of `train.ar_only_steps`)",
     ),
+    "pointer-nar0": (
+        ["model.alignment=pointer", "model.level0=nar", "train.ar_only_steps=0"],
+        "phoneme pointer with a parallel level 0 (masked passes over frames laid out by a duration head)",
+    ),
 }
 
 

@@ -44,7 +44,6 @@ def measure(run: Path, checkpoint: Path, n: int, asr, temp: float = 0.95, top_k:
     import numpy as np
     import torch
 
-    from valle_cli.backbones.base import attention_mask
     from valle_cli.config import load_config
     from valle_cli.infer.engine import Request, SamplingConfig, generate_batch
     from valle_cli.infer.synth import _decode, model_codec
@@ -80,7 +79,7 @@ def measure(run: Path, checkpoint: Path, n: int, asr, temp: float = 0.95, top_k:
             fs = frame_symbols(torch.from_numpy(dur)) if model.pointer else None
             with torch.no_grad():
                 batch = model.assemble([Sample(ph, prompt, codes, 0, 0, frame_symbols=fs)])
-                mask = attention_mask(batch.lengths, batch.causal, batch.inputs_embeds.shape[1])
+                mask = model.attention_mask(batch)  # level0 nar: every frame masked (one parallel pass)
                 h = model.backbone(batch.inputs_embeds, mask, batch.position_ids).hidden[0]
                 start = next(st for _, st, _, _, part in batch.targets if part == "response")
                 logits = model.heads[0](h[start : start + codes.shape[1]])[:, : model.codebook_size]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -391,3 +392,127 @@ def test_greedy_pointer_moves_at_the_mean_duration(pointer_model):
             head.weight.copy_(saved[0])
             head.bias.copy_(saved[1])
     assert out.stopped and torch.bincount(out.frame_symbols).tolist() == [5] * len(ph)
+
+
+@pytest.fixture(scope="module")
+def nar0_model():
+    torch.manual_seed(0)
+    cfg = load_config("tiny", ["model.alignment=pointer", "model.level0=nar"]).model
+    return VALLE(cfg, n_symbols=623).eval()
+
+
+def test_level0_nar_needs_a_pointer():
+    from valle_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.alignment: pointer"):
+        load_config("tiny", ["model.level0=nar"])
+
+
+def test_level0_nar_masks_scores_masked_frames_and_hides_the_response_from_the_prefix(nar0_model):
+    s = _sample(0, [2, 3, 1, 4, 2])
+    batch = nar0_model.assemble([s, _sample(3, [1, 1, 2])])
+    parts = [(b, part) for b, _, _, _, part in batch.targets]
+    assert parts == [(0, "response"), (0, "duration"), (1, "response")]  # no pointer head: a duration head
+    assert not bool(batch.causal[0])  # level 0 is a non-causal pass
+    assert batch.targets[1][2].tolist() == pytest.approx(
+        torch.log1p(torch.tensor([2.0, 3, 1, 4, 2])).tolist()
+    )
+    pre = 4 + 5 + 1 + 20 + 1
+    assert batch.prefix_only.tolist() == [pre, 0]
+    mask = nar0_model.attention_mask(batch)
+    hidden = torch.finfo(mask.dtype).min
+    assert (mask[0, 0, :pre, pre:] == hidden).all() and (mask[0, 0, :pre, :pre] == 0).all()
+    assert (mask[0, 0, pre:, :] == 0).all()  # the frames see everything
+    assert (mask[1, 0, :, : int(batch.lengths[1])] == 0).all()  # a NAR level-3 row is not limited
+    # eval mode: every frame masked and scored; training: a random share, only those scored
+    assert (batch.targets[0][2] == s.response[0]).all()
+    nar0_model.train()
+    try:
+        torch.manual_seed(1)
+        shares = []
+        for _ in range(20):
+            tgt = nar0_model.assemble([s]).targets[0][2]
+            scored = tgt != -100
+            assert (tgt[scored] == s.response[0][scored]).all()
+            shares.append(int(scored.sum()))
+        assert min(shares) >= 1 and len(set(shares)) > 1
+    finally:
+        nar0_model.eval()
+    out = nar0_model([s])
+    assert out.counts["l0"] == 12 and "dur" in out.level_loss and out.losses["duration"] >= 0
+    # the prefix cannot see the response: its hidden states do not change with the response's codes
+    other = Sample(
+        s.phonemes, s.prompt, torch.randint(0, 1024, s.response.shape), 0, frame_symbols=s.frame_symbols
+    )
+    h1 = nar0_model([s], return_hidden=True).hidden[0, :pre]
+    h2 = nar0_model([other], return_hidden=True).hidden[0, :pre]
+    assert torch.allclose(h1, h2, atol=1e-5)
+
+
+def test_level0_nar_generates_by_durations_in_parallel(nar0_model):
+    from valle_cli.errors import ValleError
+    from valle_cli.infer.engine import generate_batch, predict_durations
+
+    ph = torch.tensor([1, 10, 20, 30, 40, 2])
+    prompt = torch.randint(0, 1024, (8, 25), generator=torch.Generator().manual_seed(3))
+    predicted = predict_durations(nar0_model, [Request(ph, prompt)])[0]
+    assert predicted.shape == ph.shape and int(predicted.min()) >= 1
+    for temp in (0.0, 1.0):
+        out = generate(nar0_model, ph, prompt, sampling=SamplingConfig(ar_temp=temp, seed=2, level0_steps=4))
+        assert out.stopped and out.ar_steps == 4
+        assert torch.equal(out.frame_symbols, frame_symbols(predicted))
+        assert out.codes.shape == (8, int(predicted.sum())) and int(out.codes.max()) < 1024
+    forced = torch.tensor([1, 3, 2, 5, 1, 2])
+    a, b = generate_batch(
+        nar0_model,
+        [
+            Request(ph, prompt, durations=forced),
+            Request(ph[:4].clone().index_fill_(0, torch.tensor([3]), 2), prompt),
+        ],
+        SamplingConfig(ar_temp=1.0, seed=5),
+    )
+    assert torch.equal(a.frame_symbols, frame_symbols(forced)) and b.frame_symbols[-1] == 3
+    alone = generate_batch(
+        nar0_model, [Request(ph, prompt, durations=forced)], SamplingConfig(ar_temp=1.0, seed=5)
+    )
+    assert torch.equal(alone[0].codes, a.codes)  # a row does not depend on its batch
+    capped = generate_batch(
+        nar0_model, [Request(ph, prompt, durations=forced)], SamplingConfig(max_ar_steps=len(ph) + 2)
+    )[0]
+    assert not capped.stopped and capped.codes.shape[1] == len(ph) + 2
+    with pytest.raises(ValleError, match="beam search"):
+        generate(nar0_model, ph, prompt, sampling=SamplingConfig(beam_width=2))
+    with pytest.raises(ValleError, match="continuing audio"):
+        generate(nar0_model, ph, prompt, prefix=torch.randint(0, 1024, (8, 5)))
+    with pytest.raises(ValleError, match="level0_steps"):
+        SamplingConfig(level0_steps=0)
+
+
+def test_level0_nar_learns_a_sample_and_speaks_it_back(nar0_model):
+    import copy
+
+    model = copy.deepcopy(nar0_model).train()
+    s = _sample(0, [1, 3, 2, 4, 1], seed=7)
+    samples = [s, replace(s, level=1), replace(s, level=2)]
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        model(samples).loss.backward()
+        opt.step()
+    model.eval()
+    out = generate(model, s.phonemes, s.prompt, sampling=SamplingConfig(ar_temp=0.0, level0_steps=3))
+    assert torch.equal(out.frame_symbols, s.frame_symbols)  # the duration head learned the timing
+    assert (out.codes[0] == s.response[0]).float().mean() > 0.9
+
+
+def test_level0_nar_stream_releases_the_whole_generation(nar0_model):
+    from valle_cli.infer.engine import generate_batch
+
+    ph = torch.tensor([1, *range(10, 22), 2])
+    req = Request(ph, torch.randint(0, 1024, (8, 30)), durations=torch.full((14,), 9))
+    sc = SamplingConfig(ar_temp=1.0, top_k=40, seed=4)
+    forced = generate_batch(nar0_model, [req], sc)[0]
+    chunks = list(stream_codes(nar0_model, req, sc, StreamSettings(chunk_frames=20, max_chunk_frames=50)))
+    assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True] and len(chunks) > 2
+    assert [c.start for c in chunks] == [0, *np.cumsum([c.codes.shape[1] for c in chunks])[:-1].tolist()]
+    assert torch.equal(torch.cat([c.codes for c in chunks], 1), forced.codes)

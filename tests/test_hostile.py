@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import signal
@@ -283,3 +284,117 @@ def test_long_recordings_are_transcribed_in_windows_without_cutting_an_utterance
     assert len(segs) == len(bursts)
     for seg, (a, b) in zip(segs, bursts, strict=True):
         assert seg["start"] == pytest.approx(a, abs=0.01) and seg["end"] == pytest.approx(b, abs=0.01)
+
+
+def _disk_full_cfg(dataset: Path, steps: int):
+    from valle_cli.config import load_config
+
+    return load_config(
+        "tiny",
+        [f"data.paths=[{dataset}]", "data.batch_size=2", "data.num_workers=0", f"train.steps={steps}",
+         "train.save_every=2", "train.eval_every=100000", "train.keep_last=2"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_a_full_disk_mid_save_is_one_line_keeps_the_last_checkpoint_and_the_rerun_resumes(
+    dataset, tmp_path, monkeypatch, writer
+):
+    """Fault injection at the libraries' own writers, with the exceptions they raise on a full disk (measured
+    on a 1 MB tmpfs): torch.save's zip writer a RuntimeError, safetensors a SafetensorError; neither is an
+    OSError. The half-written file is really there when the error comes."""
+    import safetensors.torch
+    import torch
+
+    from valle_cli.train.checkpoint import CheckpointError
+    from valle_cli.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    real_torch_save, real_save_file = torch.save, safetensors.torch.save_file
+
+    def full_torch_save(obj, f, *a, **k):
+        if "step-00000004" in str(f):
+            Path(f).write_bytes(b"PK\x03\x04" + b"\0" * 4096)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real_torch_save(obj, f, *a, **k)
+
+    def full_save_file(tensors, filename, metadata=None):
+        if "step-00000004" in str(filename):
+            Path(filename).write_bytes(b"\0" * 4096)
+            raise safetensors.SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    if writer == "torch.save":
+        monkeypatch.setattr(torch, "save", full_torch_save)
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", full_save_file)
+    with pytest.raises(CheckpointError) as caught:
+        Trainer(_disk_full_cfg(dataset, 6), run).train()
+    message = str(caught.value)
+    assert "No space left on device" in message and "MB free" in message and str(run) in message
+    assert "previous checkpoint is intact" in message and "\n" not in message
+    assert "rerun the same command" in caught.value.remedy
+    assert not list(run.glob(".*.tmp")) and latest(run).name == "step-00000002"
+    assert [r["step"] for r in read_metrics(run) if r.get("kind") == "train"] == [1, 2, 3, 4]
+    with open(run / "metrics.jsonl", "a") as f:  # and a write cut short by the same full disk
+        f.write('{"loss": 1.2, "step": 5, "ki')
+    monkeypatch.undo()
+    info = Trainer(_disk_full_cfg(dataset, 6), run).train()
+    assert info.resumed_from.name == "step-00000002" and latest(run).name == "step-00000006"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    steps = [r["step"] for r in map(json.loads, lines) if r.get("kind") == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 3-4 trained again, recorded once; the torn line gone
+
+
+def test_a_killed_save_leaves_no_staging_folder_to_fill_the_disk(dataset, tmp_path):
+    from valle_cli.train.checkpoint import staging_dir
+    from valle_cli.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(_disk_full_cfg(dataset, 2), run).train()
+    stale = staging_dir(run, 4)  # what a save killed halfway leaves
+    stale.mkdir()
+    (stale / "optimizer.pt").write_bytes(b"\0" * 100_000)
+    Trainer(_disk_full_cfg(dataset, 4), run).train()
+    assert not stale.exists() and latest(run).name == "step-00000004"
+
+
+def _mount_tmpfs(folder: Path, size: int) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, timeout=60)  # fmt: skip
+    return proc.returncode == 0
+
+
+def test_training_on_a_really_full_disk(dataset, tmp_path):
+    """A real full disk: a tmpfs with room for one checkpoint and a half. The second save cannot fit (the old
+    checkpoint is pruned only after the new one is in place)."""
+    probe = tmp_path / "probe"
+    subprocess.run(_train_args(dataset, probe, "train.steps=1", "train.save_every=1"), check=True,
+                   stdin=subprocess.DEVNULL, capture_output=True, timeout=HANG)  # fmt: skip
+    one = sum(f.stat().st_size for f in latest(probe).rglob("*") if f.is_file())
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, int(one * 1.5) + 200_000):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        run = disk / "run"
+        args = _train_args(dataset, run, "train.steps=4", "train.save_every=2", "train.keep_last=1")
+        full = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=HANG)
+        assert full.returncode != 0
+        err = full.stderr.strip().splitlines()
+        said = [line for line in err if "No space left on device" in line]
+        assert said and "MB free" in said[0] and "a checkpoint takes" in said[0], full.stderr[-3000:]
+        assert "Traceback" not in full.stderr and "unexpected" not in full.stderr
+        assert latest(run).name == "step-00000002" and not list(run.glob(".*.tmp"))
+        subprocess.run(["mount", "-o", f"remount,size={one * 4}", str(disk)], check=True, timeout=60)
+        again = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=HANG)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert latest(run).name == "step-00000004"
+        steps = [r["step"] for r in read_metrics(run) if r.get("kind") == "train"]
+        assert steps == [1, 2, 3, 4]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=60)

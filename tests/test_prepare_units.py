@@ -63,6 +63,9 @@ def test_unreadable_entries_are_skipped_with_their_reason(tmp_path):
     (spk / "latin.txt").write_bytes("Café au lait.".encode("latin-1"))
     _wav(spk / "sub" / "t1.wav")
     (spk / "sub" / "metadata.csv").write_bytes("t1|Déjà vu.\n".encode("cp1252"))
+    _wav(spk / "tab" / "t2.wav")  # a bad sidecar gives way to a readable table row
+    (spk / "tab" / "t2.txt").write_bytes("Caf\xe9".encode("latin-1"))
+    (spk / "tab" / "metadata.csv").write_text("t2|From the table.\n", encoding="utf-8")
     (spk / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
     os.mkfifo(spk / "pipe.flac")
     (spk / "folder.wav").mkdir()
@@ -71,7 +74,7 @@ def test_unreadable_entries_are_skipped_with_their_reason(tmp_path):
     srcs = list(discover(tmp_path, skipped=skipped))
     assert {s.uid: s.text for s in srcs} == {
         "g/s/good": "Café au lait.", "g/s/folder.wav__inner": None, "g/s/bom": "With a BOM.",
-        "g/s/wide": "Windows Unicode.",
+        "g/s/wide": "Windows Unicode.", "g/s/tab__t2": "From the table.",
     }  # fmt: skip
     why = {os.path.relpath(p, spk): reason for p, reason in skipped}
     assert "latin.txt is not UTF-8 (byte 0xe9" in why["latin.wav"] and "iconv" in why["latin.wav"]

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from valle_cli.backbones.base import attention_mask
 from valle_cli.errors import ValleError
 
 
@@ -43,8 +42,7 @@ def alignment_maps(model, sample, symbols: list[str]) -> AlignmentMaps:
     model.eval()
     try:
         batch = model.assemble([sample])
-        t = batch.inputs_embeds.shape[1]
-        mask = attention_mask(batch.lengths, batch.causal, t, dtype=batch.inputs_embeds.dtype)
+        mask = model.attention_mask(batch)
         try:
             layers = model.backbone.attention_maps(batch.inputs_embeds, mask, batch.position_ids)
         except NotImplementedError as exc:

@@ -44,6 +44,10 @@ class ModelConfig:
     # frame also gets the embedding of the symbol it speaks and a head moves a pointer through the text
     # (VALL-E R); needs phoneme durations in the dataset (`valle prepare` makes them)
     alignment: Literal["none", "pointer"] = "none"
+    # how RVQ level 0 is made: ar = token by token (VALL-E); nar = masked parallel passes over frames laid out
+    # by a duration head (pointer models only: see model/valle.py). nar has no previous frame to copy, so it
+    # cannot drift from its text the way a small AR does
+    level0: Literal["ar", "nar"] = "ar"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     sdpa_kernel: Literal["auto", "math", "efficient", "flash", "cudnn"] = "auto"  # torch's choice unless set
     max_position: int = 4096
@@ -63,6 +67,11 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.experts_per_token > self.n_experts:
             raise ConfigError("model.experts_per_token cannot exceed model.n_experts")
+        if self.level0 == "nar" and self.alignment != "pointer":
+            raise ConfigError(
+                "model.level0: nar lays frames out by phoneme durations and needs model.alignment: pointer",
+                "set model.alignment: pointer (or model.level0: ar)",
+            )
 
 
 @dataclass
@@ -209,7 +218,7 @@ class TrainConfig:
                 "train.lora.rank > 0 but there is no base model to adapt",
                 "set train.init_from to a trained run folder, checkpoint or export",
             )
-        unknown = set(self.loss_weights) - {"text", "prompt", "response", "pointer"}
+        unknown = set(self.loss_weights) - {"text", "prompt", "response", "pointer", "duration"}
         if unknown:
             raise ConfigError(
                 f"train.loss_weights has unknown part(s) {sorted(unknown)}",

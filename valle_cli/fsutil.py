@@ -31,6 +31,32 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     os.chmod(path, 0o666 & ~_umask())
 
 
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, when `exc` is a failed write, else None. A full disk does not always raise
+    OSError: safetensors raises its SafetensorError ("... No space left on device (os error 28)") and
+    torch.save a RuntimeError from its zip writer ("enforce fail at inline_container.cc ...")."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" or (
+        isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text)
+    ):
+        if "os error 28" in text or "No space left" in text or "inline_container" in text:
+            return "No space left on device"  # torch's zip writer says only "unexpected pos": a short write
+        return text.splitlines()[0][:200] if text else type(exc).__name__
+    return None
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Free space for an unprivileged writer in `folder` (None if it cannot be asked)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
 def check_writable(target: str | os.PathLike, error: type[ValleError] = ValleError) -> None:
     """Raise `error` now if `target` could not be written later (missing folder, a folder, no permission)."""
     p = Path(target)
@@ -65,10 +91,11 @@ def atomic_path(target: str | os.PathLike, error: type[ValleError] = ValleError)
         finally:
             os.close(fd)
         os.replace(tmp, p)
-    except OSError as exc:
-        raise error(
-            f"cannot write {p}: {exc.strerror or exc}", "check free disk space and permissions"
-        ) from None
+    except Exception as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        raise error(f"cannot write {p}: {reason}", "check free disk space and permissions") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

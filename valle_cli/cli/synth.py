@@ -73,6 +73,9 @@ def synth(
     ras_window: int = typer.Option(0, help="VALL-E 2 repetition-aware sampling window (0 = off)."),
     ras_threshold: float = typer.Option(0.1, help="Repetition-aware sampling threshold."),
     max_ar_steps: int = typer.Option(1500, help="Longest output per segment, in frames (75 per second)."),
+    level0_steps: int = typer.Option(
+        8, help="Models with a parallel level 0 (level0: nar): unmasking passes (1 = one shot)."
+    ),
     seed: int = typer.Option(None, help="Seed for reproducible sampling (and a reproducible random voice)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option("fp32", help="fp32, fp16 or bf16 weights and activations."),
@@ -102,10 +105,11 @@ def synth(
         batch_size < 1
         or beam_width < 1
         or max_ar_steps < 1
+        or level0_steps < 1
         or (input_prompt_length is not None and input_prompt_length <= 0)
     ):
         raise ValleError(
-            "--batch-size, --beam-width, --max-ar-steps and --input-prompt-length must be positive"
+            "--batch-size, --beam-width, --max-ar-steps, --level0-steps and --input-prompt-length must be positive"
         )
     if stream and beam_width > 1:
         raise ValleError(
@@ -150,6 +154,7 @@ def synth(
         ras_window=ras_window,
         ras_threshold=ras_threshold,
         max_ar_steps=max_ar_steps,
+        level0_steps=level0_steps,
         seed=seed,
         beam_width=beam_width,
         beam_length_norm=beam_length_norm,

@@ -19,10 +19,17 @@ non-causal NAR pass per level 1..Q-1, for one request or a batch of them.
   the next text symbol (greedy when ar_temp is 0); the symbol under the pointer is added to the next
   input, speech ends when the pointer moves past EOS (no STOP class), and a symbol held for
   `MAX_SYMBOL_FRAMES` frames is left by force. The NAR passes get the same frame-to-symbol map.
+- `model.level0: nar` models make level 0 without an AR (`nar_level0`): one pass over the prefix (text and
+  prompt, which never see the response) gives every symbol's duration; the frames laid out by them start all
+  masked, and `level0_steps` non-causal passes unmask them, the most confident first (MaskGIT's cosine
+  schedule: after pass i of n, cos(pi/2 i/n) of the frames are still masked). Tokens are drawn with the AR's
+  temperature/top-k/top-p; with temperature 0 they are argmaxes; `level0_noise` > 0 adds Gumbel noise, annealed
+  to 0, to the confidences that order the frames (MaskGIT's choice temperature). Then the usual NAR passes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -31,7 +38,7 @@ import torch
 from valle_cli.backbones.base import attention_mask, padded_mask
 from valle_cli.errors import ValleError
 from valle_cli.infer.sampling import SamplerSettings, TokenSampler, pick
-from valle_cli.model.valle import MAX_HELD, VALLE, Sample
+from valle_cli.model.valle import MAX_HELD, VALLE, Sample, frame_symbols, stretch_durations
 
 
 class SamplingConfig:
@@ -49,10 +56,16 @@ class SamplingConfig:
         min_ar_temp: float = -1.0,
         beam_width: int = 1,
         beam_length_norm: float = 1.0,
+        level0_steps: int = 8,
+        level0_noise: float = 0.0,
         **ar_settings,
     ):
+        if level0_steps < 1:
+            raise ValleError(f"level0_steps must be at least 1, got {level0_steps}")
         self.ar = SamplerSettings(temperature=ar_temp, min_temp=min_ar_temp, **ar_settings)
         self.nar_temp, self.max_ar_steps, self.seed = nar_temp, max_ar_steps, seed
+        self.level0_steps = level0_steps  # level0 nar models: masked passes for level 0
+        self.level0_noise = level0_noise  # ... and the Gumbel noise on which frames each pass keeps
         self.beam_width, self.beam_length_norm = beam_width, beam_length_norm
 
     def generator(self) -> torch.Generator | None:
@@ -261,6 +274,88 @@ def _pointer_tokens(model, requests, sc, use_cache, symbols, ends) -> Iterator[l
         dec.feed(torch.tensor([model.start_id if t is None else t for t in step]), along)
 
 
+def predict_durations(model: VALLE, requests: list[Request]) -> list[torch.Tensor]:
+    """Level0-nar models: frames per text symbol (Lt,) long, at least 1, for every request, from one batched
+    non-causal pass over header, text and prompt (what the text positions see while training, too)."""
+    dev = model.sep.device
+    q = model.n_levels
+    pres, starts = [], []
+    for r in requests:
+        empty = torch.zeros(q, 0, dtype=torch.long, device=dev)
+        pre, text_start, _ = model.prefix(
+            Sample(r.phonemes.to(dev), r.prompt[:q].to(dev), empty, 0, r.language)
+        )
+        pres.append(pre)
+        starts.append(text_start)
+    lengths = torch.tensor([len(p) for p in pres], device=dev)
+    x = pres[0].new_zeros(len(pres), int(lengths.max()), pres[0].shape[-1])
+    for b, p in enumerate(pres):
+        x[b, : len(p)] = p
+    pos = torch.arange(x.shape[1], device=dev)[None].expand(len(pres), -1)
+    hidden = model.backbone(x, attention_mask(lengths, False, x.shape[1], dtype=x.dtype), pos).hidden
+    out = []
+    for b, r in enumerate(requests):
+        frames = model.durations(hidden[b, starts[b] : starts[b] + len(r.phonemes)])
+        out.append(frames.round().long().clamp(1, MAX_SYMBOL_FRAMES).cpu())
+    return out
+
+
+def nar_level0(
+    model: VALLE, requests: list[Request], sc: SamplingConfig
+) -> list[tuple[list[int], bool, torch.Tensor]]:
+    """Level 0 of level0-nar models: (tokens, complete, frame symbols) per request. Durations are the
+    request's own or predicted; `complete` is False when they had to be cut to `max_ar_steps` frames."""
+    dev = model.sep.device
+    k = model.codebook_size
+    forced = [r.durations for r in requests]
+    need = [i for i, d in enumerate(forced) if d is None]
+    predicted = dict(
+        zip(need, predict_durations(model, [requests[i] for i in need]) if need else [], strict=True)
+    )
+    durations, complete = [], []
+    for i in range(len(requests)):
+        d = torch.as_tensor(forced[i] if forced[i] is not None else predicted[i], dtype=torch.long).cpu()
+        ok = int(d.sum()) <= sc.max_ar_steps
+        if not ok:  # squeeze into the step limit, every symbol keeping a frame
+            d = stretch_durations(d, max(sc.max_ar_steps, len(d)))
+        durations.append(d)
+        complete.append(ok)
+    fs = [frame_symbols(d).to(dev) for d in durations]
+    codes = [torch.zeros(model.n_levels, len(f), dtype=torch.long, device=dev) for f in fs]
+    masked = [torch.ones(len(f), dtype=torch.bool, device=dev) for f in fs]
+    gens = [sc.generator() for _ in requests]
+    n = sc.level0_steps
+    for step in range(n):
+        samples = [
+            Sample(r.phonemes, r.prompt, c, 0, r.language, frame_symbols=f, masked=m)
+            for r, c, f, m in zip(requests, codes, fs, masked, strict=True)
+        ]
+        batch = model.assemble(samples)
+        hidden = model.backbone(batch.inputs_embeds, model.attention_mask(batch), batch.position_ids).hidden
+        starts = {b: start for b, start, _, _, part in batch.targets if part == "response"}
+        for b in range(len(requests)):
+            m = masked[b]
+            if not bool(m.any()):
+                continue
+            f = len(fs[b])
+            logits = model.heads[0](hidden[b, starts[b] : starts[b] + f])[:, :k].float()
+            drawn = pick(logits, sc.ar.temperature, sc.ar.top_k, sc.ar.top_p, gens[b])
+            conf = torch.log_softmax(logits, -1).gather(-1, drawn[:, None]).squeeze(-1)
+            if sc.level0_noise > 0:  # MaskGIT's choice temperature: Gumbel noise on the order, annealed to 0
+                u = torch.rand(f, generator=gens[b]).clamp(1e-9, 1 - 1e-9).to(conf.device)
+                conf = conf + sc.level0_noise * (1 - (step + 1) / n) * -torch.log(-torch.log(u))
+            conf = conf.masked_fill(~m, float("inf"))  # frames already set stay set
+            keep_masked = int(f * math.cos(math.pi / 2 * (step + 1) / n)) if step + 1 < n else 0
+            keep_masked = min(keep_masked, int(m.sum()) - 1)  # every pass sets at least one frame
+            order = torch.argsort(conf, descending=True)  # set frames first, then the most confident
+            now = torch.ones_like(m)
+            now[order[: f - keep_masked]] = False  # unmasked after this pass
+            newly = m & ~now
+            codes[b][0, newly] = drawn[newly]
+            masked[b] = now
+    return [(c[0].tolist(), ok, f.cpu()) for c, ok, f in zip(codes, complete, fs, strict=True)]
+
+
 @dataclass
 class NarItem:
     """One row of a NAR pass: the request, its response codes (Q, F) with level 0 set, and how many leading
@@ -340,6 +435,28 @@ def generate_batch(
                     f"durations must give at least 1 frame for each of the {len(r.phonemes)} symbols "
                     f"(BOS and EOS included); got {tuple(r.durations.shape)} values, the least {int(r.durations.min())}"
                 )
+    if model.nar0:
+        if sc.beam_width > 1:
+            raise ValleError(
+                "beam search needs an autoregressive level 0; this model makes it in parallel (level0: nar)",
+                "leave --beam-width out",
+            )
+        if any(r.prefix_frames for r in requests):
+            raise ValleError(
+                "continuing audio (--prompt-text, --input-prompt-prefix, rolling context) is not available "
+                "for pointer models yet",
+                "leave those options out: the reference clip still sets the voice",
+            )
+        made = nar_level0(model, requests, sc)
+        items = [
+            NarItem(r, response_codes(model, r, toks), 0, f)
+            for r, (toks, _, f) in zip(requests, made, strict=True)
+        ]
+        filled = nar_fill(model, items, sc)
+        return [
+            Generated(codes.cpu(), ok, sc.level0_steps, f)
+            for codes, (_, ok, f) in zip(filled, made, strict=True)
+        ]
     symbols: list[list[int]] = [[] for _ in requests]
     ends = [False] * len(requests)
     if sc.beam_width > 1:

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from valle_cli.infer.engine import NarItem, Request, SamplingConfig, ar_tokens, nar_fill, response_codes
+from valle_cli.infer.engine import (
+    NarItem,
+    Request,
+    SamplingConfig,
+    ar_tokens,
+    generate_batch,
+    nar_fill,
+    response_codes,
+)
 from valle_cli.model.valle import held_counts
 
 
@@ -63,6 +71,9 @@ def stream_codes(
     sc = sampling or SamplingConfig()
     st = settings or StreamSettings()
     st.validate()
+    if model.nar0:  # level 0 comes in parallel passes: all of it at once, then released chunk by chunk
+        yield from _released(generate_batch(model, [req], sc)[0].codes, st)
+        return
     fc = req.prefix_frames
     tokens: list[int] = []
     codes = response_codes(model, req, [])  # (Q, Fc): grows as the AR runs
@@ -101,6 +112,17 @@ def stream_codes(
         yield CodeChunk(fill(fc + len(tokens)), start, True)
     else:
         yield CodeChunk(torch.zeros(model.n_levels, 0, dtype=torch.long), start, True)
+
+
+def _released(codes: torch.Tensor, st: StreamSettings) -> Iterator[CodeChunk]:
+    """Finished codes (Q, F) as the chunks streaming would release (growing sizes), for the codec decoder."""
+    total, start, size = codes.shape[1], 0, float(st.chunk_frames)
+    while True:
+        end = min(total, start + int(size))
+        yield CodeChunk(codes[:, start:end], start, end >= total)
+        if end >= total:
+            return
+        start, size = end, min(size * st.growth, st.max_chunk_frames)
 
 
 def crossfade(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -19,7 +19,17 @@ from the dataset's phoneme durations) and of how many frames of it came before (
 frame's input, in the AR and in every NAR pass, and a pointer head predicts at each AR position whether the
 next frame moves on to the next symbol. Level 0 then has F inputs (START, r0[0..F-2]) for F targets: the end
 of speech is the pointer moving past EOS, not a STOP class. The text segment of the prefix stays.
-`alignment: none` is classic VALL-E, unchanged. Training options for either layout: `input_dropout` (level-0
+`alignment: none` is classic VALL-E, unchanged.
+
+With `model.level0: nar` (pointer models only) level 0 is not autoregressive either: it is a masked,
+non-causal pass (MaskGIT, arXiv 2202.04200; SoundStorm, arXiv 2305.09636 does the same for all levels).
+Level-0 inputs are the frame's symbol embeddings plus, for the frames not masked, their true code (a masked
+frame gets the MASK embedding, the START row of the level-0 table); a training sample masks a share
+cos(pi/2 u), u ~ U(0, 1), of its frames and is scored on those only; in eval mode every frame is masked. A
+duration head on the text positions predicts each symbol's frame count (log(1 + frames), squared error);
+those rows use a mask in which the text and prompt do not see the response, so at inference one pass over the
+prefix gives the durations (infer/engine.py). No previous frame is ever an input: a model that cannot lean on
+it has to read its text, and there is no exposure bias to drift with. Training options for either layout: `input_dropout` (level-0
 inputs zeroed at random) and `guided` (the guided-attention loss, `GuidedAttention`).
 
 Per-level classifier heads (level 0 has one extra class, STOP), a text head. The loss is cross-entropy on the
@@ -30,6 +40,7 @@ Accuracy is reported per level. Padding (right side) is masked everywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -40,6 +51,7 @@ from valle_cli.backbones.base import attention_mask, build_backbone
 from valle_cli.config import ModelConfig
 
 TASKS = {"tts": 0, "stt": 1}
+IGNORE = -100  # a target that is not scored (level0 nar: frames given, not masked)
 MAX_HELD = 64  # pointer models: frames-on-this-symbol counts embedded (longer holds share the last one)
 N_LANGUAGES = 32  # language-token table size; ids index the dataset's language list
 
@@ -61,6 +73,9 @@ class Sample:
     # level 0: the tokens fed as "the previous frame" in place of the response's own (scheduled sampling);
     # the targets stay the response's
     ar_inputs: torch.Tensor | None = None  # (Fr,)
+    # level0 "nar" models: which level-0 frames are masked (True) and predicted; None = drawn while training,
+    # all frames in eval mode
+    masked: torch.Tensor | None = None  # (Fr,) bool
 
 
 @dataclass
@@ -71,6 +86,8 @@ class Batch:
     position_ids: torch.Tensor  # (B, T)
     # (batch row, start position, targets (n,), head) for each part with a loss: head is a level or "text"
     targets: list[tuple[int, int, torch.Tensor, int | str, str]] = field(default_factory=list)
+    # (B,) rows whose first n positions (the prefix) must not see the rest (level0 "nar" rows); 0 = no limit
+    prefix_only: torch.Tensor | None = None
 
 
 @dataclass
@@ -103,6 +120,9 @@ class VALLE(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(d, k + 1)] + [nn.Linear(d, k) for _ in range(q - 1)])
         self.text_head = nn.Linear(d, n_symbols)
         self.pointer = getattr(cfg, "alignment", "none") == "pointer"
+        self.nar0 = getattr(cfg, "level0", "ar") == "nar"
+        if self.nar0 and not self.pointer:
+            raise ValueError("model.level0: nar needs model.alignment: pointer")
         self.guided: GuidedAttention | None = None  # set by the trainer with train.guided_attention > 0
         self.input_dropout = 0.0  # set by the trainer: train.input_dropout
         self.scheduled_sampling = 0.0  # set by the trainer: train.scheduled_sampling
@@ -110,7 +130,10 @@ class VALLE(nn.Module):
         if self.pointer:
             self.frame_text_emb = nn.Embedding(n_symbols, d)
             self.held_emb = nn.Embedding(MAX_HELD, d)  # how many frames of this symbol came before this one
-            self.pointer_head = nn.Linear(d, 2)  # 0: the next frame stays on this symbol, 1: it moves on
+            if self.nar0:  # frames per symbol, as log(1 + n), read at the symbol's text position
+                self.duration_head = nn.Linear(d, 1)
+            else:
+                self.pointer_head = nn.Linear(d, 2)  # 0: the next frame stays on this symbol, 1: it moves on
             extra += [self.frame_text_emb, self.held_emb]
         for emb in [self.text_emb, self.lang_emb, self.task_emb, self.level_emb, *self.audio_emb, *extra]:
             nn.init.normal_(emb.weight, std=0.02)
@@ -155,6 +178,10 @@ class VALLE(nn.Module):
         fed = r[0] if s.ar_inputs is None else s.ar_inputs.to(dev)  # level 0's "previous frames"
         if self.pointer:
             along = self.frame_text(s)
+            if s.level == 0 and self.nar0:
+                masked = self.level0_mask(s)
+                inp = torch.where(masked, torch.full_like(r[0], self.start_id), r[0])
+                return self.audio_emb[0](inp) + along, torch.where(masked, r[0], IGNORE), 0
             if s.level == 0:
                 inp = torch.cat([torch.tensor([self.start_id], device=dev), fed[:-1]])
                 return self.ar_inputs(inp) + along, r[0], 0
@@ -164,6 +191,40 @@ class VALLE(nn.Module):
             tgt = torch.cat([r[0], torch.tensor([self.stop_id], device=dev)])
             return self.ar_inputs(inp), tgt, 0
         return self.embed_audio(r, s.level), r[s.level], s.level
+
+    def level0_mask(self, s: Sample) -> torch.Tensor:
+        """(Fr,) bool: the level-0 frames a `level0: nar` sample predicts (see the module's docstring)."""
+        n = s.response.shape[-1]
+        dev = self.sep.device
+        if s.masked is not None:
+            return s.masked.to(dev)
+        if not self.training:
+            return torch.ones(n, dtype=torch.bool, device=dev)
+        share = math.cos(math.pi / 2 * float(torch.rand(())))
+        k = min(n, max(1, math.ceil(share * n)))
+        masked = torch.zeros(n, dtype=torch.bool, device=dev)
+        masked[torch.randperm(n, device=dev)[:k]] = True
+        return masked
+
+    def duration_targets(self, s: Sample) -> torch.Tensor:
+        """(Lt,) log(1 + frames) of every text symbol of a sample (BOS and EOS included)."""
+        fs = s.frame_symbols.to(self.sep.device)
+        return torch.log1p(torch.bincount(fs, minlength=len(s.phonemes)).float())
+
+    def durations(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Duration head: hidden states of text positions (..., D) -> frames (...,) as floats >= 0."""
+        return torch.expm1(self.duration_head(hidden).squeeze(-1).float()).clamp_min(0)
+
+    def attention_mask(self, batch: Batch) -> torch.Tensor:
+        """The additive mask of a batch: causal rows, padding, and prefix-only rows (level0 nar)."""
+        t = batch.inputs_embeds.shape[1]
+        mask = attention_mask(batch.lengths, batch.causal, t, dtype=batch.inputs_embeds.dtype)
+        if batch.prefix_only is not None and bool((batch.prefix_only > 0).any()):
+            pos = torch.arange(t, device=mask.device)
+            n = batch.prefix_only[:, None, None]  # (B, 1, 1)
+            hide = (pos[None, :, None] < n) & (pos[None, None, :] >= n)  # prefix query, response key
+            mask = mask.masked_fill(hide[:, None], torch.finfo(mask.dtype).min)
+        return mask
 
     def ar_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """Level-0 input embeddings; while training with `input_dropout` p, each one after START is zeroed
@@ -194,7 +255,7 @@ class VALLE(nn.Module):
         return torch.cat([(fs[1:] > fs[:-1]).long(), torch.ones(1, dtype=torch.long, device=fs.device)])
 
     def assemble(self, samples: list[Sample]) -> Batch:
-        rows, targets = [], []
+        rows, targets, prefix_only = [], [], []
         weights = self.loss_weights
         for b, s in enumerate(samples):
             if s.task not in TASKS:
@@ -203,9 +264,14 @@ class VALLE(nn.Module):
                 raise ValueError(f"level {s.level} outside 0..{self.n_levels - 1}")
             pre, text_start, prompt_start = self.prefix(s)
             resp, tgt, head = self.response_in(s)
-            causal = s.task == "stt" or s.level == 0
+            causal = s.task == "stt" or (s.level == 0 and not self.nar0)
             targets.append((b, len(pre), tgt, head, "response"))
-            if self.pointer and s.task == "tts" and s.level == 0 and len(tgt):
+            if self.nar0 and s.task == "tts" and s.level == 0:
+                prefix_only.append(len(pre))
+                targets.append((b, text_start, self.duration_targets(s), "duration", "duration"))
+            else:
+                prefix_only.append(0)
+            if self.pointer and not self.nar0 and s.task == "tts" and s.level == 0 and len(tgt):
                 targets.append((b, len(pre), self.pointer_targets(s), "pointer", "pointer"))
             if causal and s.task == "tts":
                 # next-token prediction inside text and prompt (weights default 0: skipped)
@@ -222,13 +288,16 @@ class VALLE(nn.Module):
             x[b, : len(r)] = r
         causal = torch.tensor([c for _, c in rows], device=self.sep.device)
         pos = torch.arange(t, device=self.sep.device)[None].expand(len(rows), t)
-        return Batch(x, lengths, causal, pos, targets)
+        limit = torch.tensor(prefix_only, device=self.sep.device) if any(prefix_only) else None
+        return Batch(x, lengths, causal, pos, targets, limit)
 
     def head_for(self, head: int | str) -> nn.Module:
         if head == "text":
             return self.text_head
         if head == "pointer":
             return self.pointer_head
+        if head == "duration":
+            return self.duration_head
         return self.heads[head]
 
     # -- training forward ---------------------------------------------------------------------------------------
@@ -243,13 +312,11 @@ class VALLE(nn.Module):
         guesses is what keeps a free-running AR from drifting away from its text (teacher forcing alone
         never shows it a wrong previous frame). Other samples are returned as they are."""
         rows = [k for k, s in enumerate(samples) if s.task == "tts" and s.level == 0 and s.response.shape[-1]]
-        if not rows or p <= 0:
+        if not rows or p <= 0 or self.nar0:
             return samples
         sub = [samples[k] for k in rows]
         batch = self.assemble(sub)
-        mask = attention_mask(
-            batch.lengths, batch.causal, batch.inputs_embeds.shape[1], dtype=batch.inputs_embeds.dtype
-        )
+        mask = self.attention_mask(batch)
         h = self.backbone(batch.inputs_embeds, mask, batch.position_ids).hidden
         out = list(samples)
         starts = {b: start for b, start, _, head, part in batch.targets if part == "response"}
@@ -266,9 +333,7 @@ class VALLE(nn.Module):
         if self.training and self.scheduled_sampling > 0:
             samples = self.own_inputs(samples, self.scheduled_sampling)
         batch = self.assemble(samples)
-        mask = attention_mask(
-            batch.lengths, batch.causal, batch.inputs_embeds.shape[1], dtype=batch.inputs_embeds.dtype
-        )
+        mask = self.attention_mask(batch)
         rows = [
             (b, start, len(tgt), len(samples[b].phonemes))
             for b, start, tgt, head, part in batch.targets
@@ -290,9 +355,23 @@ class VALLE(nn.Module):
             # inputs are already shifted (START / BOS first), so target i is read at position start + i
             idx = torch.arange(len(tgt), device=h.device) + start
             logits = self.head_for(head)(h[b, idx])
-            loss = F.cross_entropy(logits.float(), tgt, reduction="sum")
+            if part == "duration":
+                pred = logits.squeeze(-1).float()
+                loss = F.mse_loss(pred, tgt, reduction="sum")
+                by_part.setdefault(part, []).append(
+                    torch.stack([loss, torch.tensor(float(len(tgt)), device=h.device)])
+                )
+                # "acc.dur": symbols whose predicted frame count, rounded, is exactly right
+                hits = int((torch.expm1(pred.detach()).round() == torch.expm1(tgt).round()).sum())
+                counts["dur"] = counts.get("dur", 0) + len(tgt)
+                accuracy["dur"] = accuracy.get("dur", 0.0) + hits
+                level_loss["dur"] = level_loss.get("dur", 0.0) + loss.detach()
+                continue
+            scored = tgt != IGNORE  # level0 nar: only the masked frames
+            n_scored = int(scored.sum())
+            loss = F.cross_entropy(logits.float(), tgt, reduction="sum", ignore_index=IGNORE)
             by_part.setdefault(part, []).append(
-                torch.stack([loss, torch.tensor(float(len(tgt)), device=h.device)])
+                torch.stack([loss, torch.tensor(float(n_scored), device=h.device)])
             )
             if part == "pointer":
                 hits = int((logits.argmax(-1) == tgt).sum())
@@ -301,7 +380,7 @@ class VALLE(nn.Module):
             if part == "response":
                 key = "stt" if head == "text" else f"l{head}"
                 hits = int((logits.argmax(-1) == tgt).sum())
-                counts[key] = counts.get(key, 0) + len(tgt)
+                counts[key] = counts.get(key, 0) + n_scored
                 accuracy[key] = accuracy.get(key, 0.0) + hits
                 level_loss[key] = level_loss.get(key, 0.0) + loss.detach()
         for part, items in by_part.items():
@@ -316,8 +395,9 @@ class VALLE(nn.Module):
         if out.aux_loss is not None:
             total = total + out.aux_loss
             losses["aux"] = float(out.aux_loss.detach())
-        accuracy = {k: v / counts[k] for k, v in accuracy.items()}
-        per_level = {k: float(v) / counts[k] for k, v in level_loss.items()}
+        accuracy = {k: v / max(counts[k], 1) for k, v in accuracy.items()}
+        per_level = {k: float(v) / max(counts[k], 1) for k, v in level_loss.items()}
+        # "dur" (level0 nar): the duration head's squared error of log(1 + frames) and exact-count accuracy
         if "pointer" in losses:  # the pointer's loss and accuracy sit beside the levels' ("ptr")
             per_level["ptr"] = losses["pointer"]
         return ModelOutput(total, losses, accuracy, counts, per_level, h if return_hidden else None)

@@ -100,11 +100,16 @@ def _read_table(path: Path) -> dict[str, str]:
 
 
 def find_transcript(audio: Path, speaker_dir: Path) -> tuple[str | None, str]:
-    """(text, where it came from); raises BadTranscript for a transcript file that is not UTF-8."""
+    """(text, where it came from); raises BadTranscript for a transcript file that is not UTF-8 when no other
+    transcript of the file is readable (a bad sidecar gives way to a good metadata.csv row)."""
+    bad: BadTranscript | None = None
     for suffix, label in ((".txt", "sidecar"), (".lab", "lab"), (".normalized.txt", "normalized.txt")):
         side = audio.with_name(audio.stem + suffix)
         if side.is_file():
-            return _read_text(side), label
+            try:
+                return _read_text(side), label
+            except BadTranscript as exc:
+                bad = bad or exc
     folder = audio.parent
     while True:
         for name in ("metadata.csv", "transcripts.tsv"):
@@ -119,6 +124,8 @@ def find_transcript(audio: Path, speaker_dir: Path) -> tuple[str | None, str]:
         if folder == speaker_dir or speaker_dir not in folder.parents:
             break
         folder = folder.parent
+    if bad is not None:
+        raise bad
     return None, "transcriber"
 
 

@@ -4,8 +4,9 @@ A checkpoint folder holds `model.safetensors` (weights, with the format version,
 in its metadata), `optimizer.pt` (optimizer, scheduler, grad scaler), `trainer.json` (step, sampler position,
 metrics so far), `rng-RANK.pt` (each rank's Python, numpy and torch generator states) and, with DeepSpeed,
 `deepspeed/` (its engine state: ZeRO optimizer shards). It is written into a hidden temporary folder and renamed into place, then `latest` (a one-line file naming it) is replaced atomically.
-A failed save (a full disk) removes its temporary folder and leaves the previous checkpoint and `latest`
-untouched. Loading checks that every file is there and names what is missing.
+A failed save (a full disk: OSError, safetensors' SafetensorError or torch.save's RuntimeError) removes its
+temporary folder, leaves the previous checkpoint and `latest` untouched, and says how much space there is and
+how much a checkpoint takes; `remove_staging` clears what a killed save left before the next run starts. Loading checks that every file is there and names what is missing.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from pathlib import Path
 import torch
 
 from valle_cli.errors import ValleError
-from valle_cli.fsutil import atomic_path
+from valle_cli.fsutil import atomic_path, free_bytes, write_failure
 
 FORMAT = "valle-checkpoint"
 VERSION = 1
+SAVE_REMEDY = (
+    "free disk space (or lower train.keep_last), then rerun the same command: it resumes from `latest`"
+)
 FILES = ("model.safetensors", "optimizer.pt", "trainer.json", "rng-0.pt")
 
 
@@ -77,16 +81,41 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as exc:
+    except Exception as exc:
+        reason = write_failure(exc)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"saving the checkpoint of step {step} failed ({exc.strerror or exc}); the previous checkpoint is intact",
-            "free disk space in the run folder; training can resume from `latest`",
-        ) from None
+        if reason is None:
+            raise
+        raise save_failed(run, step, reason) from None
     with atomic_path(run / "latest", CheckpointError) as t:
         Path(t).write_text(final.name + "\n")
     prune(run, keep_last)
     return final
+
+
+def save_failed(run: Path, step: int, reason: str) -> CheckpointError:
+    """The one-line error of a failed save: where, why, the space free and the space a checkpoint takes."""
+    free = free_bytes(run)
+    previous = latest(run)
+    need = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous is not None else 0
+    space = ""
+    if free is not None:
+        space = f"; {free / 1e6:.0f} MB free" + (f", a checkpoint takes {need / 1e6:.0f} MB" if need else "")
+    return CheckpointError(
+        f"saving the checkpoint of step {step} in {run} failed ({reason}){space}; the previous checkpoint is intact",
+        SAVE_REMEDY,
+    )
+
+
+def remove_staging(run: Path) -> int:
+    """Delete the hidden staging folders (`.step-N.tmp`) of saves that were killed or failed; returns how
+    many. Call it only when no other trainer writes to the run (after the control socket is claimed)."""
+    removed = 0
+    for tmp in Path(run).glob(".step-*.tmp"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def list_checkpoints(run: Path) -> list[Path]:

@@ -30,6 +30,7 @@ import socket
 import struct
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from valle_cli.errors import ValleError
@@ -102,10 +103,13 @@ def to_line(request: dict) -> str:
 class ControlServer:
     """Serves the control socket of one run from daemon threads; `close()` removes it."""
 
-    def __init__(self, run: Path, commands: Commands):
+    def __init__(self, run: Path, commands: Commands, claimed: Callable[[], object] | None = None):
+        """`claimed` runs once no other live trainer serves the run, before control.json is written."""
         self.run, self.commands = Path(run), commands
         self.info_path = self.run / "control.json"
         self.path, self._private = self._claim()
+        if claimed is not None:
+            claimed()
         old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
         try:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

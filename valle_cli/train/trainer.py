@@ -20,6 +20,7 @@ No printing: events go to a callback `(kind, payload)`: "step", "eval", "save", 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,7 +40,7 @@ import torch
 from valle_cli.config import Config, config_to_dict, dump_config
 from valle_cli.errors import ValleError
 from valle_cli.train import log as run_log
-from valle_cli.train.checkpoint import latest, load_checkpoint, save_checkpoint
+from valle_cli.train.checkpoint import latest, load_checkpoint, remove_staging, save_checkpoint
 from valle_cli.train.commands import Commands
 
 MAX_NONFINITE = 8
@@ -262,6 +263,15 @@ class Trainer:
         if any("lora_" in k for k in state):
             raise TrainingError(f"{path} holds LoRA adapters only", "point train.init_from at the base model")
         missing, unexpected = self.model.load_state_dict(state, strict=False)
+        # a pointer model's AR becoming a level0-nar one (or back): the heads that differ start afresh
+        swapped = ("pointer_head.", "duration_head.")
+        fresh = [k for k in missing if k.startswith(swapped)]
+        missing = [k for k in missing if not k.startswith(swapped)]
+        unexpected = [k for k in unexpected if not k.startswith(swapped)]
+        if fresh:
+            self._event(
+                "info", {"message": f"train.init_from has no {fresh[0].split('.')[0]}: it starts afresh"}
+            )
         if missing or unexpected:
             raise TrainingError(
                 f"train.init_from {path} does not fit this model ({len(missing)} missing, {len(unexpected)} "
@@ -291,11 +301,13 @@ class Trainer:
         }
 
     def _config_meta(self) -> dict:
-        """The resolved config for model files. `model.alignment` is left out when it is the classic "none",
-        so valle versions from before it existed still load classic models."""
+        """The resolved config for model files. `model.alignment` and `model.level0` are left out when they are
+        the classic "none" and "ar", so valle versions from before them still load the models they can run."""
         cfg = config_to_dict(self.cfg)
         if cfg["model"].get("alignment") == "none":
             del cfg["model"]["alignment"]
+        if cfg["model"].get("level0") == "ar":
+            del cfg["model"]["level0"]
         return cfg
 
     def _rng_state(self) -> dict:
@@ -310,7 +322,13 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint. Collective under torchrun/DeepSpeed: every rank must call it at the same step."""
         from valle_cli.train import distributed
-        from valle_cli.train.checkpoint import CheckpointError, staging_dir, write_rng
+        from valle_cli.train.checkpoint import (
+            SAVE_REMEDY,
+            CheckpointError,
+            save_failed,
+            staging_dir,
+            write_rng,
+        )
 
         staged = self.dist.enabled or self.engine is not None
         tmp = staging_dir(self.run, self.step)
@@ -325,8 +343,13 @@ class Trainer:
                     write_rng(tmp, self.dist.rank, self._rng_state())
                 if self.engine is not None:  # its ZeRO optimizer shards, one set per rank
                     self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-            except OSError as exc:
-                error = f"saving the checkpoint of step {self.step} failed ({exc.strerror or exc})"
+            except Exception as exc:
+                from valle_cli.fsutil import write_failure
+
+                reason = write_failure(exc)
+                if reason is None:
+                    raise
+                error = str(save_failed(self.run, self.step, reason))
             distributed.barrier()
         path = None
         if self.dist.main and error is None:
@@ -337,14 +360,9 @@ class Trainer:
         error = distributed.broadcast(error, self.dist) if self.dist.enabled else error
         if error is not None:
             shutil.rmtree(tmp, ignore_errors=True) if self.dist.main else None
-            raise (
-                CheckpointError(error)
-                if "previous checkpoint is intact" in error
-                else CheckpointError(
-                    error + "; the previous checkpoint is intact",
-                    "free disk space; training can resume from `latest`",
-                )
-            )
+            if "previous checkpoint is intact" not in error:
+                error += "; the previous checkpoint is intact"
+            raise CheckpointError(error, SAVE_REMEDY)
         if path is not None:
             self._event("save", {"step": self.step, "path": str(path)})
         return path
@@ -413,6 +431,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.resumed_from = found
         self._event("info", {"message": f"resumed from {found} (step {self.step})"})
+        self._trim_metrics()
 
     def export(self) -> Path | None:
         if not self.dist.main:
@@ -496,6 +515,7 @@ class Trainer:
                     add(f"l{level}", out)
                     if level == 0:
                         add("ptr", out)
+                        add("dur", out)
                         # the text gap: the same audio scored with other utterances' transcripts
                         right, wrong = wrong_text(samples) if len(samples) > 1 else ([], [])
                         if wrong:
@@ -587,8 +607,50 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.dist.main:
             return
-        with open(self.run / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.run / "metrics.jsonl"
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            with open(path, "ab") as f:
+                end = f.tell()
+                try:
+                    f.write(line)
+                    f.flush()
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        f.truncate(end)  # no torn line left behind
+                    raise
+        except OSError as exc:
+            raise TrainingError(
+                f"cannot write {path}: {exc.strerror or exc}",
+                "free disk space, then rerun the same command: it resumes from the last checkpoint",
+            ) from None
+
+    def _trim_metrics(self) -> None:
+        """On resume: metrics.jsonl keeps only whole records of steps up to the checkpoint's (the steps after
+        it are trained again, and a torn last line from a kill or a full disk goes)."""
+        path = self.run / "metrics.jsonl"
+        if not self.dist.main or not path.is_file():
+            return
+        raw = path.read_bytes()
+        kept = []
+        for line in raw.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > self.step:
+                continue
+            kept.append(line)
+        text = b"".join(k + b"\n" for k in kept)
+        if text != raw:
+            from valle_cli.fsutil import atomic_path
+
+            with atomic_path(path, TrainingError) as tmp:
+                Path(tmp).write_bytes(text)
+            dropped = len(raw.splitlines()) - len(kept)
+            self._event(
+                "info", {"message": f"metrics.jsonl: {dropped} record(s) after step {self.step} dropped"}
+            )
 
     def _handle_commands(self) -> None:
         from valle_cli.train import distributed
@@ -656,8 +718,11 @@ class Trainer:
             if self.control and not eval_only:
                 from valle_cli.train.control import ControlServer
 
-                # first: a second trainer on a live run stops here, before it touches config.yaml or the log
-                server = ControlServer(self.run, self.commands)
+                # first: a second trainer on a live run stops here, before it touches config.yaml or the log;
+                # once the run is ours, a killed or failed save's staging folder goes (a full disk's culprit)
+                server = ControlServer(self.run, self.commands, claimed=lambda: remove_staging(self.run))
+            elif not eval_only:
+                remove_staging(self.run)
         try:
             return self._train(eval_only)
         finally:
@@ -729,8 +794,8 @@ class Trainer:
                     else:
                         outs.append(out)  # DeepSpeed: backward once every micro-batch is known to be finite
                     step_tokens += sum(
-                        n for k, n in out.counts.items() if k != "ptr"
-                    )  # frames, not decisions
+                        n for k, n in out.counts.items() if k not in ("ptr", "dur")
+                    )  # frames, not decisions or symbols
                     for k, v in out.losses.items():
                         record[f"loss.{k}"] = record.get(f"loss.{k}", 0.0) + v / t.grad_accumulation
                     for k, n in out.counts.items():  # per level: token-weighted over the micro-batches
