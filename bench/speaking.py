@@ -5,7 +5,8 @@ validation split) are turned into level-0 codes four ways and decoded by the cod
 
 - truth: the utterance's own level 0 (the ceiling of this measurement);
 - teacher-forced: the model's one-step-ahead predictions with the true previous frames as inputs (argmax, and
-  sampled at temperature 0.95);
+  sampled at temperature 0.95); for `model.level0: nar` models, one parallel pass with every frame masked
+  over the aligner's durations (there is no previous frame to force);
 - free-running: the model generating on its own, prompted with 3 s of another utterance of the same voice,
   with the aligner's phoneme durations forced (oracle timing; pointer models only) and with its own timing.
 

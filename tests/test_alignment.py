@@ -406,6 +406,10 @@ def test_level0_nar_needs_a_pointer():
 
     with pytest.raises(ConfigError, match="model.alignment: pointer"):
         load_config("tiny", ["model.level0=nar"])
+    nar = ["model.alignment=pointer", "model.level0=nar"]
+    for extra in ("train.scheduled_sampling=0.5", "train.input_dropout=0.2", "train.loss_weights.text=1"):
+        with pytest.raises(ConfigError, match="act on an autoregressive level 0"):
+            load_config("tiny", [*nar, extra])
 
 
 def test_level0_nar_masks_scores_masked_frames_and_hides_the_response_from_the_prefix(nar0_model):

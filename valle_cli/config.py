@@ -265,6 +265,16 @@ class Config:
                 f"{self.model.n_levels}",
                 "give one weight per RVQ level, or [] for uniform",
             )
+        if self.model.level0 == "nar":
+            t = self.train
+            useless = [k for k, v in (("train.scheduled_sampling", t.scheduled_sampling),
+                                      ("train.input_dropout", t.input_dropout)) if v > 0]  # fmt: skip
+            useless += [f"train.loss_weights.{k}" for k in ("text", "prompt") if t.loss_weights.get(k, 0) > 0]
+            if useless:
+                raise ConfigError(
+                    f"{', '.join(useless)} act on an autoregressive level 0; model.level0 is nar",
+                    "leave them at 0, or use model.level0: ar",
+                )
         _check_plugin("codec", self.codec.name, "codec.name")
         _check_plugin("transcriber", self.data.transcriber, "data.transcriber")
 

@@ -41,8 +41,10 @@ def write_failure(exc: BaseException) -> str | None:
     if type(exc).__name__ == "SafetensorError" or (
         isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text)
     ):
-        if "os error 28" in text or "No space left" in text or "inline_container" in text:
-            return "No space left on device"  # torch's zip writer says only "unexpected pos": a short write
+        if "os error 28" in text or "No space left" in text:
+            return "No space left on device"
+        if "inline_container" in text:  # torch's zip writer says only "unexpected pos ...": a short write
+            return "a short write (is the disk full?)"
         return text.splitlines()[0][:200] if text else type(exc).__name__
     return None
 

@@ -339,7 +339,7 @@ def nar_level0(
                 continue
             f = len(fs[b])
             logits = model.heads[0](hidden[b, starts[b] : starts[b] + f])[:, :k].float()
-            drawn = pick(logits, sc.ar.temperature, sc.ar.top_k, sc.ar.top_p, gens[b])
+            drawn = pick(logits, sc.ar.temperature, sc.ar.top_k, sc.ar.top_p, gens[b], sc.ar.min_p)
             conf = torch.log_softmax(logits, -1).gather(-1, drawn[:, None]).squeeze(-1)
             if sc.level0_noise > 0:  # MaskGIT's choice temperature: Gumbel noise on the order, annealed to 0
                 u = torch.rand(f, generator=gens[b]).clamp(1e-9, 1 - 1e-9).to(conf.device)

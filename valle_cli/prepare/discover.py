@@ -116,8 +116,9 @@ def find_transcript(audio: Path, speaker_dir: Path) -> tuple[str | None, str]:
             table = folder / name
             if table.is_file():
                 rows = _table(table)
-                if isinstance(rows, BadTranscript):
-                    raise rows
+                if isinstance(rows, BadTranscript):  # another table (or an outer one) may still have it
+                    bad = bad or rows
+                    continue
                 text = rows.get(audio.stem)
                 if text is not None:
                     return text, name

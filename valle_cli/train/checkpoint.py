@@ -98,6 +98,8 @@ def save_failed(run: Path, step: int, reason: str) -> CheckpointError:
     free = free_bytes(run)
     previous = latest(run)
     need = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous is not None else 0
+    if reason.startswith("a short write") and free is not None and free < max(need, 1 << 20):
+        reason = "No space left on device"  # the space says what torch's zip writer does not
     space = ""
     if free is not None:
         space = f"; {free / 1e6:.0f} MB free" + (f", a checkpoint takes {need / 1e6:.0f} MB" if need else "")

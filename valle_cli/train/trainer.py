@@ -268,6 +268,11 @@ class Trainer:
         fresh = [k for k in missing if k.startswith(swapped)]
         missing = [k for k in missing if not k.startswith(swapped)]
         unexpected = [k for k in unexpected if not k.startswith(swapped)]
+        if fresh and self.cfg.train.lora.rank > 0:
+            raise TrainingError(
+                f"train.init_from {path} has no {fresh[0].split('.')[0]}, and LoRA would keep it untrained",
+                "fine-tune fully first (train.lora.rank=0), then adapt that model with LoRA",
+            )
         if fresh:
             self._event(
                 "info", {"message": f"train.init_from has no {fresh[0].split('.')[0]}: it starts afresh"}
@@ -431,7 +436,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.resumed_from = found
         self._event("info", {"message": f"resumed from {found} (step {self.step})"})
-        self._trim_metrics()
 
     def export(self) -> Path | None:
         if not self.dist.main:
@@ -582,20 +586,31 @@ class Trainer:
                 self._event("warn", {"message": f"no eval samples: {exc}"})
                 self.cfg.train.eval_samples = 0
                 return
+        from valle_cli.fsutil import write_failure
+
         folder = self.run / "samples" / f"step-{self.step:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
         items = [it for batch in sampler.epoch_batches() for it in batch][:n]
         self.model.eval()
-        for it in items:
-            item = load_item(self.ds, it)
-            sc = SamplingConfig(ar_temp=0.0, max_ar_steps=2 * self.ds.frames(it.index) + 75)
-            out = generate(
-                self.model, item["phonemes"], item["prompt"][: self.cfg.model.n_levels], item["language"], sc
-            )
-            if out.codes.shape[1]:
-                wav = self._codec.decode(out.codes[None])[0, 0]
-                save_audio(folder / (item["uid"].replace("/", "__") + ".wav"), wav, self._codec.sample_rate)
-        self.model.train()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for it in items:
+                item = load_item(self.ds, it)
+                sc = SamplingConfig(ar_temp=0.0, max_ar_steps=2 * self.ds.frames(it.index) + 75)
+                prompt = item["prompt"][: self.cfg.model.n_levels]
+                out = generate(self.model, item["phonemes"], prompt, item["language"], sc)
+                if out.codes.shape[1]:
+                    wav = self._codec.decode(out.codes[None])[0, 0]
+                    save_audio(
+                        folder / (item["uid"].replace("/", "__") + ".wav"), wav, self._codec.sample_rate
+                    )
+        except Exception as exc:  # a full disk costs the samples, not the run
+            reason = write_failure(exc) or (str(exc) if isinstance(exc, ValleError) else None)
+            if reason is None:
+                raise
+            self._event("warn", {"message": f"eval samples not written to {folder}: {reason}"})
+            return
+        finally:
+            self.model.train()
         self._event("info", {"message": f"eval samples in {folder}"})
 
     def _event(self, kind: str, payload: dict) -> None:
@@ -610,14 +625,15 @@ class Trainer:
         path = self.run / "metrics.jsonl"
         line = (json.dumps(record) + "\n").encode()
         try:
-            with open(path, "ab") as f:
-                end = f.tell()
+            with open(path, "ab", buffering=0) as f:
+                end = f.seek(0, os.SEEK_END)
                 try:
-                    f.write(line)
-                    f.flush()
+                    written = f.write(line)
+                    if written != len(line):
+                        raise OSError(28, "No space left on device")  # a short write
                 except OSError:
                     with contextlib.suppress(OSError):
-                        f.truncate(end)  # no torn line left behind
+                        os.ftruncate(f.fileno(), end)  # no torn line left behind
                     raise
         except OSError as exc:
             raise TrainingError(
@@ -736,6 +752,8 @@ class Trainer:
         if self.dist.enabled:
             torch.distributed.barrier()
         self.resume()
+        if self.resumed_from is not None and not eval_only:  # --eval may look at a live run: never trim it
+            self._trim_metrics()
         if self.dist.main:
             dump_config(self.cfg, self.run / "config.yaml")
         if eval_only:
