@@ -29,8 +29,10 @@ cos(pi/2 u), u ~ U(0, 1), of its frames and is scored on those only; in eval mod
 duration head on the text positions predicts each symbol's frame count (log(1 + frames), squared error);
 those rows use a mask in which the text and prompt do not see the response, so at inference one pass over the
 prefix gives the durations (infer/engine.py). No previous frame is ever an input: a model that cannot lean on
-it has to read its text, and there is no exposure bias to drift with. Training options for either layout: `input_dropout` (level-0
-inputs zeroed at random) and `guided` (the guided-attention loss, `GuidedAttention`).
+it has to read its text, and there is no exposure bias to drift with.
+
+Training options for autoregressive layouts: `input_dropout` (level-0 inputs zeroed at random) and `guided`
+(the guided-attention loss, `GuidedAttention`).
 
 Per-level classifier heads (level 0 has one extra class, STOP), a text head. The loss is cross-entropy on the
 response (weight `response`) plus, for causal passes, next-token prediction inside the text and prompt
