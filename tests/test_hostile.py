@@ -335,6 +335,7 @@ def test_a_full_disk_mid_save_is_one_line_keeps_the_last_checkpoint_and_the_reru
     message = str(caught.value)
     said = "No space left on device" if writer == "safetensors" else "a short write (is the disk full?)"
     assert said in message and "MB free" in message and str(run) in message
+    assert "a checkpoint takes" in message  # the space the user has to free
     assert "previous checkpoint is intact" in message and "\n" not in message
     assert "rerun the same command" in caught.value.remedy
     assert not list(run.glob(".*.tmp")) and latest(run).name == "step-00000002"
