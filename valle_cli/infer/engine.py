@@ -166,6 +166,16 @@ class Decoder:
             self.cache.reorder_cache(index)
 
 
+def refuse_continuation(requests: list[Request]) -> None:
+    """Pointer models (AR or level0 nar) cannot continue audio yet: say so for any request with a prefix."""
+    if any(r.prefix_frames for r in requests):
+        raise ValleError(
+            "continuing audio (--prompt-text, --input-prompt-prefix, rolling context) is not available "
+            "for pointer models yet",
+            "leave those options out: the reference clip still sets the voice",
+        )
+
+
 def ar_prefix(model: VALLE, req: Request) -> torch.Tensor:
     """Input embeddings (L, D) of the AR pass up to the first step: header, text, prompt, START, prefix codes."""
     dev = model.sep.device
@@ -174,12 +184,7 @@ def ar_prefix(model: VALLE, req: Request) -> torch.Tensor:
     pre, _, _ = model.prefix(Sample(req.phonemes.to(dev), req.prompt[:q].to(dev), empty, 0, req.language))
     start = model.audio_emb[0](torch.tensor([model.start_id], device=dev))
     if model.pointer:
-        if req.prefix_frames:
-            raise ValleError(
-                "continuing audio (--prompt-text, --input-prompt-prefix, rolling context) is not available "
-                "for pointer models yet",
-                "leave those options out: the reference clip still sets the voice",
-            )
+        refuse_continuation([req])
         start = start + model.frame_text_emb(req.phonemes[:1].to(dev)) + model.held_emb.weight[:1]
     parts = [pre, start]
     if req.prefix_frames:
@@ -441,12 +446,7 @@ def generate_batch(
                 "beam search needs an autoregressive level 0; this model makes it in parallel (level0: nar)",
                 "leave --beam-width out",
             )
-        if any(r.prefix_frames for r in requests):
-            raise ValleError(
-                "continuing audio (--prompt-text, --input-prompt-prefix, rolling context) is not available "
-                "for pointer models yet",
-                "leave those options out: the reference clip still sets the voice",
-            )
+        refuse_continuation(requests)
         made = nar_level0(model, requests, sc)
         items = [
             NarItem(r, response_codes(model, r, toks), 0, f)
