@@ -337,7 +337,7 @@ def test_a_full_disk_mid_save_is_one_line_keeps_the_last_checkpoint_and_the_reru
     assert said in message and "MB free" in message and str(run) in message
     assert "a checkpoint takes" in message  # the space the user has to free
     assert "previous checkpoint is intact" in message and "\n" not in message
-    assert "rerun the same command" in caught.value.remedy
+    assert "rerun the same command" in caught.value.remedy and caught.value.remedy not in caught.value.message
     assert not list(run.glob(".*.tmp")) and latest(run).name == "step-00000002"
     assert [r["step"] for r in read_metrics(run) if r.get("kind") == "train"] == [1, 2, 3, 4]
     with open(run / "metrics.jsonl", "a") as f:  # and a write cut short by the same full disk

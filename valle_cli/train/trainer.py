@@ -354,14 +354,14 @@ class Trainer:
                 reason = write_failure(exc)
                 if reason is None:
                     raise
-                error = str(save_failed(self.run, self.step, reason))
+                error = save_failed(self.run, self.step, reason).message
             distributed.barrier()
         path = None
         if self.dist.main and error is None:
             try:
                 path = self._save_main(staged)
             except CheckpointError as exc:
-                error = str(exc)
+                error = exc.message
         error = distributed.broadcast(error, self.dist) if self.dist.enabled else error
         if error is not None:
             shutil.rmtree(tmp, ignore_errors=True) if self.dist.main else None
