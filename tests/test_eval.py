@@ -150,3 +150,19 @@ def test_the_speaker_encoder_loads_without_a_deprecation_warning():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "pkg_resources" not in proc.stderr
+
+
+def test_a_ground_truth_of_minutes_is_refused_before_any_synthesis(tmp_path):
+    """A truth file is read whole by the judges: one of minutes is refused from its header, before the model,
+    the recognizer or the speaker encoder is touched (all None here)."""
+    from valle_cli.eval.items import Item
+    from valle_cli.eval.run import MAX_TRUTH_SECONDS, evaluate
+
+    long = tmp_path / "long.flac"
+    sf.write(long, np.zeros(int(8000 * (MAX_TRUTH_SECONDS + 5)), np.float32), 8000)
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros(8000, np.float32), 8000)
+    items = [Item("v", "one", short, truth=short), Item("v", "two", short, truth=long)]
+    with pytest.raises(EvalError, match=r"long\.flac is 125 s long.*at most 120 s") as exc:
+        evaluate(None, items, None, None)
+    assert "its own recording" in exc.value.remedy

@@ -127,6 +127,23 @@ def test_export_needs_a_target_and_keeps_a_full_folder(source, tmp_path, capsys)
     assert (empty / "model.safetensors").is_file()
 
 
+def test_bad_output_paths_are_named_before_any_model_loads_or_folder_is_written(source, tmp_path, capsys):
+    src, _ = source
+    (tmp_path / "taken").mkdir()
+    for bad, said in (
+        (tmp_path / "taken", "it is a folder"),
+        (tmp_path / "file.txt" / "m.safetensors", "cannot"),
+    ):
+        if said == "cannot":
+            (tmp_path / "file.txt").write_text("x")  # a file where the output's folder should be
+        with pytest.raises(SystemExit):  # the source does not exist either: the path is checked first
+            main(["export", str(tmp_path / "no-such-run"), "-o", str(bad)])
+        assert said in capsys.readouterr().err
+        with pytest.raises(SystemExit):  # with --hf too: nothing is written there
+            main(["export", str(src), "--hf", str(tmp_path / "hf"), "-o", str(bad)])
+        assert said in capsys.readouterr().err and not (tmp_path / "hf").exists()
+
+
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch) -> Path:
     """An empty Hugging Face cache under tmp_path, offline. huggingface_hub read its own variables when it was
@@ -200,7 +217,7 @@ def test_unknown_hub_id_offline_fails_at_once(hub_cache, tmp_path, monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(ModelLoadError) as exc:
         load_model("nobody/nothing")
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 30  # generous: catches waiting on network timeouts
     assert exc.value.message == (
         "model nobody/nothing is neither a local path nor in the Hugging Face cache, and the hub cannot be "
         "reached (offline)"
@@ -216,7 +233,7 @@ def test_unknown_hub_id_offline_fails_at_once(hub_cache, tmp_path, monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(ModelLoadError, match="hub cannot be reached"):
         load_model("nobody/nothing@v1")
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 30  # generous: catches waiting on network timeouts
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     proc = subprocess.run(

@@ -271,3 +271,11 @@ def test_a_prompt_under_a_second_is_cut_from_a_longer_reference(trained, tmp_pat
                  "-o", str(tmp_path / "o.wav"), "--model", str(out / "run"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert sf.info(str(tmp_path / "o.wav")).frames > 0
+
+
+def test_stt_names_a_missing_file_before_loading_a_model(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "valle_cli.cli.app", "stt", str(tmp_path / "nope.wav"), "--model", str(tmp_path / "no-run")],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "nope.wav" in proc.stderr and "no-run" not in proc.stderr, proc.stderr

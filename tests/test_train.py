@@ -110,9 +110,13 @@ def test_resume_after_kill_matches_an_uninterrupted_run(dataset, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (killed / "step-00000010").is_dir() and not (killed / "step-00000020").exists()
+    with open(killed / "metrics.jsonl", "a") as f:  # steps the kill lost, and a line it tore
+        f.write(json.dumps({"kind": "train", "step": 15, "loss": 1.0}) + "\n" + '{"kind": "tra')
     resumed = Trainer(config(dataset, "train.steps=20", "train.save_every=10"), killed)
     info = resumed.train()
     assert info.resumed_from.name == "step-00000010" and info.step == 20
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 21))  # each step once
     a = load_checkpoint(straight / "step-00000020")["model"]
     b = load_checkpoint(killed / "step-00000020")["model"]
     for k in a:

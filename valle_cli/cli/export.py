@@ -43,6 +43,10 @@ def export(
             "--hf writes a whole model, not LoRA adapters alone", "drop --lora to export the merged model"
         )
     console = Console(stderr=True, soft_wrap=True)
+    if output is not None:
+        from valle_cli.infer.load import ready_to_write
+
+        ready_to_write(Path(output))  # before --hf writes its folder and before any model loads
     if hf is not None:
         folder = export_hf(source, hf, dtype, force=force)
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20

@@ -254,7 +254,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", merge: bo
     return Loaded(model.to(device).float().eval(), meta, label)
 
 
-def _ready_to_write(out: Path) -> None:
+def ready_to_write(out: Path) -> None:
     """Create the output's folder (like `-o runs/new/model.safetensors` expects) and check it can be written."""
     from valle_cli.fsutil import check_writable
 
@@ -287,7 +287,7 @@ def export_model(
         raise ModelLoadError(f"unknown export format {fmt!r}", "use safetensors or pt")
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
-    _ready_to_write(out)  # before loading: a bad output path should not cost the load first
+    ready_to_write(out)  # before loading: a bad output path should not cost the load first
     if lora_only:
         state, meta = _read(resolve_source(source)[0])
         if not meta.get("lora"):

@@ -27,6 +27,7 @@ import json
 import os
 import queue
 import socket
+import stat
 import struct
 import tempfile
 import threading
@@ -58,8 +59,6 @@ def socket_path_for(run: Path) -> tuple[Path, Path | None]:
 def _ours(path: Path, run: Path) -> bool:
     """Whether `path` (read from a run's control.json) can be a socket this run made: a socket, not a link,
     owned by this user, at RUN/control.sock or in a private valle-control-* folder of the temp dir."""
-    import stat
-
     try:
         st = path.lstat()
     except OSError:
@@ -145,10 +144,16 @@ class ControlServer:
                     with contextlib.suppress(OSError):
                         old.parent.rmdir()  # its private folder
         path, private = socket_path_for(self.run)
-        if path.exists():
-            if _alive(path):
+        with contextlib.suppress(FileNotFoundError):
+            mode = path.lstat().st_mode
+            if path.exists() and _alive(path):
                 raise ControlError(f"another valle train is already running on {self.run}", "stop it first")
-            path.unlink()
+            if not (stat.S_ISSOCK(mode) or stat.S_ISLNK(mode)):  # never remove what valle did not make
+                raise ControlError(
+                    f"{path} is in the way of the run's control socket and is not one",
+                    "move or rename it, then start again",
+                )
+            path.unlink()  # a dead socket (a killed run) or a link: the link goes, never what it points to
         return path, private
 
     def _accept(self) -> None:

@@ -777,7 +777,8 @@ class Trainer:
                 if t.ar_only_steps < t.steps
                 else "levels 1+ stay untrained"
             )
-            self._event("info", {"message": f"level 0 (AR) only until step {t.ar_only_steps}; {then}"})
+            kind = "AR" if self.cfg.model.level0 == "ar" else "parallel"
+            self._event("info", {"message": f"level 0 ({kind}) only until step {t.ar_only_steps}; {then}"})
         bad = 0
         started, start_tokens = time.time(), self.tokens
         self.model.train()
