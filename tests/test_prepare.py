@@ -170,6 +170,40 @@ def test_resume_after_kill_matches_a_clean_run(corpus, prepared, tmp_path):
     assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
 
 
+def test_ctrl_c_to_the_process_group_stops_cleanly_and_says_what_is_kept(corpus, prepared, tmp_path):
+    """Ctrl-C in a terminal reaches the whole foreground group, worker processes included: one line that
+    counts what was kept, exit 130, no traceback from any worker, no process left, and the rerun goes on."""
+    voices, _ = corpus
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "valle_cli.cli.app", "prepare", str(voices), "-o", str(out), "--codec", "mel",
+           "--workers", "2", "--batch-size", "1", "--top-k", "3", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.rglob("*.json"))) < 6:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    kept = len(list((out / "utterances").rglob("*.json")))
+    assert f"interrupted (SIGINT); stopped while encoding: {kept} encoded utterance(s)" in err, err
+    assert f"are kept in {out}; the same command goes on from there" in err
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the workers are gone too
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("a process of the interrupted prepare is still running")
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and f"{kept} already done" in rerun.stderr, rerun.stderr
+    assert open_dataset(out).uids() == open_dataset(prepared[0]).uids()
+
+
 def test_shards_merge_into_the_full_dataset(corpus, prepared, tmp_path):
     from valle_cli.data.merge import merge_datasets
 

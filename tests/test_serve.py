@@ -574,3 +574,48 @@ def test_voices_saved_under_the_old_name_rule_stay_usable(tmp_path):
         store.add("_new", clip(2.0))
     store.delete("_old")
     assert store.list() == []
+
+
+def test_uploads_beyond_the_decoders_get_429_and_health_stays_up(model, tmp_path, monkeypatch):
+    """Voice uploads decode on threads, UPLOAD_DECODERS at a time: more at once are refused at once (429 with
+    Retry-After), and the server answers /health while the decoders are busy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from valle_cli.serve.api import UPLOAD_DECODERS
+    from valle_cli.serve.voices import VoiceStore
+
+    gate, entered = threading.Event(), threading.Semaphore(0)
+    real_add = VoiceStore.add
+
+    def held_add(self, *args, **kwargs):  # the real decode, held until every request has arrived
+        entered.release()
+        assert gate.wait(60)
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(VoiceStore, "add", held_add)
+    srv = start(model, tmp_path)
+    data = clip(2.0)
+    try:
+        with ThreadPoolExecutor(UPLOAD_DECODERS + 4) as pool:
+            busy = [pool.submit(httpx.post, srv.url + "/v1/voices", data={"name": f"v{k}"},
+                                files={"file": ("a.wav", data)}, timeout=120)
+                    for k in range(UPLOAD_DECODERS)]  # fmt: skip
+            for _ in range(UPLOAD_DECODERS):  # both decoders are now taken
+                assert entered.acquire(timeout=60)
+            more = [pool.submit(httpx.post, srv.url + "/v1/voices", data={"name": f"w{k}"},
+                                files={"file": ("a.wav", data)}, timeout=120) for k in range(4)]  # fmt: skip
+            refused = [f.result() for f in more]  # answered while the decoders are still held
+            assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
+            gate.set()
+            done = [f.result() for f in busy]
+        for r in refused:
+            err = assert_error(r, 429, "busy", "uploads")
+            assert err["code"] == "uploads_busy" and r.headers["retry-after"] == "2"
+        assert [r.status_code for r in done] == [201] * UPLOAD_DECODERS, [r.text for r in done]
+        names = {v["name"] for v in httpx.get(srv.url + "/v1/voices", timeout=30).json()["data"]}
+        assert {f"v{k}" for k in range(UPLOAD_DECODERS)} <= names and not any(
+            n.startswith("w") for n in names
+        )
+    finally:
+        gate.set()
+        srv.stop()

@@ -123,6 +123,19 @@ def test_resume_after_kill_matches_an_uninterrupted_run(dataset, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+def test_ctrl_c_while_training_is_being_set_up(dataset, tmp_path):
+    """Before the loop installs its own handlers (torch importing, the model being built): one line, exit 130,
+    no traceback and no half-made checkpoint."""
+    run = tmp_path / "run"
+    proc = cli("tiny", "--out-dir", str(run), *sets(f"data.paths=[{dataset}]", "train.steps=100000"),
+               stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    time.sleep(1.5)  # past the interpreter's start-up, inside the verb
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted (SIGINT)" in err and "Traceback" not in err, err
+    assert not run.exists() or not [p for p in run.iterdir() if p.name.startswith(".")]  # no staging left
+
+
 def test_sigterm_saves_and_stops(dataset, tmp_path):
     run = tmp_path / "run"
     proc = cli(

@@ -124,8 +124,10 @@ def _interrupted(code: int) -> None:
     from rich.console import Console
 
     name = signal.Signals(code - 128).name if code in (130, 143) else "SIGINT"
+    from valle_cli.cli.interrupt import kept_line
+
     Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"interrupted ({name}); what was finished is kept, and prepare and train resume when rerun",
+        f"interrupted ({name}); {kept_line()}",
         style="yellow",
         markup=False,
     )
@@ -141,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     _state["signal"] = None
+    from valle_cli.cli.interrupt import on_interrupt
+
+    on_interrupt(None)
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):

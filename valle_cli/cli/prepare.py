@@ -39,6 +39,7 @@ def prepare(
     similar-utterance lists, an index. Rerun the same command to resume after an interruption."""
     from rich.console import Console
 
+    from valle_cli.cli.interrupt import on_interrupt
     from valle_cli.cli.progress import stage_progress
     from valle_cli.config import load_config
     from valle_cli.prepare.discover import parse_language_map
@@ -69,15 +70,21 @@ def prepare(
         align_steps=align_steps,
     )
     console = Console(stderr=True, soft_wrap=True, highlight=False)
-    with stage_progress(console) as progress:
+    stage = ["starting"]
+    on_interrupt(lambda: _kept(output, stage[0]))
+    with stage_progress(console) as shown:
+
+        def progress(name: str, done: int, total: int) -> None:
+            stage[0] = name
+            shown(name, done, total)
+
         report = run_prepare(opts, progress)
     if hdf5:
         from valle_cli.data.hdf5 import folder_to_hdf5
 
-        with stage_progress(console) as progress:
-            report.hdf5 = folder_to_hdf5(
-                output, output.with_suffix(".h5"), lambda d, t: progress("hdf5", d, t)
-            )
+        with stage_progress(console) as bar:
+            stage[0] = "hdf5"
+            report.hdf5 = folder_to_hdf5(output, output.with_suffix(".h5"), lambda d, t: bar("hdf5", d, t))
     console.print(
         f"{report.utterances} utterances, {report.seconds / 3600:.2f} h, {report.speakers} speakers in "
         f"{report.groups} groups -> {output}" + (f" and {report.hdf5}" if report.hdf5 else ""),
@@ -100,3 +107,19 @@ def prepare(
         console.print(
             f"  ... and {len(report.skipped) - 20} more in {output / 'report.json'}", style="yellow"
         )
+
+
+def _kept(output: Path, stage: str) -> str:
+    """What an interrupted prepare leaves for the rerun to build on."""
+    if stage == "hdf5":
+        return f"the dataset {output} is complete; its HDF5 file was not written (rerun with --hdf5)"
+    doing = {"transcribe": "transcribing", "encode": "encoding", "similar": "listing similar utterances",
+             "align": "aligning phonemes"}.get(stage, stage)  # fmt: skip
+    utts = output / "utterances"
+    done = sum(1 for p in utts.rglob("*.json") if not p.name.startswith(".")) if utts.is_dir() else 0
+    said = sum(1 for _ in (output / "transcripts").glob("*.json")) if (output / "transcripts").is_dir() else 0
+    heard = f" and {said} transcription(s)" if said else ""
+    return (
+        f"stopped while {doing}: {done} encoded utterance(s){heard} are kept in {output}; "
+        "the same command goes on from there"
+    )

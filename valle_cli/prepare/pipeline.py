@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import multiprocessing
+import signal
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -262,7 +263,8 @@ def _load_all(jobs: list[Job], opts: PrepareOptions, sample_rate: int) -> Iterat
             yield _load(job, *args)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    with cf.ProcessPoolExecutor(opts.workers, mp_context=ctx) as pool:
+    pool = cf.ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_worker_ignores_ctrl_c)
+    try:
         window = opts.workers * 8  # bounded read-ahead: memory stays flat whatever the corpus size
         futures: list[cf.Future] = []
         it = iter(jobs)
@@ -275,6 +277,14 @@ def _load_all(jobs: list[Job], opts: PrepareOptions, sample_rate: int) -> Iterat
             nxt = next(it, None)
             if nxt is not None:
                 futures.append(pool.submit(_load, nxt, *args))
+    finally:  # an interruption or an error: queued loads are dropped, not finished first
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_ignores_ctrl_c() -> None:
+    """Ctrl-C reaches the whole terminal group: the main process stops the pool; a worker would print a
+    traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # -- the whole run ----------------------------------------------------------------------------------------------
