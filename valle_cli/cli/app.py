@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 import typer
 
@@ -37,7 +38,62 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # click's plain help: option names never cut at 80 columns, no <bool> columns
 )
+
+# The "Examples" block at the end of each verb's --help (commands as README runs them).
+EXAMPLES = {
+    "prepare": [
+        "valle prepare ./voices -o ./dataset      # voices/{group}/{speaker}/*.wav",
+        "valle prepare ./voices -o ./dataset --hdf5   # also one dataset.h5",
+        "valle prepare ./voices -o part0 --shard 0/2  # half the files; merge later",
+    ],
+    "train": [
+        "valle train --try-me                           # the whole pipeline, minutes",
+        "valle train small --set data.paths=[./dataset] -o runs/mine  # resumes",
+        "torchrun --nproc-per-node 2 -m valle_cli train my.yaml -o runs/ddp",
+    ],
+    "export": [
+        "valle export runs/mine -o mine.safetensors --dtype fp16",
+        "valle export runs/mine --hf hub/valle-mine     # model + config.json + card",
+    ],
+    "synth": [
+        'valle synth "Hello there." --ref voice.wav -o out.wav',
+        'valle synth "Hello there." --ref voice.wav --model runs/mine --play',
+        'valle synth "First line.\\nSecond line." --stream --play',
+        "valle synth --batch lines.txt --ref voice.wav -o out/",
+    ],
+    "stt": ["valle stt speech.wav --model runs/mine"],
+    "eval": [
+        "valle eval runs/mine --texts held-out.txt --refs voices/ -o report/",
+        "valle eval runs/mine --dataset ./dataset -o report/",
+    ],
+    "plot": [
+        'valle plot runs/mine runs/other --ys "loss eval.text_gap" -o curves.png',
+        "valle plot runs/mine --terminal",
+        'valle plot --alignment runs/mine --text "Hello." --ref clip.wav -o align.png',
+    ],
+    "serve": [
+        "valle serve                                    # http://127.0.0.1:7860",
+        "valle serve --model mine=runs/mine --api-key $KEY",
+    ],
+    "tui": [
+        "valle tui small --set data.paths=[./dataset] -o runs/mine  # start, watch",
+        "valle tui runs/mine                          # attach to a run",
+    ],
+    "plugins": ["valle plugins"],
+    "config": ["valle config small --set train.lr=3e-4 -o my-config.yaml"],
+    "dataset": ["valle dataset stats ./dataset", "valle dataset merge part0 part1 -o ./dataset"],
+    "codec": [
+        "valle codec fit ./my-recordings -o my-codec.safetensors",
+        "valle codec roundtrip sample.wav -o back.wav",
+    ],
+}
+
+
+def _epilog(verb: str) -> str:
+    """Click keeps a paragraph that starts with \\b as written (no rewrapping)."""
+    return "\b\nExamples:\n" + "\n".join("  " + line for line in EXAMPLES[verb])
 
 _state: dict = {"debug": False, "signal": None}
 
@@ -58,39 +114,40 @@ def _root(
     _state["debug"] = debug or os.environ.get("VALLE_DEBUG", "") not in ("", "0")
 
 
-app.command("prepare", help="Turn voices/{group}/{speaker}/ audio into a training dataset (resumable).")(
+app.command("prepare", epilog=_epilog("prepare"), help="Turn voices/{group}/{speaker}/ audio into a training dataset (resumable).")(
     prepare.prepare
 )
-app.command("train", help="Train or fine-tune the AR+NAR model; rerun to resume; live commands on stdin.")(
+app.command("train", epilog=_epilog("train"), help="Train or fine-tune the AR+NAR model; rerun to resume; live commands on stdin.")(
     train.train
 )
 app.command(
     "export",
+    epilog=_epilog("export"),
     help="Export a checkpoint or run folder to one file (LoRA merged or alone) or a hub folder (--hf).",
 )(export.export)
-app.command("synth", help='Synthesize speech: valle synth "text" --ref voice.wav --model RUN -o out.wav.')(
+app.command("synth", epilog=_epilog("synth"), help='Synthesize speech: valle synth "text" --ref voice.wav --model RUN -o out.wav.')(
     synth.synth
 )
-app.command("stt", help="Transcribe audio to IPA phonemes with the model's speech-to-text task.")(stt.stt)
+app.command("stt", epilog=_epilog("stt"), help="Transcribe audio to IPA phonemes with the model's speech-to-text task.")(stt.stt)
 app.command(
-    "eval", help="Measure a model: WER and speaker similarity on held-out sentences, vs ground truth."
+    "eval", epilog=_epilog("eval"), help="Measure a model: WER and speaker similarity on held-out sentences, vs ground truth."
 )(eval_cmd.eval_)
-app.command("plot", help="Plot training metrics of one or more runs (PNG or in the terminal).")(plot.plot)
-app.command("serve", help="Serve an OpenAI-compatible speech API (and web UI) on loopback by default.")(
+app.command("plot", epilog=_epilog("plot"), help="Plot training metrics of one or more runs (PNG or in the terminal).")(plot.plot)
+app.command("serve", epilog=_epilog("serve"), help="Serve an OpenAI-compatible speech API (and web UI) on loopback by default.")(
     serve.serve
 )
-app.command("tui", help="Watch and steer a training run in a terminal UI (save, lr, eval, pause, stop).")(
+app.command("tui", epilog=_epilog("tui"), help="Watch and steer a training run in a terminal UI (save, lr, eval, pause, stop).")(
     tui.tui
 )
-app.command("plugins", help="List codec, backbone, transcriber and model plugins and whether each loads.")(
+app.command("plugins", epilog=_epilog("plugins"), help="List codec, backbone, transcriber and model plugins and whether each loads.")(
     plugins_cmd.plugins
 )
 app.command(
-    "config", help="Print (or write) a resolved config from a YAML file or preset, with --set overrides."
+    "config", epilog=_epilog("config"), help="Print (or write) a resolved config from a YAML file or preset, with --set overrides."
 )(config.config)
-app.add_typer(dataset.app, name="dataset", help="Inspect, convert, merge and re-index prepared datasets.")
+app.add_typer(dataset.app, name="dataset", epilog=_epilog("dataset"), help="Inspect, convert, merge and re-index prepared datasets.")
 app.add_typer(
-    codec.app, name="codec", help="Offline codec tools: fit codebooks on your audio, round-trip a file."
+    codec.app, name="codec", epilog=_epilog("codec"), help="Offline codec tools: fit codebooks on your audio, round-trip a file."
 )
 
 
@@ -134,6 +191,31 @@ def _interrupted(code: int) -> None:
     sys.exit(code)
 
 
+def command():
+    """The command tree of `app`, with plain metavars (PATH, N, X, TEXT) where Typer would print Python type
+    names (<list[Path]>, <float>)."""
+    import typing
+    from pathlib import Path
+
+    names = {Path: "PATH", int: "N", float: "X", str: "TEXT"}
+    tree = typer.main.get_command(app)
+    todo = [tree]
+    while todo:
+        cmd = todo.pop()
+        todo.extend(getattr(cmd, "commands", {}).values())
+        for param in cmd.params:
+            if param.metavar is not None or getattr(param, "is_flag", False):
+                continue
+            kind = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+            while typing.get_origin(kind) in (list, typing.Union, types.UnionType):
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            if param.param_type_name == "argument":  # its name says it: AUDIO..., not AUDIO <list[Path]>
+                param.display_type_rich = lambda ctx: None
+            elif kind in names:
+                param.metavar = names[kind]
+    return tree
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     import signal
@@ -153,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # standalone_mode=False: errors reach the handlers below. Typer then returns what would have been the
         # exit code (an Exit's, or 130 for Ctrl-C) instead of exiting, so it is passed on here.
-        code = app(args=argv, standalone_mode=False)
+        code = command()(args=argv, standalone_mode=False)
     except ValleError as exc:
         if debug or _state["debug"]:
             raise
