@@ -81,7 +81,9 @@ def test_help_fits_80_columns_and_shows_examples_that_use_real_options():
     seen = set()
     for path, cmd in _every_command():
         parent = ck.Context(tree, info_name="valle")
-        ctx = ck.Context(cmd, info_name=" ".join(path), parent=parent, terminal_width=80, max_content_width=80)
+        ctx = ck.Context(
+            cmd, info_name=" ".join(path), parent=parent, terminal_width=80, max_content_width=80
+        )
         text = cmd.get_help(ctx)
         where = f"valle {' '.join(path)} --help"
         assert max(len(line) for line in text.splitlines()) <= 80, where
@@ -94,7 +96,11 @@ def test_help_fits_80_columns_and_shows_examples_that_use_real_options():
     for verb, lines in EXAMPLES.items():
         for line in lines:
             words = shlex.split(line.split("  #")[0].replace("$KEY", "k"))
-            words = words[words.index("valle") + 1 :] if "valle" in words else words[words.index("valle_cli") + 1 :]
+            words = (
+                words[words.index("valle") + 1 :]
+                if "valle" in words
+                else words[words.index("valle_cli") + 1 :]
+            )
             cmd, rest = tree.commands[words[0]], words[1:]
             if rest and rest[0] in getattr(cmd, "commands", {}):
                 cmd, rest = cmd.commands[rest[0]], rest[1:]
