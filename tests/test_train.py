@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,16 +146,31 @@ def test_sigterm_saves_and_stops(dataset, tmp_path):
         *sets(f"data.paths=[{dataset}]", "train.steps=100000", "data.batch_size=2"),
         stdin=subprocess.DEVNULL,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+    deadline = time.time() + 300
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") > 12):
         time.sleep(0.05)
-    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err  # saved, and the status of a program stopped by SIGTERM
     assert "saving and stopping" in err and "interrupted (SIGTERM)" in err
+    assert re.search(r"[\d.]+ s/step here: the \d+ steps left take about ", err), err  # said after 10 steps
     ck = latest(run)
     assert ck is not None and int(ck.name.split("-")[1]) > 0
+
+
+def test_the_expected_time_line():
+    from valle_cli.cli.train import expected_time
+
+    line = expected_time((100.0, 1), (112.0, 11), 20_011)  # 1.2 s a step, 20,000 steps left
+    assert line.startswith("1.20 s/step here: the 20000 steps left take about 6 h 40 min (until ")
+    assert "smaller preset" not in line
+    days = expected_time((0.0, 1), (100.0, 11), 20_011)  # 10 s a step: 2.3 days
+    assert (
+        "about 2.3 days" in days
+        and "lower train.steps, pick a smaller preset (tiny), or train on a GPU" in days
+    )
+    assert "under a minute" in expected_time((0.0, 1), (1.0, 11), 20)
 
 
 def test_stdin_commands(dataset, tmp_path):

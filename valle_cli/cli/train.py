@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -50,10 +51,19 @@ def train(
     bar = progress_bar(console)
     task = bar.add_task("train", total=cfg.train.steps, stats="starting")
 
+    pace: list[tuple[float, int]] = []  # (time, step) of this session's first steps
+
     def events(kind: str, p: dict) -> None:
         if kind == "step":
             stats = f"loss {p['loss']:.3f} lr {p['lr']:.2e} {p['tokens_per_s']:.0f} tok/s"
             bar.update(task, completed=p["step"], stats=stats)
+            if len(pace) < 2:
+                pace.append((time.monotonic(), p["step"]))  # the first step pays for warm-up: timed from it
+            elif pace[1][1] >= 0 and p["step"] - pace[1][1] >= EXPECT_AFTER:
+                console.print(
+                    expected_time(pace[1], (time.monotonic(), p["step"]), cfg.train.steps), markup=False
+                )
+                pace[1] = (0.0, -1)  # said once
         elif kind in ("eval", "save", "warn", "info"):
             console.print(describe(kind, p), style="yellow" if kind == "warn" else None, markup=False)
 
@@ -87,6 +97,28 @@ def train(
             markup=False,
         )
         raise typer.Exit(143 if info.signal == "SIGTERM" else 130)
+
+
+EXPECT_AFTER = 10  # steps timed before `valle train` says how long the run will take
+
+
+def expected_time(first: tuple[float, int], now: tuple[float, int], steps: int) -> str:
+    """One line: the measured time per step, and the rest of the run at that pace (evaluations and saves
+    come on top); a run of days on this machine gets the remedies."""
+    per_step = (now[0] - first[0]) / max(now[1] - first[1], 1)
+    left = per_step * max(steps - now[1], 0)
+    finish = time.strftime("%a %H:%M", time.localtime(time.time() + left))
+    line = f"{per_step:.2f} s/step here: the {steps - now[1]} steps left take about {_span(left)} (until {finish})"
+    if left > 24 * 3600:
+        line += "; for a shorter run lower train.steps, pick a smaller preset (tiny), or train on a GPU"
+    return line
+
+
+def _span(seconds: float) -> str:
+    if seconds >= 2 * 24 * 3600:
+        return f"{seconds / 86400:.1f} days"
+    h, m = divmod(round(seconds / 60), 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min" if m else "under a minute"
 
 
 def progress_bar(console, get_time=None):
