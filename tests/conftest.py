@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from a t
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+
+def default_sigint() -> None:
+    """In a child (preexec_fn): SIGINT as a terminal's foreground program has it. A test run started in the
+    background (`cmd &` in a script) passes SIGINT on ignored, and programs rightly keep ignoring it then."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used: how far it got, whatever the machine's load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group. A zombie is not running: some container init
+    processes never reap, and multiprocessing's resource tracker is never waited for."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
 
 
 def _has_mbrola(voice: str) -> bool:

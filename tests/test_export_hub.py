@@ -142,6 +142,9 @@ def test_bad_output_paths_are_named_before_any_model_loads_or_folder_is_written(
         with pytest.raises(SystemExit):  # with --hf too: nothing is written there
             main(["export", str(src), "--hf", str(tmp_path / "hf"), "-o", str(bad)])
         assert said in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    with pytest.raises(SystemExit):  # a bad setting is named before the output's folder is made
+        main(["export", str(src), "-o", str(tmp_path / "new" / "m.pt"), "--dtype", "fp8"])
+    assert "unknown dtype 'fp8'" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 @pytest.fixture

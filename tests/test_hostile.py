@@ -19,6 +19,8 @@ import pytest
 from valle_cli.plot import read_metrics
 from valle_cli.train.checkpoint import latest
 
+from .conftest import cpu_seconds, default_sigint
+
 HANG = 600  # seconds: only catches hangs, never a slow machine
 
 
@@ -48,17 +50,6 @@ def _wait_for_steps(proc, run: Path, n: int) -> None:
         time.sleep(0.2)
 
 
-def _default_sigint() -> None:
-    """In a child: SIGINT as a terminal's foreground program has it. A test run started in the background
-    (`cmd &` in a script) passes SIGINT on ignored, and programs rightly keep ignoring it then."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_verb_says_so_and_exits_with_the_signals_status(tiny_model, tmp_path, sig, code):
     """`valle synth ... ; echo $?` printed 0 and nothing after Ctrl-C: scripts went on as if it had worked."""
@@ -69,12 +60,12 @@ def test_an_interrupted_verb_says_so_and_exits_with_the_signals_status(tiny_mode
     proc = subprocess.Popen(
         _valle("synth", "--batch", str(lines), "--model", str(tiny_model), "-o", str(tmp_path / "out")),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, preexec_fn=_default_sigint,
+        start_new_session=True, preexec_fn=default_sigint,
     )  # fmt: skip
     try:
         deadline = time.time() + HANG
         while (
-            _cpu_seconds(proc.pid) < 6
+            cpu_seconds(proc.pid) < 6
         ):  # past start-up, into the verb (the CPU time does not depend on load)
             assert proc.poll() is None, proc.communicate()[1]
             assert time.time() < deadline
@@ -132,7 +123,7 @@ def test_training_in_a_terminal_runs_takes_commands_and_stops_on_ctrl_c(dataset,
     def controlling_terminal() -> None:
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        _default_sigint()
+        default_sigint()
 
     proc = subprocess.Popen(
         _train_args(dataset, run), stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_terminal,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from valle_cli.data.dataset import open_dataset
 from valle_cli.errors import DatasetError
 from valle_cli.prepare.pipeline import PrepareOptions, prepare
 
-from .conftest import needs_espeak
+from .conftest import default_sigint, group_members, needs_espeak
 from .corpus import build_corpus
 
 pytestmark = needs_espeak
@@ -170,35 +171,39 @@ def test_resume_after_kill_matches_a_clean_run(corpus, prepared, tmp_path):
     assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
 
 
-def test_ctrl_c_to_the_process_group_stops_cleanly_and_says_what_is_kept(corpus, prepared, tmp_path):
-    """Ctrl-C in a terminal reaches the whole foreground group, worker processes included: one line that
-    counts what was kept, exit 130, no traceback from any worker, no process left, and the rerun goes on."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_the_process_group_stops_cleanly_and_says_what_is_kept(
+    corpus, prepared, tmp_path, sig, code
+):
+    """Ctrl-C in a terminal, and `timeout` or a scheduler's SIGTERM, reach the whole group, loader workers
+    included: one line that counts what was kept, 130 or 143, no traceback from any worker, no process left,
+    and the rerun goes on from there."""
     voices, _ = corpus
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "valle_cli.cli.app", "prepare", str(voices), "-o", str(out), "--codec", "mel",
            "--workers", "2", "--batch-size", "1", "--top-k", "3", "--device", "cpu"]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.rglob("*.json"))) < 6:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=default_sigint)  # fmt: skip
+    try:
+        deadline = time.time() + 600
+        while len(list((out / "utterances").rglob("*.json"))) < 3 and proc.poll() is None:
+            assert time.time() < deadline, "no utterance written: hung?"
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=600)
+        deadline = time.time() + 60
+        while group_members(proc.pid) and time.time() < deadline:  # the workers go too
+            time.sleep(0.1)
+        assert not group_members(proc.pid), "a process of the interrupted prepare is still running"
+    finally:
+        for pid in group_members(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == code, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    said = re.search(rf"interrupted \({sig.name}\); stopped while ([a-z ]+): (\d+) encoded utterance", err)
+    assert said and f"are kept in {out}; the same command goes on from there" in err, err
     kept = len(list((out / "utterances").rglob("*.json")))
-    assert f"interrupted (SIGINT); stopped while encoding: {kept} encoded utterance(s)" in err, err
-    assert f"are kept in {out}; the same command goes on from there" in err
-    deadline = time.time() + 30
-    while time.time() < deadline:  # the workers are gone too
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("a process of the interrupted prepare is still running")
+    assert int(said[2]) == kept, err  # what the line counts is what is on disk
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and f"{kept} already done" in rerun.stderr, rerun.stderr
     assert open_dataset(out).uids() == open_dataset(prepared[0]).uids()

@@ -19,7 +19,7 @@ from valle_cli.config import load_config
 from valle_cli.train.checkpoint import CheckpointError, latest, list_checkpoints, load_checkpoint
 from valle_cli.train.trainer import Trainer, TrainingError
 
-from .conftest import needs_espeak
+from .conftest import cpu_seconds, default_sigint, needs_espeak
 
 pytestmark = needs_espeak
 
@@ -129,11 +129,21 @@ def test_ctrl_c_while_training_is_being_set_up(dataset, tmp_path):
     no traceback and no half-made checkpoint."""
     run = tmp_path / "run"
     proc = cli("tiny", "--out-dir", str(run), *sets(f"data.paths=[{dataset}]", "train.steps=100000"),
-               stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    time.sleep(1.5)  # past the interpreter's start-up, inside the verb
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+               stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=default_sigint)  # fmt: skip
+    try:
+        deadline = time.time() + 600
+        while (
+            cpu_seconds(proc.pid) < 1.0
+        ):  # past the interpreter's start-up, into the verb, whatever the load
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and "interrupted (SIGINT)" in err and "Traceback" not in err, err
+    assert "is saved" not in err and not (run / "metrics.jsonl").exists(), err  # stopped before the loop
     assert not run.exists() or not [p for p in run.iterdir() if p.name.startswith(".")]  # no staging left
 
 

@@ -200,7 +200,12 @@ def _markup_safe(text: str) -> bool:
 
 def _interrupt(signum, frame) -> None:
     """SIGINT and SIGTERM for every verb: unwind (finally blocks and context managers run, temporaries are
-    removed), then exit 130 or 143. Verbs that save first (train) install their own handlers meanwhile."""
+    removed), then exit 130 or 143. Verbs that save first (train) install their own handlers meanwhile. A
+    second signal while unwinding exits at once (the user asked twice; nothing half-written is renamed into
+    place, so nothing is lost that the first did not already give up)."""
+    if _state["signal"] is not None:
+        os.write(2, b"\ninterrupted again: exiting now\n")
+        os._exit(128 + signum)
     _state["signal"] = signum
     raise KeyboardInterrupt
 
@@ -279,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _fail("aborted", None, 1)
     except Exception as exc:
+        if _state["signal"] is not None and not (debug or _state["debug"]):  # an interrupt in another guise
+            _interrupted(128 + _state["signal"])
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click/typer usage errors print themselves
             exc.show()
             sys.exit(exc.exit_code)

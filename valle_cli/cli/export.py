@@ -44,9 +44,9 @@ def export(
         )
     console = Console(stderr=True, soft_wrap=True)
     if output is not None:
-        from valle_cli.infer.load import ready_to_write
+        from valle_cli.infer.load import check_export
 
-        ready_to_write(Path(output))  # before --hf writes its folder and before any model loads
+        check_export(Path(output), dtype, fmt)  # before --hf writes its folder and before any model loads
     if hf is not None:
         folder = export_hf(source, hf, dtype, force=force)
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20

@@ -43,7 +43,7 @@ def prepare(
     from valle_cli.cli.progress import stage_progress
     from valle_cli.config import load_config
     from valle_cli.prepare.discover import parse_language_map
-    from valle_cli.prepare.pipeline import PrepareOptions, parse_shard
+    from valle_cli.prepare.pipeline import PrepareOptions, PrepareReport, parse_shard
     from valle_cli.prepare.pipeline import prepare as run_prepare
 
     overrides = list(set_ or [])
@@ -71,19 +71,20 @@ def prepare(
     )
     console = Console(stderr=True, soft_wrap=True, highlight=False)
     stage = ["starting"]
-    on_interrupt(lambda: _kept(output, stage[0]))
+    report = PrepareReport(output=output)  # filled in as it goes: what an interruption keeps
+    on_interrupt(lambda: _kept(report, stage[0]))
     with stage_progress(console) as shown:
 
         def progress(name: str, done: int, total: int) -> None:
             stage[0] = name
             shown(name, done, total)
 
-        report = run_prepare(opts, progress)
+        run_prepare(opts, progress, report)
     if hdf5:
+        stage[0] = "hdf5"
         from valle_cli.data.hdf5 import folder_to_hdf5
 
         with stage_progress(console) as bar:
-            stage[0] = "hdf5"
             report.hdf5 = folder_to_hdf5(output, output.with_suffix(".h5"), lambda d, t: bar("hdf5", d, t))
     console.print(
         f"{report.utterances} utterances, {report.seconds / 3600:.2f} h, {report.speakers} speakers in "
@@ -109,17 +110,19 @@ def prepare(
         )
 
 
-def _kept(output: Path, stage: str) -> str:
-    """What an interrupted prepare leaves for the rerun to build on."""
+def _kept(report, stage: str) -> str:
+    """What an interrupted prepare leaves for the rerun to build on (from the report it was filling in)."""
+    out = report.output
+    again = "the same command goes on from there"
+    if stage == "starting":
+        return (
+            f"stopped while getting ready (reading the voices folder, loading the codec); {out} is as it was"
+        )
+    if stage == "transcribe":
+        return (
+            f"stopped while transcribing: the transcriptions made are kept in {out / 'transcripts'}; {again}"
+        )
     if stage == "hdf5":
-        return f"the dataset {output} is complete; its HDF5 file was not written (rerun with --hdf5)"
-    doing = {"transcribe": "transcribing", "encode": "encoding", "similar": "listing similar utterances",
-             "align": "aligning phonemes"}.get(stage, stage)  # fmt: skip
-    utts = output / "utterances"
-    done = sum(1 for p in utts.rglob("*.json") if not p.name.startswith(".")) if utts.is_dir() else 0
-    said = sum(1 for _ in (output / "transcripts").glob("*.json")) if (output / "transcripts").is_dir() else 0
-    heard = f" and {said} transcription(s)" if said else ""
-    return (
-        f"stopped while {doing}: {done} encoded utterance(s){heard} are kept in {output}; "
-        "the same command goes on from there"
-    )
+        return f"the dataset {out} is complete; its HDF5 file was not written (rerun with --hdf5)"
+    doing = {"encode": "encoding", "similar": "listing similar utterances", "align": "aligning phonemes"}
+    return f"stopped while {doing.get(stage, stage)}: {report.resumed + report.new} encoded utterance(s) are kept in {out}; {again}"

@@ -217,6 +217,30 @@ def _progress(err, total_hint: str):
     )
 
 
+def _step_progress(err):
+    """Bars for the segments of a text and for the steps within one (level 0: the share of the text spoken, or
+    frames, or parallel passes; then the NAR levels), with time left; gone once it is done."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description:>8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
 def _summary(err, what: str, seconds_audio: float, wall: float, source, output, extra: str = "") -> None:
     rtf = wall / seconds_audio if seconds_audio else float("nan")
     err.print(
@@ -232,14 +256,28 @@ def _run_whole(loaded, text, refs, opts, sampling, dev, output, play, err) -> No
     from valle_cli.infer.synth import segments, synthesize
 
     n = len(segments(text, opts.split_sentences))
-    if n > 1:
-        with _progress(err, "segments") as bar:
-            task = bar.add_task("synth", total=n)
-            result = synthesize(
-                loaded, text, refs, opts, sampling, dev, lambda done, total: bar.update(task, completed=done)
-            )
-    else:
-        result = synthesize(loaded, text, refs, opts, sampling, dev)
+    with _step_progress(err) as bar:
+        segs = bar.add_task("segments", total=n, visible=n > 1)
+        steps = bar.add_task("level 0", total=None)
+
+        shown = ["level 0"]
+
+        def step(phase: str, done: int, total: int) -> None:
+            if shown[0] != phase:  # a new phase: its own bar and time left
+                shown[0] = phase
+                bar.reset(steps, description=phase)
+            bar.update(steps, completed=done, total=total)
+
+        result = synthesize(
+            loaded,
+            text,
+            refs,
+            opts,
+            sampling,
+            dev,
+            lambda done, total: bar.update(segs, completed=done),
+            step,
+        )
     save_audio(output, result.audio, result.sample_rate)
     unfinished = sum(not s for s in result.stopped)
     _summary(

@@ -40,6 +40,8 @@ from valle_cli.errors import ValleError
 from valle_cli.infer.sampling import SamplerSettings, TokenSampler, pick
 from valle_cli.model.valle import MAX_HELD, VALLE, Sample, frame_symbols, stretch_durations
 
+StepProgress = Callable[[str, int, int], None]  # (phase, done, total): "level 0", then "levels"
+
 
 class SamplingConfig:
     """How to sample: the AR sampler's settings (`SamplerSettings`, named like the original's CLI flags:
@@ -306,7 +308,7 @@ def predict_durations(model: VALLE, requests: list[Request]) -> list[torch.Tenso
 
 
 def nar_level0(
-    model: VALLE, requests: list[Request], sc: SamplingConfig
+    model: VALLE, requests: list[Request], sc: SamplingConfig, progress: StepProgress | None = None
 ) -> list[tuple[list[int], bool, torch.Tensor]]:
     """Level 0 of level0-nar models: (tokens, complete, frame symbols) per request. Durations are the
     request's own or predicted; `complete` is False when they had to be cut to `max_ar_steps` frames."""
@@ -358,6 +360,8 @@ def nar_level0(
             newly = m & ~now
             codes[b][0, newly] = drawn[newly]
             masked[b] = now
+        if progress:
+            progress("level 0", step + 1, n)
     return [(c[0].tolist(), ok, f.cpu()) for c, ok, f in zip(codes, complete, fs, strict=True)]
 
 
@@ -376,7 +380,11 @@ class NarItem:
 
 
 def nar_fill(
-    model: VALLE, items: list[NarItem], sc: SamplingConfig, generators: list | None = None
+    model: VALLE,
+    items: list[NarItem],
+    sc: SamplingConfig,
+    generators: list | None = None,
+    progress: StepProgress | None = None,
 ) -> list[torch.Tensor]:
     """Fill levels 1..Q-1 of every item's frames from `fixed` on; one batched non-causal pass per level."""
     live = [i for i, it in enumerate(items) if it.codes.shape[1] > it.fixed]
@@ -406,6 +414,8 @@ def nar_fill(
             fixed, n = items[i].fixed, out[i].shape[1]
             logits = model.heads[level](hidden[b, starts[b] + fixed : starts[b] + n])  # (n - fixed, K)
             out[i][level, fixed:] = pick(logits, sc.nar_temp, sc.ar.top_k, sc.ar.top_p, gens[i]).to(out[i])
+        if progress:
+            progress("levels", level, model.n_levels - 1)
     return out
 
 
@@ -423,10 +433,17 @@ def response_codes(model: VALLE, req: Request, level0: list[int]) -> torch.Tenso
 
 @torch.inference_mode()
 def generate_batch(
-    model: VALLE, requests: list[Request], sampling: SamplingConfig | None = None, use_cache: bool = True
+    model: VALLE,
+    requests: list[Request],
+    sampling: SamplingConfig | None = None,
+    use_cache: bool = True,
+    progress: StepProgress | None = None,
 ) -> list[Generated]:
-    """Codes for every request: AR (sampled, or beam search) for level 0, then the NAR levels, all batched."""
+    """Codes for every request: AR (sampled, or beam search) for level 0, then the NAR levels, all batched.
+    `progress(phase, done, total)` hears every step: "level 0" (the AR's symbols or frames, or the parallel
+    passes), then "levels" (one NAR pass per level)."""
     sc = sampling or SamplingConfig()
+    say = progress or (lambda phase, done, total: None)
     if not requests:
         return []
     for r in requests:
@@ -447,12 +464,12 @@ def generate_batch(
                 "leave --beam-width out",
             )
         refuse_continuation(requests)
-        made = nar_level0(model, requests, sc)
+        made = nar_level0(model, requests, sc, say)
         items = [
             NarItem(r, response_codes(model, r, toks), 0, f)
             for r, (toks, _, f) in zip(requests, made, strict=True)
         ]
-        filled = nar_fill(model, items, sc)
+        filled = nar_fill(model, items, sc, progress=say)
         return [
             Generated(codes.cpu(), ok, sc.level0_steps, f)
             for codes, (_, ok, f) in zip(filled, made, strict=True)
@@ -469,10 +486,15 @@ def generate_batch(
         level0 = [beam_ar(model, r, sc, use_cache) for r in requests]
     else:
         level0 = [([], False) for _ in requests]
-        for step in ar_tokens(model, requests, sc, use_cache, symbols, ends):
+        texts = sum(len(r.phonemes) for r in requests)
+        for n, step in enumerate(ar_tokens(model, requests, sc, use_cache, symbols, ends), 1):
             for row, token in enumerate(step):
                 if token is not None:
                     level0[row][0].append(token)
+            if model.pointer:  # how far the pointers are through the texts: a total known in advance
+                say("level 0", sum(len(r.phonemes) if e else (s[-1] if s else 0) for r, s, e in zip(requests, symbols, ends, strict=True)), texts)  # fmt: skip
+            else:
+                say("level 0", n, sc.max_ar_steps)
         if model.pointer:  # stopped: the pointer moved past EOS by itself (not forced, not at the limit)
             level0 = [(toks, end) for (toks, _), end in zip(level0, ends, strict=True)]
         else:
@@ -484,7 +506,7 @@ def generate_batch(
         NarItem(r, response_codes(model, r, toks), r.prefix_frames, f)
         for r, (toks, _), f in zip(requests, level0, fs, strict=True)
     ]
-    filled = nar_fill(model, items, sc)
+    filled = nar_fill(model, items, sc, progress=say)
     return [
         Generated(codes[:, r.prefix_frames :].cpu(), stopped, len(toks), f)
         for r, codes, (toks, stopped), f in zip(requests, filled, level0, fs, strict=True)

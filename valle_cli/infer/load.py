@@ -271,6 +271,17 @@ def ready_to_write(out: Path) -> None:
     check_writable(out, ModelLoadError)
 
 
+def check_export(out: Path, dtype: str, fmt: str | None) -> str:
+    """Check an export's settings, then make its folder and check it can be written; returns the format."""
+    fmt = fmt or ("pt" if out.suffix == ".pt" else "safetensors")
+    if fmt not in ("safetensors", "pt"):
+        raise ModelLoadError(f"unknown export format {fmt!r}", "use safetensors or pt")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
+    ready_to_write(out)
+    return fmt
+
+
 def export_model(
     source: str | Path,
     output: str | Path,
@@ -282,12 +293,7 @@ def export_model(
     from valle_cli.fsutil import atomic_path
 
     out = Path(output)
-    fmt = fmt or ("pt" if out.suffix == ".pt" else "safetensors")
-    if fmt not in ("safetensors", "pt"):
-        raise ModelLoadError(f"unknown export format {fmt!r}", "use safetensors or pt")
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
-    ready_to_write(out)  # before loading: a bad output path should not cost the load first
+    fmt = check_export(out, dtype, fmt)  # before loading: a bad output path should not cost the load first
     if lora_only:
         state, meta = _read(resolve_source(source)[0])
         if not meta.get("lora"):

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from valle_cli.errors import AudioError, TextError, ValleError
-from valle_cli.infer.engine import Generated, Request, SamplingConfig, generate_batch
+from valle_cli.infer.engine import Generated, Request, SamplingConfig, StepProgress, generate_batch
 from valle_cli.infer.load import Loaded
 
 MIN_PROMPT_SECONDS = 1.0
@@ -257,13 +257,14 @@ def _generate(
     segs: list[Segment],
     sampling: SamplingConfig | None,
     progress: Callable[[int, int], None] | None,
+    steps: StepProgress | None = None,
 ) -> list[Generated]:
     outs: list[Generated] = []
     if sp.opts.rolling_context:
         previous = None
         for i, seg in enumerate(segs):
             req = sp.request(seg, previous, first=i == 0)
-            outs.extend(generate_batch(sp.model, [req], sampling))
+            outs.extend(generate_batch(sp.model, [req], sampling, progress=steps))
             if outs[-1].codes.shape[1]:
                 previous = (seg.text, outs[-1].codes)
             if progress:
@@ -272,7 +273,7 @@ def _generate(
     size = max(1, sp.opts.batch_size)
     for i in range(0, len(segs), size):
         reqs = [sp.request(s, first=i + j == 0) for j, s in enumerate(segs[i : i + size])]
-        outs.extend(generate_batch(sp.model, reqs, sampling))
+        outs.extend(generate_batch(sp.model, reqs, sampling, progress=steps))
         if progress:
             progress(len(outs), len(segs))
     return outs
@@ -286,13 +287,15 @@ def synthesize(
     sampling: SamplingConfig | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    steps: StepProgress | None = None,
 ) -> SynthResult:
-    """One waveform for the whole text."""
+    """One waveform for the whole text. `progress(done, total)` hears each finished segment, `steps` every
+    step within one (engine.generate_batch)."""
     t0 = time.time()
     opts = options or SynthOptions()
     segs = segments(text, opts.split_sentences, opts.gap_seconds)
     sp = _speaker(loaded, refs, opts, device, segs)
-    outs = _generate(sp, segs, sampling, progress)
+    outs = _generate(sp, segs, sampling, progress, steps)
     sr = sp.codec.sample_rate
     pieces, frames = [], 0
     for seg, out in zip(segs, outs, strict=True):

@@ -14,8 +14,10 @@ Nothing here prints: progress goes to a callback `(stage, done, total)`, the res
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import multiprocessing
+import os
 import signal
 import time
 import zlib
@@ -186,6 +188,8 @@ def _transcribe(
     jobs: list[Job] = []
     todo = [s for s in sources if s.text is None]
     transcriber = None
+    if todo:
+        progress("transcribe", 0, len(todo))
     for n, src in enumerate(todo):
         cache = opts.output / "transcripts" / f"{src.uid}.json"
         if cache.is_file():
@@ -263,8 +267,13 @@ def _load_all(jobs: list[Job], opts: PrepareOptions, sample_rate: int) -> Iterat
             yield _load(job, *args)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    pool = cf.ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_worker_ignores_ctrl_c)
+    # Workers start during the first submits. Ctrl-C and SIGTERM stay blocked until then: a worker inherits
+    # the block, so no signal reaches it before its initializer ignores them (CPython's resource tracker does
+    # the same), and a signal cannot land inside the pool's bookkeeping of a half-started worker.
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
     try:
+        pool = cf.ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_worker_setup)
         window = opts.workers * 8  # bounded read-ahead: memory stays flat whatever the corpus size
         futures: list[cf.Future] = []
         it = iter(jobs)
@@ -272,6 +281,9 @@ def _load_all(jobs: list[Job], opts: PrepareOptions, sample_rate: int) -> Iterat
             futures.append(pool.submit(_load, job, *args))
             if len(futures) >= window:
                 break
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)  # a signal that came meanwhile is delivered here
+    try:
         while futures:
             yield futures.pop(0).result()
             nxt = next(it, None)
@@ -281,22 +293,39 @@ def _load_all(jobs: list[Job], opts: PrepareOptions, sample_rate: int) -> Iterat
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _worker_ignores_ctrl_c() -> None:
-    """Ctrl-C reaches the whole terminal group: the main process stops the pool; a worker would print a
-    traceback of its own."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _worker_setup() -> None:
+    """A loader worker leaves Ctrl-C and SIGTERM to the main process, which reaches the whole group from a
+    terminal, `timeout` or a scheduler: the main process stops the pool. A worker killed mid-reply would leave
+    half a message in the result pipe, which the pool then waits on for ever; one interrupted would print a
+    traceback of its own. A worker whose main process is gone (kill -9) exits by itself."""
+    import threading
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, name="valle-orphan-check", daemon=True).start()
 
 
 # -- the whole run ----------------------------------------------------------------------------------------------
 
 
-def prepare(opts: PrepareOptions, progress: Progress | None = None) -> PrepareReport:
-    """Prepare a dataset; one process at a time per output folder (a second is refused)."""
+def prepare(
+    opts: PrepareOptions, progress: Progress | None = None, report: PrepareReport | None = None
+) -> PrepareReport:
+    """Prepare a dataset; one process at a time per output folder (a second is refused). `report`: filled
+    in as the work goes (what an interruption has kept: `resumed + new` utterances)."""
     with lock_folder(opts.output, "valle prepare", DatasetError):
-        return _prepare(opts, progress)
+        return _prepare(opts, progress, report or PrepareReport(output=opts.output))
 
 
-def _prepare(opts: PrepareOptions, progress: Progress | None) -> PrepareReport:
+def _prepare(opts: PrepareOptions, progress: Progress | None, report: PrepareReport) -> PrepareReport:
     import torch
 
     from valle_cli import __version__
@@ -305,7 +334,6 @@ def _prepare(opts: PrepareOptions, progress: Progress | None) -> PrepareReport:
 
     progress = progress or (lambda *_: None)
     t0 = time.time()
-    report = PrepareReport(output=opts.output)
     codec = build_codec(opts.codec, device=opts.device)
     symbols = default_symbol_map()
     codec_info = {**codec.describe(), "bandwidth": opts.codec.bandwidth, "path": opts.codec.path}
@@ -347,14 +375,19 @@ def _prepare(opts: PrepareOptions, progress: Progress | None) -> PrepareReport:
             report.new += 1
         batch.clear()
 
-    for n, item in enumerate(_load_all(todo, opts, codec.sample_rate)):
-        if item.wav is None:
-            report.skipped.append((str(item.job.source.path) + _span(item.job), item.reason or "unusable"))
-        else:
-            batch.append(item)
-            if len(batch) >= opts.batch_size:
-                flush()
-        progress("encode", n + 1, len(todo))
+    if todo:
+        progress("encode", 0, len(todo))
+    with contextlib.closing(_load_all(todo, opts, codec.sample_rate)) as loaded:  # its pool stops here
+        for n, item in enumerate(loaded):
+            if item.wav is None:
+                report.skipped.append(
+                    (str(item.job.source.path) + _span(item.job), item.reason or "unusable")
+                )
+            else:
+                batch.append(item)
+                if len(batch) >= opts.batch_size:
+                    flush()
+            progress("encode", n + 1, len(todo))
     if batch:
         flush()
 
@@ -391,6 +424,7 @@ def _fill_similar(root: Path, utts: list[Utterance], codebook_size: int, k: int,
     for i, u in enumerate(utts):
         by_speaker.setdefault(f"{u.group}/{u.speaker}", []).append(i)
     done = 0
+    progress("similar", 0, len(utts))
     for members in by_speaker.values():
         emb = np.stack(
             [code_embedding(np.load(utterance_paths(root, utts[i].uid)[0]), codebook_size) for i in members]
