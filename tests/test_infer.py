@@ -293,3 +293,28 @@ def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well(model):
         assert logprob(b) >= logprob(g) - 1e-4
         out = generate_batch(model, [Request(ph, prompt)], SamplingConfig(beam_width=4, max_ar_steps=40))[0]
         assert out.stopped and out.codes[0].tolist() == b
+
+
+@pytest.mark.parametrize("kind", ["classic", "pointer", "level0-nar"])
+def test_generation_reports_every_step_for_progress_bars(kind):
+    """`progress(phase, done, total)`: level 0 first (frames of the step cap, the share of the text the pointer
+    has passed, or parallel passes), then one call per NAR level; done never passes total and ends at it."""
+    extra = {"classic": [], "pointer": ["model.alignment=pointer"],
+             "level0-nar": ["model.alignment=pointer", "model.level0=nar"]}[kind]  # fmt: skip
+    torch.manual_seed(0)
+    m = VALLE(load_config("tiny", extra).model, n_symbols=623).eval()
+    ph, prompt = inputs()
+    heard = []
+    sc = SamplingConfig(seed=0, max_ar_steps=40, level0_steps=4)
+    generate_batch(m, [Request(ph, prompt), Request(ph[:4], prompt)], sc, progress=lambda *a: heard.append(a))
+    phases = [p for p, _, _ in heard]
+    assert phases[0] == "level 0" and phases == sorted(phases, key=["level 0", "levels"].index), phases
+    assert all(0 <= done <= total for _, done, total in heard)
+    levels = [(d, t) for p, d, t in heard if p == "levels"]
+    assert levels == [(q, m.n_levels - 1) for q in range(1, m.n_levels)]
+    zero = [(d, t) for p, d, t in heard if p == "level 0"]
+    assert [d for d, _ in zero] == sorted(d for d, _ in zero)  # never goes back
+    if kind == "level0-nar":
+        assert zero == [(k, 4) for k in range(1, 5)]
+    elif kind == "pointer":
+        assert zero[0][1] == len(ph) + 4  # the symbols of both texts

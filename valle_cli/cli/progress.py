@@ -16,18 +16,23 @@ from rich.progress import (
 )
 
 
-@contextlib.contextmanager
-def stage_progress(console: Console) -> Iterator[Callable[[str, int, int], None]]:
-    with Progress(
-        TextColumn("{task.description:>14}"),
+def bars(console: Console, label: int = 14, transient: bool = False) -> Progress:
+    """Rows of `description bar done/total elapsed eta left`."""
+    return Progress(
+        TextColumn(f"{{task.description:>{label}}}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
-    ) as bar:
+        transient=transient,
+    )
+
+
+@contextlib.contextmanager
+def stage_progress(console: Console) -> Iterator[Callable[[str, int, int], None]]:
+    with bars(console) as bar:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:

@@ -220,25 +220,9 @@ def _progress(err, total_hint: str):
 def _step_progress(err):
     """Bars for the segments of a text and for the steps within one (level 0: the share of the text spoken, or
     frames, or parallel passes; then the NAR levels), with time left; gone once it is done."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from valle_cli.cli.progress import bars
 
-    return Progress(
-        TextColumn("{task.description:>8}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
+    return bars(err, label=8, transient=True)
 
 
 def _summary(err, what: str, seconds_audio: float, wall: float, source, output, extra: str = "") -> None:
