@@ -80,6 +80,23 @@ def test_items_pair_prompts_truths_and_other_clips(tmp_path):
 
 
 @needs_espeak
+def test_refs_may_use_the_layout_prepare_reads(tmp_path):
+    """`--refs voices/` on valle prepare's voices/{group}/{speaker}/ layout: voices are group/speaker, and
+    transcripts come from any form prepare reads (here .lab files beside the clips)."""
+    from valle_cli.eval.items import voices as impostor_voices
+
+    refs = voices(
+        tmp_path / "voices" / "robots", {"ann": "espeak:en-us+f3", "bob": "espeak:en-us+m3"}, SENTENCES
+    )
+    for txt in refs.rglob("*.txt"):
+        txt.rename(txt.with_suffix(".lab"))
+    items = from_refs(["The cat sat on the warm mat."], tmp_path / "voices")
+    assert [i.voice for i in items] == ["robots/ann", "robots/bob"]
+    assert all(i.truth is not None and i.truth.name == "0.wav" and i.prompt != i.truth for i in items)
+    assert sorted(impostor_voices(tmp_path / "voices")) == ["robots/ann", "robots/bob"]
+
+
+@needs_espeak
 def test_resemblyzer_judges_same_and_different_voices():
     from valle_cli.audio.speech import say
     from valle_cli.eval.judges import build_verifier

@@ -53,22 +53,47 @@ def _clips(folder: Path) -> list[tuple[Path, str | None]]:
     return out
 
 
+def _voice_clips(folder: Path) -> dict[str, list[tuple[Path, str | None]]]:
+    """{voice: [(clip, transcript or None)]} of DIR/VOICE/*.wav (+ .txt beside each clip), or of the
+    voices/{group}/{speaker}/ layout `valle prepare` reads (voice "group/speaker", with every transcript form
+    prepare knows: .txt or .lab beside the clip, metadata.csv, transcripts.tsv, ...)."""
+    folder = Path(folder)
+    subs = (
+        sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if folder.is_dir()
+        else []
+    )
+    if subs and not any(_clips(d) for d in subs):  # no clips one level down: {group}/{speaker}/
+        from valle_cli.errors import ValleError
+        from valle_cli.prepare.discover import discover
+
+        out: dict[str, list[tuple[Path, str | None]]] = {}
+        try:
+            for src in discover(folder):
+                out.setdefault(f"{src.group}/{src.speaker}", []).append((src.path, src.text))
+        except ValleError as exc:
+            raise EvalError(exc.message, exc.remedy) from None
+        return out
+    return {d.name: _clips(d) for d in subs}
+
+
 def voices(folder: Path) -> dict[str, list[Path]]:
-    """DIR/VOICE/*.wav -> {voice: clips} (impostor voices)."""
-    out = {d.name: [p for p, _ in _clips(d)] for d in sorted(Path(folder).iterdir()) if d.is_dir()}
-    return {name: clips for name, clips in out.items() if clips}
+    """DIR/VOICE/*.wav or DIR/{group}/{speaker}/ -> {voice: clips} (impostor voices)."""
+    return {name: [p for p, _ in clips] for name, clips in _voice_clips(folder).items() if clips}
 
 
 def from_refs(texts: list[str], refs: Path) -> list[Item]:
     refs = Path(refs)
-    voices = sorted(d for d in refs.iterdir() if d.is_dir()) if refs.is_dir() else []
+    voices = _voice_clips(refs)
     if not voices:
         raise EvalError(
-            f"{refs} has no voice folders", "lay references out as DIR/VOICE/*.wav (+ .txt transcripts)"
+            f"{refs} has no voice folders",
+            "lay references out as DIR/VOICE/*.wav (+ .txt transcripts), or as valle prepare's "
+            "DIR/{group}/{speaker}/",
         )
     items = []
-    for folder in voices:
-        clips = _clips(folder)
+    for name, clips in voices.items():
+        folder = refs / name
         if not clips:
             raise EvalError(f"{folder} holds no audio clips")
         by_text = {" ".join(normalize_text(t)): p for p, t in clips if t}
@@ -79,7 +104,7 @@ def from_refs(texts: list[str], refs: Path) -> list[Item]:
                 raise EvalError(f"{folder} has no clip to use as a prompt for {text!r}", "add another clip")
             prompt = candidates[k % len(candidates)]
             others = [p for p in candidates if p != prompt][:MAX_OTHERS]
-            items.append(Item(folder.name, text, prompt, others, truth))
+            items.append(Item(name, text, prompt, others, truth))
     return items
 
 

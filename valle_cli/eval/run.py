@@ -177,7 +177,7 @@ def evaluate(
             row.closest_to_own = all(own > cosine(out_emb, v) for name, v in impostor_voices.items()
                                      if name != item.voice)  # fmt: skip
         if outputs is not None:
-            name = f"{k:04d}-{item.voice}.wav"
+            name = f"{k:04d}-{item.voice.replace('/', '-')}.wav"
             save_audio(outputs / name, audio, sr)
             row.output = name
         rows.append(row)
