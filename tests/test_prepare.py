@@ -209,7 +209,7 @@ def test_a_signal_to_the_process_group_stops_cleanly_and_says_what_is_kept(
     assert open_dataset(out).uids() == open_dataset(prepared[0]).uids()
 
 
-def test_shards_merge_into_the_full_dataset(corpus, prepared, tmp_path):
+def test_shards_merge_into_the_full_dataset(corpus, prepared, tmp_path, monkeypatch):
     from valle_cli.data.merge import merge_datasets
 
     voices, _ = corpus
@@ -228,6 +228,20 @@ def test_shards_merge_into_the_full_dataset(corpus, prepared, tmp_path):
     for i in range(len(m)):
         assert np.array_equal(m.codes(i), full.codes(i))
         assert list(m.similar(i)) == list(full.similar(i))
+    # a merge that fails leaves no half a dataset: not at its checks, not late (here: while indexing)
+    with pytest.raises(DatasetError, match="is in both"):
+        merge_datasets([parts[0], parts[0]], tmp_path / "twice")
+    with pytest.raises(DatasetError, match="already exists and is not empty"):
+        merge_datasets(parts, merged)
+
+    def fails(*args, **kwargs):
+        raise DatasetError("no space left")
+
+    monkeypatch.setattr("valle_cli.data.merge.reindex", fails)
+    with pytest.raises(DatasetError, match="no space left"):
+        merge_datasets(parts, tmp_path / "late")
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "late").exists()
+    assert not list(tmp_path.glob(".*merging")) and len(open_dataset(merged)) == len(full)
 
 
 def test_hdf5_matches_the_folder(prepared, tmp_path):
@@ -273,7 +287,7 @@ def test_cli_stats_and_errors(prepared, tmp_path):
     proc = run("dataset", "stats", str(prepared[0]))
     assert "hours per group" in proc.stdout and "phoneme coverage" in proc.stdout
     proc = run("prepare", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x"), "--codec", "mel")
-    assert proc.returncode == 1 and "is not a folder" in proc.stderr
+    assert proc.returncode == 1 and "nowhere does not exist" in proc.stderr and not (tmp_path / "x").exists()
     proc = run("dataset", "stats", str(tmp_path))
     assert proc.returncode == 1 and "not a valle dataset" in proc.stderr
     proc = run("prepare", str(tmp_path), "-o", str(tmp_path / "x"), "--codec", "mel", "--shard", "3/2")

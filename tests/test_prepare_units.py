@@ -88,8 +88,11 @@ def test_unreadable_entries_are_skipped_with_their_reason(tmp_path):
 def test_discover_errors(tmp_path):
     with pytest.raises(DatasetError, match="no group folders"):
         list(discover(tmp_path))
-    with pytest.raises(DatasetError, match="not a folder"):
+    with pytest.raises(DatasetError, match="missing does not exist"):
         list(discover(tmp_path / "missing"))
+    (tmp_path / "file.wav").write_bytes(b"RIFF")
+    with pytest.raises(DatasetError, match="file.wav is not a folder"):
+        list(discover(tmp_path / "file.wav"))
 
 
 def test_language_map():
@@ -137,3 +140,23 @@ def test_output_folder_lock_and_stale_temporaries(tmp_path):
     (tmp_path / "out" / "u" / "a.npy").write_bytes(b"whole")
     assert remove_stale_temporaries(tmp_path / "out") == 1
     assert [p.name for p in (tmp_path / "out" / "u").iterdir()] == ["a.npy"]
+
+
+def test_a_bad_voices_folder_is_named_before_the_codec_loads_and_leaves_nothing(tmp_path):
+    """A typo in the path, or a folder with no audio, is said before the codec is built (EnCodec here, whose
+    weights are not on this machine: its error would come first otherwise), and no output folder is left."""
+    from valle_cli.config import CodecConfig
+    from valle_cli.prepare.pipeline import PrepareOptions, prepare
+
+    def opts(voices):
+        return PrepareOptions(
+            voices=voices, output=tmp_path / "ds", codec=CodecConfig(name="encodec"), device="cpu"
+        )
+
+    with pytest.raises(DatasetError, match="voicez does not exist"):
+        prepare(opts(tmp_path / "voicez"))
+    (tmp_path / "v" / "g" / "s").mkdir(parents=True)
+    (tmp_path / "v" / "g" / "s" / "notes.txt").write_text("no audio here")
+    with pytest.raises(DatasetError, match="no audio files under"):
+        prepare(opts(tmp_path / "v"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]

@@ -10,7 +10,10 @@ import typer
 def eval_(
     model: str = typer.Argument(..., help="Run folder, checkpoint, exported file, model plugin or hub id."),
     texts: Path = typer.Option(None, help="Held-out sentences, one per line (with --refs)."),
-    refs: Path = typer.Option(None, help="Reference voices: DIR/VOICE/*.wav with .txt transcripts, or prepare's DIR/{group}/{speaker}/."),
+    refs: Path = typer.Option(
+        None,
+        help="Reference voices: DIR/VOICE/*.wav with .txt transcripts, or prepare's DIR/{group}/{speaker}/.",
+    ),
     dataset: Path = typer.Option(None, help="Or a prepared dataset: its utterances and speakers."),
     impostors: Path = typer.Option(
         None, help="Other voices (DIR/VOICE/*.wav): count how often the output is closest to its own voice."

@@ -52,25 +52,44 @@ def merge_datasets(inputs: list[Path], output: Path, top_k: int = 8, progress: P
                 f"{p} was prepared with another codec or symbol map than {inputs[0]}",
                 "merge only matching shards",
             )
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "prepare.json").write_text(json.dumps(settings[0], indent=1))
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise DatasetError(
+            f"{output} already exists and is not empty", "merge into a new folder (or remove that one first)"
+        )
     seen: dict[str, Path] = {}
-    for folder in inputs:
+    todo = []
+    for folder in inputs:  # every check before anything is written
         utts = finished_utterances(folder)
-        for n, u in enumerate(utts):
+        for u in utts:
             if u.uid in seen:
                 raise DatasetError(
                     f"utterance {u.uid} is in both {seen[u.uid]} and {folder}", "merge distinct shards"
                 )
             seen[u.uid] = folder
-            for src, dst in zip(utterance_paths(folder, u.uid), utterance_paths(output, u.uid), strict=True):
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                if dst.exists():
-                    continue
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copy2(src, dst)
-            if progress:
-                progress(f"merge {folder.name}", n + 1, len(utts))
-    return reindex(output, top_k, progress)
+        todo.append((folder, utts))
+    # built beside the output and renamed into place: a failed or interrupted merge leaves no half a dataset
+    stage = output.parent / f".{output.name}.merging"
+    shutil.rmtree(stage, ignore_errors=True)  # what a killed earlier merge left
+    try:
+        stage.mkdir(parents=True)
+        (stage / "prepare.json").write_text(json.dumps(settings[0], indent=1))
+        for folder, utts in todo:
+            for n, u in enumerate(utts):
+                for src, dst in zip(
+                    utterance_paths(folder, u.uid), utterance_paths(stage, u.uid), strict=True
+                ):
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copy2(src, dst)
+                if progress:
+                    progress(f"merge {folder.name}", n + 1, len(utts))
+        count = reindex(stage, top_k, progress)
+        if output.is_dir():
+            output.rmdir()  # empty (checked above)
+        stage.rename(output)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return count

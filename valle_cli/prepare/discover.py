@@ -173,6 +173,21 @@ def _not_audio_file(path: Path) -> str | None:
     return None
 
 
+def check_voices_folder(root: Path) -> list[Path]:
+    """The group folders of a voices folder; a missing folder (a typo) or one without groups is named."""
+    root = Path(root)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise DatasetError(f"{root} {what}", "point valle prepare at voices/ laid out as {group}/{speaker}/")
+    groups = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not groups:
+        raise DatasetError(
+            f"{root} has no group folders",
+            "lay audio out as voices/{group}/{speaker}/*.wav (group can be 'default')",
+        )
+    return groups
+
+
 def discover(
     root: Path,
     default_language: str = "en",
@@ -183,18 +198,8 @@ def discover(
     Entries that look like audio but cannot be used are appended to `skipped` as (path, reason)."""
     skipped = skipped if skipped is not None else []
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(
-            f"{root} is not a folder", "point valle prepare at voices/ laid out as {group}/{speaker}/"
-        )
     exts = set(supported_extensions())
-    groups = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not groups:
-        raise DatasetError(
-            f"{root} has no group folders",
-            "lay audio out as voices/{group}/{speaker}/*.wav (group can be 'default')",
-        )
-    for group_dir in groups:
+    for group_dir in check_voices_folder(root):
         for speaker_dir in sorted(
             p for p in group_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
         ):

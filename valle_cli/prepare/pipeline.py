@@ -321,8 +321,26 @@ def prepare(
 ) -> PrepareReport:
     """Prepare a dataset; one process at a time per output folder (a second is refused). `report`: filled
     in as the work goes (what an interruption has kept: `resumed + new` utterances)."""
-    with lock_folder(opts.output, "valle prepare", DatasetError):
-        return _prepare(opts, progress, report or PrepareReport(output=opts.output))
+    from valle_cli.prepare.discover import check_voices_folder
+
+    check_voices_folder(opts.voices)  # a typo in the path is named before any folder is made or codec loaded
+    fresh = not opts.output.exists()
+    try:
+        with lock_folder(opts.output, "valle prepare", DatasetError):
+            return _prepare(opts, progress, report or PrepareReport(output=opts.output))
+    except BaseException:
+        if fresh:
+            _remove_if_unused(opts.output)
+        raise
+
+
+def _remove_if_unused(folder: Path) -> None:
+    """A failed first run leaves no output folder behind, unless it wrote something worth keeping."""
+    import shutil
+
+    files = [p for p in folder.rglob("*") if not p.is_dir() and p.name != ".lock"] if folder.is_dir() else [1]
+    if not files:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _prepare(opts: PrepareOptions, progress: Progress | None, report: PrepareReport) -> PrepareReport:
@@ -334,6 +352,11 @@ def _prepare(opts: PrepareOptions, progress: Progress | None, report: PrepareRep
 
     progress = progress or (lambda *_: None)
     t0 = time.time()
+    sources = list(discover(opts.voices, opts.language, opts.languages, report.skipped))
+    if not sources:
+        raise DatasetError(
+            f"no audio files under {opts.voices}", "lay audio out as voices/{group}/{speaker}/*.wav"
+        )
     codec = build_codec(opts.codec, device=opts.device)
     symbols = default_symbol_map()
     codec_info = {**codec.describe(), "bandwidth": opts.codec.bandwidth, "path": opts.codec.path}
@@ -342,11 +365,6 @@ def _prepare(opts: PrepareOptions, progress: Progress | None, report: PrepareRep
     )
     remove_stale_temporaries(opts.output)  # half-written files of a killed earlier run (we hold the lock)
 
-    sources = list(discover(opts.voices, opts.language, opts.languages, report.skipped))
-    if not sources:
-        raise DatasetError(
-            f"no audio files under {opts.voices}", "lay audio out as voices/{group}/{speaker}/*.wav"
-        )
     jobs = _transcribe(sources, opts, codec.sample_rate, progress, report.skipped)
     jobs = [j for j in jobs if in_shard(j.uid, opts.shard)]
     todo = [j for j in jobs if not is_done(opts.output, j.uid)]
