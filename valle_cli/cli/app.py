@@ -8,6 +8,7 @@ see the traceback. `--debug` shows tracebacks instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import types
@@ -224,7 +225,19 @@ def _interrupted(code: int) -> None:
         style="yellow",
         markup=False,
     )
-    sys.exit(code)
+    if _state["signal"] is None:
+        sys.exit(code)
+    # A signal really came. CPython remembers a KeyboardInterrupt raised inside some embedded evaluations (an
+    # import in progress, for one) even when it was caught, and then kills itself with SIGINT at exit, which
+    # replaces our status (seen: -2 instead of 130 when Ctrl-C landed while torch was importing). So run the
+    # exit handlers here and leave with the status we mean. Everything above has unwound already.
+    import atexit
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def command():
