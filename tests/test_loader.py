@@ -61,6 +61,16 @@ def test_split_is_stable_and_disjoint(ds):
     assert all(ds.durations()[i] <= 4.0 for i in short)
 
 
+def test_a_small_fraction_of_a_small_dataset_still_holds_one_out(ds):
+    """2% of 44 utterances rounds to none by the hash: one is held out anyway (evaluations have something to
+    score); 0 means none, as asked."""
+    tiny = cfg(val_fraction=0.0001)
+    train, val = split_indices(ds, tiny)
+    assert len(val) == 1 and len(train) == len(ds) - 1
+    assert np.array_equal(val, split_indices(ds, tiny)[1])  # the same one every time
+    assert len(split_indices(ds, cfg(val_fraction=0.0))[1]) == 0
+
+
 def test_speaker_sampling_balances_speakers(ds):
     s = Sampler(ds, np.arange(len(ds)), cfg(sample_by="speaker", batch_size=4), seed=0)
     picks = Counter(ds.speaker(it.index) for _ in range(5) for b in _epoch(s) for it in b)

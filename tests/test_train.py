@@ -596,3 +596,18 @@ def test_progress_line_shows_an_eta_when_steps_are_slow():
     assert text != "-:--:--" and text.count(":") == 2
     h, m, s = (int(x) for x in text.split(":"))
     assert abs(h * 3600 + m * 60 + s - 97 * 45) < 120  # 97 steps left at 45 s
+
+
+def test_eval_without_held_out_utterances_says_so(dataset, tmp_path):
+    """`eval` (stdin or `valle tui`'s e) on a run with data.val_fraction=0 said "eval: done" and scored nothing."""
+    from valle_cli.train.commands import Commands
+
+    commands = Commands()
+    replies = []
+    commands.submit("eval", replies.append)
+    events = []
+    cfg = config(dataset, "train.steps=2", "data.val_fraction=0")
+    Trainer(cfg, tmp_path / "run", lambda k, p: events.append((k, p)), commands).train()
+    warned = [p["message"] for k, p in events if k == "warn"]
+    assert any("no held-out utterances" in m and "data.val_fraction is 0" in m for m in warned), events
+    assert not [k for k, _ in events if k == "eval"]

@@ -53,7 +53,10 @@ def split_indices(ds: Dataset, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]
             "widen data.min_duration / data.max_duration",
         )
     cut = int(cfg.val_fraction * 10_000)
-    held = np.array([zlib.crc32(ds.uid(int(i)).encode()) % 10_000 < cut for i in keep], dtype=bool)
+    hashes = np.array([zlib.crc32(ds.uid(int(i)).encode()) % 10_000 for i in keep], dtype=np.int64)
+    held = hashes < cut
+    if cfg.val_fraction > 0 and not held.any() and len(keep) >= 2:  # 2% of 20 rounds to none: keep one
+        held[int(np.argmin(hashes))] = True
     train, val = keep[~held], keep[held]
     if len(train) == 0:
         train, val = keep, keep[:0]

@@ -697,7 +697,11 @@ class Trainer:
                         {"message": f"learning rate set to {cmd.value:g} (now {cmd.value * factor:g})"},
                     )
                 elif cmd.name == "eval":
-                    self.evaluate()
+                    if len(self.val_idx) == 0:
+                        self._event("warn", {"message": "eval: there are no held-out utterances to score "
+                                             "(data.val_fraction is 0); nothing was evaluated"})  # fmt: skip
+                    else:
+                        self.evaluate()
                 elif cmd.name == "export":
                     self.export()
                 elif cmd.name in ("pause", "resume"):
