@@ -93,9 +93,16 @@ def test_png_overlays_runs_in_every_panel(tmp_path):
 
 def test_terminal_and_errors(tmp_path):
     run = write_run(tmp_path / "r", 2.0)
-    proc = valle("plot", str(run), "--terminal", "--ys", "loss")
+    proc = valle("plot", str(run), "--terminal", "--ys", "loss lr acc.ar")  # piped: plain text, whole panels
     assert proc.returncode == 0, proc.stderr
     assert "loss" in proc.stdout and "step" in proc.stdout and any(ch in proc.stdout for ch in "▀▄█▌▐")
+    assert "\x1b" not in proc.stdout  # no colour codes into a file
+    lines = proc.stdout.splitlines()
+    tops = [k for k, line in enumerate(lines) if "┌" in line]
+    bottoms = [k for k, line in enumerate(lines) if "└" in line]
+    assert len(tops) == len(bottoms) == 3 and all(b - t >= 8 for t, b in zip(tops, bottoms, strict=True)), (
+        lines
+    )
     proc = valle("plot", str(run), "--ys", "loss.bogus", "-o", str(tmp_path / "x.png"))
     assert proc.returncode == 1 and "none of the metrics" in proc.stderr and "Traceback" not in proc.stderr
     proc = valle("plot", str(run), "-o", str(tmp_path / "x.jpg"))

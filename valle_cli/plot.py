@@ -176,15 +176,22 @@ def render_png(
     return output
 
 
-def render_terminal(all_series: list[Series], ys: list[str], xs: str, width: int, height: int) -> str:
-    """The plots as text (one panel per metric, stacked), for `--terminal` and SSH sessions."""
+def render_terminal(
+    all_series: list[Series], ys: list[str], xs: str, width: int, height: int, color: bool = True
+) -> str:
+    """The plots as text (one panel per metric, stacked, each at least 12 rows), for `--terminal` and SSH
+    sessions; `color=False` for a pipe or a file (plain characters, no escape codes)."""
     import plotext as plt
 
     plt.clear_figure()
+    plt.limit_size(False, False)  # else plotext cuts the figure to the size it guesses for a tty (24 rows)
+    rows = max(12, height // max(len(ys), 1))
+    plt.plot_size(width, rows * len(ys))
     plt.subplots(len(ys), 1)
-    plt.plot_size(width, height)
     for i, metric in enumerate(ys, 1):
         plt.subplot(i, 1)
+        if not color:
+            plt.theme("clear")
         plt.title(metric)
         plt.xlabel(_xlabel(xs))
         for s in all_series:

@@ -4,6 +4,7 @@ text and the attention of its frames over the text is drawn (valle_cli/alignment
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -81,7 +82,10 @@ def plot(
     data = series(list(runs), metrics, xs, ewm)
     if terminal:
         size = shutil.get_terminal_size((100, 40))
-        typer.echo(render_terminal(data, metrics, xs, size.columns, max(12 * len(metrics), size.lines - 2)))
+        tty = sys.stdout.isatty()
+        typer.echo(
+            render_terminal(data, metrics, xs, size.columns, max(12 * len(metrics), size.lines - 2), tty)
+        )
         if output is None:
             return
     render_png(data, metrics, xs, output, title)
