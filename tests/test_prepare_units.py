@@ -160,3 +160,24 @@ def test_a_bad_voices_folder_is_named_before_the_codec_loads_and_leaves_nothing(
     with pytest.raises(DatasetError, match="no audio files under"):
         prepare(opts(tmp_path / "v"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
+
+
+def test_files_without_transcripts_and_no_transcriber_stop_before_any_work(tmp_path):
+    """No transcript and no usable transcriber (Whisper not downloaded, here a plugin that does not exist): it
+    stops at once, counts the files that need one, names the first and the ways out; no folder is left."""
+    from valle_cli.config import CodecConfig
+    from valle_cli.prepare.pipeline import PrepareOptions, prepare
+
+    speaker = tmp_path / "v" / "g" / "s"
+    speaker.mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        sf.write(speaker / f"{name}.wav", np.zeros(24_000, np.float32), 24_000)
+    (speaker / "c.txt").write_text("This one has its transcript.")
+    opts = PrepareOptions(voices=tmp_path / "v", output=tmp_path / "ds", codec=CodecConfig(name="mel"),
+                          device="cpu", transcriber="nonexistent-asr")  # fmt: skip
+    with pytest.raises(DatasetError) as exc:
+        prepare(opts)
+    assert exc.value.message.startswith("2 file(s) have no transcript (the first: ")
+    assert "a.wav" in exc.value.message and "nonexistent-asr" in exc.value.message
+    assert "put each file's transcript beside it (a.txt)" in exc.value.remedy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]

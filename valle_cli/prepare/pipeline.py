@@ -198,7 +198,18 @@ def _transcribe(
             if transcriber is None:
                 from valle_cli.transcribe import build_transcriber
 
-                transcriber = build_transcriber(opts.transcriber)
+                try:
+                    transcriber = build_transcriber(opts.transcriber)
+                except ValleError as exc:  # say why a transcriber is needed at all, and the way around it
+                    missing = sum(
+                        not (opts.output / "transcripts" / f"{t.uid}.json").is_file() for t in todo[n:]
+                    )
+                    raise DatasetError(
+                        f"{missing} file(s) have no transcript (the first: {src.path}), and {exc.message}",
+                        f"{exc.remedy}; or put each file's transcript beside it ({src.path.stem}.txt)"
+                        if exc.remedy
+                        else f"put each file's transcript beside it ({src.path.stem}.txt)",
+                    ) from None
             try:
                 segments = transcribe_file(transcriber, src.path, src.language)
             except ValleError as exc:
@@ -338,7 +349,8 @@ def _remove_if_unused(folder: Path) -> None:
     """A failed first run leaves no output folder behind, unless it wrote something worth keeping."""
     import shutil
 
-    files = [p for p in folder.rglob("*") if not p.is_dir() and p.name != ".lock"] if folder.is_dir() else [1]
+    own = {".lock", "prepare.json"}  # the lock and the settings: nothing a rerun would not write again
+    files = [p for p in folder.rglob("*") if not p.is_dir() and p.name not in own] if folder.is_dir() else [1]
     if not files:
         shutil.rmtree(folder, ignore_errors=True)
 
