@@ -318,3 +318,14 @@ def test_generation_reports_every_step_for_progress_bars(kind):
         assert zero == [(k, 4) for k in range(1, 5)]
     elif kind == "pointer":
         assert zero[0][1] == len(ph) + 4  # the symbols of both texts
+
+
+def test_stt_reports_every_symbol():
+    from valle_cli.infer.stt import transcribe_codes
+
+    torch.manual_seed(0)
+    m = VALLE(load_config("tiny").model, n_symbols=623).eval()
+    _, prompt = inputs()
+    heard = []
+    ids, finished = transcribe_codes(m, prompt, 1, 2, max_symbols=12, progress=heard.append)
+    assert heard == list(range(1, len(ids) + 1)) and (finished or len(ids) == 12)

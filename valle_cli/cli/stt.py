@@ -38,10 +38,19 @@ def stt(
                 f"the default model ({loaded.source}) has no speech-to-text task",
                 "pass --model with a model trained with train.stt_prob > 0",
             )
-    for path, result in zip(audio, run(loaded, audio, language, dev), strict=True):
-        prefix = f"{path}\t" if len(audio) > 1 else ""
-        typer.echo(prefix + result.ipa)
-        note = "" if result.finished else "; stopped at the symbol limit"
-        err.print(
-            f"{path}: {result.audio_seconds:.2f} s of audio in {result.seconds:.2f} s{note}", markup=False
-        )
+    from valle_cli.cli.progress import bars
+
+    with bars(err, label=8, transient=True) as bar:  # symbols heard so far, of about as many as expected
+        task = bar.add_task("symbols", total=None)
+
+        def heard(path: Path, n: int, expected: int) -> None:
+            bar.update(task, completed=n, total=expected)
+
+        for path, result in zip(audio, run(loaded, audio, language, dev, heard), strict=True):
+            bar.reset(task, total=None)
+            prefix = f"{path}\t" if len(audio) > 1 else ""
+            typer.echo(prefix + result.ipa)
+            note = "" if result.finished else "; stopped at the symbol limit"
+            bar.console.print(
+                f"{path}: {result.audio_seconds:.2f} s of audio in {result.seconds:.2f} s{note}", markup=False
+            )

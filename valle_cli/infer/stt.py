@@ -9,7 +9,7 @@ without it is refused with that remedy rather than left to print noise.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +39,10 @@ def transcribe_codes(
     language: int = 0,
     max_symbols: int = 1000,
     use_cache: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[int], bool]:
-    """Audio codes (Q, F) -> phoneme ids (without BOS/EOS) and whether EOS was reached; greedy."""
+    """Audio codes (Q, F) -> phoneme ids (without BOS/EOS) and whether EOS was reached; greedy.
+    `progress(n)` hears the count of symbols after each one."""
     dev = model.sep.device
     q = model.n_levels
     empty = torch.zeros(q, 0, dtype=torch.long, device=dev)
@@ -55,6 +57,8 @@ def transcribe_codes(
         if token == eos_id:
             return ids, True
         ids.append(token)
+        if progress:
+            progress(len(ids))
         dec.feed(torch.tensor([token]))
     return ids, False
 
@@ -86,8 +90,18 @@ def check_lengths(audio: list[Path], cap: float) -> None:
             )
 
 
-def stt(loaded: Loaded, audio: list[Path], language: str = "en", device: str = "cpu") -> Iterator[SttResult]:
-    """Transcribe each file in turn (the codec is built once)."""
+SYMBOLS_PER_SECOND = 15  # about how many phoneme symbols a second of speech holds: a progress bar's total
+
+
+def stt(
+    loaded: Loaded,
+    audio: list[Path],
+    language: str = "en",
+    device: str = "cpu",
+    progress: Callable[[Path, int, int], None] | None = None,
+) -> Iterator[SttResult]:
+    """Transcribe each file in turn (the codec is built once). `progress(path, symbols, expected)` hears every
+    symbol (expected: an estimate from the audio's length, raised when passed)."""
     from valle_cli.audio.io import load_audio
     from valle_cli.infer.synth import model_codec, model_language
     from valle_cli.text.symbols import SymbolMap
@@ -107,7 +121,14 @@ def stt(loaded: Loaded, audio: list[Path], language: str = "en", device: str = "
         wav = load_audio(path, codec.sample_rate, min_duration=0.2)
         codes = codec.encode(torch.from_numpy(wav)[None, None])[0]
         room = model.cfg.max_position - codes.shape[-1] - 8  # the phonemes share the context with the audio
+        cap = max(1, min(1000, room))
+        expected = min(cap, max(1, round(wav.size / codec.sample_rate * SYMBOLS_PER_SECOND)))
+
+        def heard(n: int, path: Path = path, expected: int = expected, cap: int = cap) -> None:
+            if progress:
+                progress(path, n, max(expected, n + 1) if n < cap else n)
+
         ids, finished = transcribe_codes(
-            model, codes, symbols.bos_id, symbols.eos_id, lang, max(1, min(1000, room))
+            model, codes, symbols.bos_id, symbols.eos_id, lang, cap, progress=heard
         )
         yield SttResult(symbols.decode(ids), ids, time.time() - t0, wav.size / codec.sample_rate, finished)
