@@ -3,7 +3,8 @@
 Starts a real `valle serve` process (a tiny model it trains first unless `--model` is given; the offline mel
 codec), then runs `--clients` threads that each post /v1/audio/speech requests back to back (varied sentences,
 wav) for `--seconds`, in two equal halves. Reports requests served, rejections (429: queue full), other errors,
-latency percentiles of the served ones, audio seconds per wall second, and the server's resident memory after
+latency percentiles of the served ones, audio seconds per wall second, the time to the first audio byte of a
+streamed and of a whole response (one client alone), and the server's resident memory after
 a warm-up request and after each half (growth between the halves would be a leak). Also checks that the server
 still answers /health afterwards.
 
@@ -71,6 +72,31 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
 
 
+def first_byte(url: str, n: int = 6) -> dict:
+    """One client alone: time to the first audio byte of a streamed wav (the default) and of a whole one
+    (`"stream": false`), and the whole request's time, over `n` sentences each (medians)."""
+    out: dict[str, list[float]] = {
+        "stream_first": [],
+        "stream_total": [],
+        "whole_first": [],
+        "whole_total": [],
+    }
+    with httpx.Client(timeout=600) as http:
+        for i in range(n):
+            for kind, extra in (("stream", {}), ("whole", {"stream": False})):
+                body = {"input": SENTENCES[i % len(SENTENCES)], "voice": "random", "response_format": "wav",
+                        "seed": i, **extra}  # fmt: skip
+                t0 = time.monotonic()
+                first = None
+                with http.stream("POST", url + "/v1/audio/speech", json=body) as r:
+                    for chunk in r.iter_bytes():
+                        if chunk and first is None:
+                            first = time.monotonic() - t0
+                out[f"{kind}_first"].append(first if first is not None else float("nan"))
+                out[f"{kind}_total"].append(time.monotonic() - t0)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def load(url: str, clients: int, seconds: float) -> dict:
     stop = time.monotonic() + seconds
     lock = threading.Lock()
@@ -83,7 +109,7 @@ def load(url: str, clients: int, seconds: float) -> dict:
                 t0 = time.monotonic()
                 try:
                     r = http.post(url + "/v1/audio/speech", json={"input": SENTENCES[i % len(SENTENCES)],
-                                  "voice": "random", "response_format": "wav"})  # fmt: skip
+                                  "voice": "random", "response_format": "wav", "stream": False})  # fmt: skip
                 except httpx.HTTPError as exc:
                     with lock:
                         out["errors"].append(type(exc).__name__)
@@ -140,6 +166,7 @@ def main() -> None:
             httpx.post(
                 url + "/v1/audio/speech", json={"input": "Warm up.", "response_format": "wav"}, timeout=600
             )
+            ttfb = first_byte(url)
             rss = [rss_mb(server.pid)]
             halves = []
             for _ in range(2):
@@ -166,6 +193,11 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
         f"| {len(ok)} | {rejected} | {len(errors)} | {statistics.median(ok):.2f} | {percentile(ok, 0.9):.2f} | "
         f"{percentile(ok, 0.99):.2f} | {max(ok):.2f} | {audio / wall:.2f} |",
+        "",
+        f"Time to first audio byte, one client alone (median of 6 sentences): {ttfb['stream_first']:.2f} s "
+        f"streamed (the default for wav and pcm; whole request {ttfb['stream_total']:.2f} s), "
+        f'{ttfb["whole_first"]:.2f} s for one whole file (`"stream": false`; whole request '
+        f"{ttfb['whole_total']:.2f} s).",
         "",
         f"Server memory (RSS): {rss[0]:.0f} MB after warm-up, {rss[1]:.0f} MB after the first half, "
         f"{rss[2]:.0f} MB after the second ({rss[2] - rss[1]:+.0f} MB). Alive and healthy afterwards: "

@@ -109,13 +109,22 @@ def test_openai_client_speech_in_every_format(server):
     assert samples.size / 24000 > 0.2 and np.abs(samples).max() > 0
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
-    # the same seed gives the same audio
-    a = httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "random", "seed": 3,
-                                                          "response_format": "wav"}, timeout=120)  # fmt: skip
-    b = httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi.", "voice": "random", "seed": 3,
-                                                          "response_format": "wav"}, timeout=120)  # fmt: skip
-    assert a.status_code == 200 and a.content == b.content
+    # the same seed gives the same audio; "stream": false gives one whole file with its totals in headers
+    whole = {"input": "Hi.", "voice": "random", "seed": 3, "response_format": "wav", "stream": False}
+    a = httpx.post(server.url + "/v1/audio/speech", json=whole, timeout=120)
+    b = httpx.post(server.url + "/v1/audio/speech", json=whole, timeout=120)
+    assert a.status_code == 200 and a.content == b.content and "transfer-encoding" not in a.headers
     assert float(a.headers["x-valle-audio-seconds"]) > 0 and a.headers["x-valle-model"] == "tiny"
+    # by default wav and pcm stream as they are made, as OpenAI's API does: the same speech
+    with client.audio.speech.with_streaming_response.create(
+        model="tiny", voice="random", input="Hi.", response_format="wav", extra_body={"seed": 3}
+    ) as streamed:
+        assert streamed.headers.get("transfer-encoding") == "chunked"
+        body = streamed.read()
+    streamed_audio, whole_audio = sf.read(io.BytesIO(body))[0], sf.read(io.BytesIO(a.content))[0]
+    assert streamed_audio.size == whole_audio.size and np.abs(streamed_audio).max() > 0  # decoded in chunks
+    both = {**whole, "stream_format": "audio"}
+    assert_error(httpx.post(server.url + "/v1/audio/speech", json=both, timeout=120), 400, "stream_format")
 
 
 def test_voices_are_names_and_uploads_are_checked(server):

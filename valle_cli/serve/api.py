@@ -68,6 +68,11 @@ class SpeechRequest(BaseModel):
     stream_format: Literal["audio", "sse"] | None = None
     instructions: str | None = None
     # valle's own
+    stream: bool | None = Field(
+        None,
+        description="pcm and wav stream as they are made (as OpenAI's audio does); false: one whole response, "
+        "with X-Valle-Audio-Seconds and X-Valle-Real-Time-Factor headers",
+    )
     language: str = "en"
     seed: int | None = Field(None, ge=0, lt=2**63, strict=True)  # true is not a seed
     split_sentences: bool = True
@@ -270,8 +275,14 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
             )
         model_id = registry.resolve(req.model)
         refs = [] if req.voice == RANDOM else [voices.audio_path(req.voice)]
-        if req.stream_format is not None:
-            return await stream_speech(req, model_id, text, refs)
+        if req.stream is False and req.stream_format is not None:
+            raise ApiError(
+                400, "stream: false asks for one whole response; leave out stream_format", param="stream"
+            )
+        if req.stream_format is not None or (
+            req.stream is not False and req.response_format in formats.STREAMABLE
+        ):
+            return await stream_speech(req, model_id, text, refs)  # OpenAI streams audio by default
         t0 = time.time()
         audio, sr = await queue.run(lambda job: _synthesize(job, registry, model_id, text, refs, req, limits))
         body = formats.encode(audio, sr, req.response_format)
@@ -312,7 +323,7 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
                     return
                 chunk, sr = nxt
 
-        if req.stream_format == "audio":
+        if req.stream_format in (None, "audio"):
             return StreamingResponse(
                 audio_bytes(), media_type=formats.CONTENT_TYPES[fmt], headers={"X-Valle-Model": model_id}
             )
