@@ -116,59 +116,38 @@ def _root(
     _state["debug"] = debug or os.environ.get("VALLE_DEBUG", "") not in ("", "0")
 
 
-app.command(
-    "prepare",
-    epilog=_epilog("prepare"),
-    help="Turn voices/{group}/{speaker}/ audio into a training dataset (resumable).",
-)(prepare.prepare)
-app.command(
-    "train",
-    epilog=_epilog("train"),
-    help="Train or fine-tune the AR+NAR model; rerun to resume; live commands on stdin.",
-)(train.train)
-app.command(
-    "export",
-    epilog=_epilog("export"),
-    help="Export a checkpoint or run folder to one file (LoRA merged or alone) or a hub folder (--hf).",
-)(export.export)
-app.command(
-    "synth",
-    epilog=_epilog("synth"),
-    help='Synthesize speech: valle synth "text" --ref voice.wav --model RUN -o out.wav.',
-)(synth.synth)
-app.command(
-    "stt",
-    epilog=_epilog("stt"),
-    help="Transcribe audio to IPA phonemes with the model's speech-to-text task.",
-)(stt.stt)
-app.command(
-    "eval",
-    epilog=_epilog("eval"),
-    help="Measure a model: WER and speaker similarity on held-out sentences, vs ground truth.",
-)(eval_cmd.eval_)
-app.command(
-    "plot", epilog=_epilog("plot"), help="Plot training metrics of one or more runs (PNG or in the terminal)."
-)(plot.plot)
-app.command(
-    "serve",
-    epilog=_epilog("serve"),
-    help="Serve an OpenAI-compatible speech API (and web UI) on loopback by default.",
-)(serve.serve)
-app.command(
-    "tui",
-    epilog=_epilog("tui"),
-    help="Watch and steer a training run in a terminal UI (save, lr, eval, pause, stop).",
-)(tui.tui)
-app.command(
-    "plugins",
-    epilog=_epilog("plugins"),
-    help="List codec, backbone, transcriber and model plugins and whether each loads.",
-)(plugins_cmd.plugins)
-app.command(
-    "config",
-    epilog=_epilog("config"),
-    help="Print (or write) a resolved config from a YAML file or preset, with --set overrides.",
-)(config.config)
+# every verb: (name, function, one line of help); its --help ends with its EXAMPLES
+VERBS = [
+    ("prepare", prepare.prepare, "Turn voices/{group}/{speaker}/ audio into a training dataset (resumable)."),
+    ("train", train.train, "Train or fine-tune the AR+NAR model; rerun to resume; live commands on stdin."),
+    (
+        "export",
+        export.export,
+        "Export a checkpoint or run folder to one file (LoRA merged or alone) or a hub folder (--hf).",
+    ),
+    ("synth", synth.synth, 'Synthesize speech: valle synth "text" --ref voice.wav --model RUN -o out.wav.'),
+    ("stt", stt.stt, "Transcribe audio to IPA phonemes with the model's speech-to-text task."),
+    (
+        "eval",
+        eval_cmd.eval_,
+        "Measure a model: WER and speaker similarity on held-out sentences, vs ground truth.",
+    ),
+    ("plot", plot.plot, "Plot training metrics of one or more runs (PNG or in the terminal)."),
+    ("serve", serve.serve, "Serve an OpenAI-compatible speech API (and web UI) on loopback by default."),
+    ("tui", tui.tui, "Watch and steer a training run in a terminal UI (save, lr, eval, pause, stop)."),
+    (
+        "plugins",
+        plugins_cmd.plugins,
+        "List codec, backbone, transcriber and model plugins and whether each loads.",
+    ),
+    (
+        "config",
+        config.config,
+        "Print (or write) a resolved config from a YAML file or preset, with --set overrides.",
+    ),
+]
+for _name, _verb, _help in VERBS:
+    app.command(_name, epilog=_epilog(_name), help=_help)(_verb)
 app.add_typer(
     dataset.app,
     name="dataset",
