@@ -846,8 +846,8 @@ class Trainer:
                 for k, (loss_sum, hits, n) in sorted(per_level.items()):
                     record[f"loss.{k}"], record[f"acc.{k}"] = loss_sum / n, hits / n
                 if self.engine is not None:
-                    for out in outs:
-                        self.engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps itself
+                    for out in outs:  # DeepSpeed divides by the accumulation steps itself
+                        self.engine.backward(out.loss + self._every_parameter())
                         self.engine.step()  # optimizer and scheduler step at the accumulation boundary
                     grad_norm = self.engine.get_global_grad_norm() or 0.0
                 else:
@@ -882,6 +882,18 @@ class Trainer:
         if self.device.type == "cuda":
             out["mem_gpu"] = torch.cuda.max_memory_allocated(self.device)
         return out
+
+    def _every_parameter(self) -> torch.Tensor | float:
+        """A zero that depends on every trainable parameter, added to the loss across DeepSpeed ranks.
+
+        ZeRO reduces gradients in buckets filled as they arrive. A parameter one rank's batch did not use (the
+        head of an RVQ level no sample drew, the text head without an stt sample) would shift that rank's
+        buckets against the others' (gloo: "Received data size doesn't match expected size"). Its gradient is
+        then zero, which is what ZeRO uses for a parameter without one anyway.
+        """
+        if not self.dist.enabled:
+            return 0.0
+        return sum(p.reshape(-1)[0] for p in self.model.parameters() if p.requires_grad) * 0.0
 
     def _optimizer_step(self, t) -> float:
         self.scaler.unscale_(self.optimizer)
