@@ -253,6 +253,33 @@ def test_transcription_with_the_openai_client(server):
     assert verbose["duration"] == pytest.approx(2.0, abs=0.01) and verbose["phonemes"] is True
 
 
+def test_web_ui_progress_reports_every_step_and_a_cancelled_job_stops(server):
+    """What the web UI's progress bars hear from the generation thread (speech and speech-to-text)."""
+    from valle_cli.serve.api import SpeechRequest, _synthesize, _transcribe
+    from valle_cli.serve.jobs import Cancelled, Job
+
+    registry, settings = server.registry, server.app.state.settings
+    heard: list = []
+    req = SpeechRequest(input="One. Two.", voice="random", seed=1)
+    audio, _ = _synthesize(
+        Job(), registry, "tiny", req.input, [], req, settings.limits, report=lambda *a: heard.append(a)
+    )
+    assert len(audio) and heard
+    phases = [what for what, _, _ in heard]
+    assert phases[0] == "sentences 1-2 of 2: level 0" and phases[-1] == "sentences 1-2 of 2: levels"
+    assert all(0 < done <= total for _, done, total in heard)
+    symbols: list = []
+    _transcribe(Job(), registry, "tiny", clip(1.0), "en", settings, report=lambda *a: symbols.append(a))
+    assert symbols and [n for _, n, _ in symbols] == list(range(1, len(symbols) + 1))
+    job = Job()
+
+    def leave(*_):  # the client left: the job stops at its next step
+        job.cancelled.set()
+
+    with pytest.raises(Cancelled):
+        _synthesize(job, registry, "tiny", req.input, [], req, settings.limits, report=leave)
+
+
 def test_model_errors_name_the_served_model_not_its_path(model, tmp_path):
     """A model without the stt task, and one whose file is broken: clients get the served id, never a path."""
     from safetensors import safe_open
@@ -448,8 +475,10 @@ SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "serve-ui.png"
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromedriver not installed")
-def test_web_ui_synthesizes_in_headless_chromium(server):
-    """Type a sentence, press Synthesize, and the page's <audio> element gets playable audio."""
+def test_web_ui_synthesizes_in_headless_chromium(server, tmp_path):
+    """As a user of the page: a voice registered through the API after the page loaded shows in the dropdown,
+    Settings names the model the server has loaded, a reference clip uploaded through the widget is the voice,
+    the progress bar names the steps, and the page's <audio> element gets playable audio."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -462,11 +491,49 @@ def test_web_ui_synthesizes_in_headless_chromium(server):
                 "--window-size=1280,1000"):  # fmt: skip
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    wait = WebDriverWait(driver, 120, poll_frequency=0.2)
+
+    def click_text(selector: str, text: str):
+        def find(d):
+            return next(
+                (e for e in d.find_elements(By.CSS_SELECTOR, selector) if e.text.strip() == text), None
+            )
+
+        wait.until(find).click()
+
     try:
         driver.get(server.url + "/ui/")
-        wait = WebDriverWait(driver, 120, poll_frequency=0.2)
         box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tts-text textarea"))
-        box.send_keys("Hello there, this is a test.")
+        # a voice the API registers after the page was built and loaded
+        r = httpx.post(
+            server.url + "/v1/voices", data={"name": "late-voice"}, files={"file": ("a.wav", clip())}
+        )
+        assert r.status_code == 201, r.text
+        driver.find_element(By.CSS_SELECTOR, "#tts-voice input").click()  # focus: the list is fetched again
+        click_text("li", "late-voice")
+        assert wait.until(
+            lambda d: (
+                d.find_element(By.CSS_SELECTOR, "#tts-voice input").get_attribute("value") == "late-voice"
+            )
+        )
+        # Settings: the model the server loaded after the UI was built (the fixture loads it before serving)
+        click_text("button[role=tab]", "Settings")
+        wait.until(lambda d: "loaded: tiny" in d.find_element(By.CSS_SELECTOR, "#settings-info").text)
+        click_text("button[role=tab]", "Text to speech")
+        # a reference clip through the upload widget: it, not the chosen voice, is what is spoken in
+        ref = tmp_path / "reference.wav"
+        ref.write_bytes(clip(3.0))
+        driver.find_element(By.CSS_SELECTOR, "#tts-ref input[type=file]").send_keys(str(ref))
+        wait.until(
+            lambda d: not d.find_elements(By.CSS_SELECTOR, "#tts-ref input[type=file]")
+        )  # now a player
+        driver.execute_script(  # every progress line the page shows, however briefly
+            "window.seen = [];"
+            "new MutationObserver(() => { const t = document.querySelector('#tts-out')?.innerText;"
+            "  if (t && t.includes(' of ')) window.seen.push(t); })"
+            ".observe(document.body, {subtree: true, childList: true, characterData: true});"
+        )
+        box.send_keys("Hello there, this is a test. And a second sentence.")
         driver.find_element(By.CSS_SELECTOR, "#tts-go").click()
         audio = wait.until(
             lambda d: d.execute_script(
@@ -479,12 +546,16 @@ def test_web_ui_synthesizes_in_headless_chromium(server):
         body = httpx.get(src)  # the element's source is real audio
         data, sr = sf.read(io.BytesIO(body.content))
         assert len(data) / sr == pytest.approx(duration, abs=0.05)
-        assert "of audio from" in driver.find_element(By.CSS_SELECTOR, "#tts-status").text
+        status = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#tts-status").text)
+        assert "of audio from tiny in the uploaded clip" in status, status
+        seen = " | ".join(driver.execute_script("return window.seen"))
+        assert "sentences 1-2 of 2: level 0" in seen, seen
         if os.environ.get("VALLE_UPDATE_SNAPSHOTS"):
             driver.execute_script("window.scrollTo(0, 0)")
             driver.save_screenshot(str(SCREENSHOT))
     finally:
         driver.quit()
+        httpx.delete(server.url + "/v1/voices/late-voice")
 
 
 def test_request_deadlines_keep_slow_clients_out_and_real_ones_in():

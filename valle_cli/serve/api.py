@@ -417,16 +417,34 @@ def _options(req: SpeechRequest, loaded, limits):
 
 
 def _synthesize(
-    job: Job, registry: Registry, model_id: str, text, refs, req, limits
+    job: Job, registry: Registry, model_id: str, text, refs, req, limits, report=None
 ) -> tuple[np.ndarray, int]:
-    from valle_cli.infer.synth import synthesize
+    """The whole waveform. `report(what, done, total)`, when given, hears every step (the web UI's progress
+    bar: what = "sentences 1-3 of 3: level 0"); a job nobody waits for stops at its next step."""
+    from valle_cli.infer.synth import segments, synthesize
 
     loaded = registry.get(model_id)
     job.check()
     options, sampling = _options(req, loaded, limits)
+    n = len(segments(text, options.split_sentences))
+    finished = [0]
+
+    def segment_done(done: int, total: int) -> None:
+        finished[0] = done
+        job.check()
+
+    batch = 1 if options.rolling_context else max(1, options.batch_size)
+
+    def step(phase: str, done: int, total: int) -> None:
+        job.check()
+        if report is not None:
+            first, last = finished[0] + 1, min(finished[0] + batch, n)
+            what = f"sentence {first}" if first == last else f"sentences {first}-{last}"
+            report(f"{what} of {n}: {phase}", done, total)
+
     with torch.inference_mode():  # on the worker thread: the grad mode is per thread
         result = synthesize(
-            loaded, text, refs, options, sampling, registry.device, progress=lambda *_: job.check()
+            loaded, text, refs, options, sampling, registry.device, progress=segment_done, steps=step
         )
     return result.audio, result.sample_rate
 
@@ -441,7 +459,11 @@ def _synthesize_stream(job: Job, registry: Registry, model_id: str, text, refs, 
         yield from synthesize_stream(loaded, text, refs, options, sampling, registry.device)
 
 
-def _transcribe(job: Job, registry: Registry, model_id: str, data: bytes, language: str, settings):
+def _transcribe(
+    job: Job, registry: Registry, model_id: str, data: bytes, language: str, settings, report=None
+):
+    """The model's own IPA transcript of the uploaded audio. `report(what, done, total)`, when given, hears
+    every symbol (the web UI's progress bar); a job nobody waits for stops at its next symbol."""
     import soundfile as sf
 
     from valle_cli.errors import AudioError
@@ -474,7 +496,13 @@ def _transcribe(job: Job, registry: Registry, model_id: str, data: bytes, langua
             )
         try:
             with torch.inference_mode():
-                return next(stt(loaded, [tmp], language, registry.device))
+
+                def heard(_path, symbols: int, expected: int) -> None:
+                    job.check()
+                    if report is not None:
+                        report("symbols heard (the total is an estimate)", symbols, expected)
+
+                return next(stt(loaded, [tmp], language, registry.device, progress=heard))
         except AudioError as exc:
             raise ApiError(400, exc.message.replace(str(tmp), "the uploaded file"), param="file") from None
     finally:

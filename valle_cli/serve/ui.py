@@ -9,6 +9,9 @@ queue. Analytics are off; Gradio keeps uploads in HOME/tmp/gradio and serves no 
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import hmac
 import os
 from pathlib import Path
@@ -41,6 +44,20 @@ def _message(exc: BaseException, limits) -> str:
     return "internal error (details are in the server's log)"
 
 
+def _threadsafe(progress):
+    """`progress((done, total), what)` for the generation thread. Gradio finds the event a progress bar belongs
+    to through context variables, which a worker thread lacks, so each update runs on the event loop in the
+    handler's context."""
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+
+    def report(what: str, done: int, total: int) -> None:
+        update = functools.partial(progress, (done, total), desc=what, unit="steps")
+        loop.call_soon_threadsafe(context.run, update)
+
+    return report
+
+
 def build_ui(settings: ServeSettings, registry: Registry, voices: VoiceStore, queue: JobQueue):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     uploads = settings.home / "tmp" / "gradio"
@@ -71,8 +88,13 @@ def build_ui(settings: ServeSettings, registry: Registry, voices: VoiceStore, qu
     def voice_names() -> list[str]:
         return [RANDOM, *(v.name for v in voices.list())]
 
+    def refresh_voices(current):
+        """The voices as they are now (the API may have added or deleted some since the page loaded)."""
+        names = voice_names()
+        return gr.update(choices=names, value=current if current in names else RANDOM)
+
     async def synthesize(text, voice, reference, language, seed, ar_temp, nar_temp, top_k, top_p, min_p, penalty,
-                         split):  # fmt: skip
+                         split, progress=gr.Progress()):  # fmt: skip
         if not text or not text.strip():
             raise gr.Error("type some text to speak")
         if len(text) > limits.max_text_chars:
@@ -91,19 +113,23 @@ def build_ui(settings: ServeSettings, registry: Registry, voices: VoiceStore, qu
 
                 if sf.info(str(ref)).duration > limits.max_reference_seconds:
                     raise gr.Error(f"trim the reference to at most {limits.max_reference_seconds:g} s")
-                refs = [ref]
+                refs, speaker = [ref], "the uploaded clip"
             else:
                 refs = [] if req.voice == RANDOM else [voices.audio_path(req.voice)]
+                speaker = "a random voice" if req.voice == RANDOM else f"voice {req.voice!r}"
             model_id = registry.default
+            report = _threadsafe(progress)
+            if registry.loaded_id != model_id:
+                progress((0, None), desc=f"loading {model_id}")
             audio, sr = await queue.run(
-                lambda job: _synthesize(job, registry, model_id, text, refs, req, limits)
+                lambda job: _synthesize(job, registry, model_id, text, refs, req, limits, report)
             )
         except gr.Error:
             raise
         except Exception as exc:
             raise fail(exc) from None
         pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
-        return (sr, pcm), f"{len(audio) / sr:.1f} s of audio from **{model_id}**"
+        return (sr, pcm), f"{len(audio) / sr:.1f} s of audio from **{model_id}** in {speaker}"
 
     def save_voice(name, reference, transcript):
         ref = own_upload(reference)
@@ -116,15 +142,16 @@ def build_ui(settings: ServeSettings, registry: Registry, voices: VoiceStore, qu
         gr.Info(f"saved voice {voice.name!r} ({voice.seconds:.1f} s)")
         return gr.update(choices=voice_names(), value=voice.name)
 
-    async def transcribe(audio, language):
+    async def transcribe(audio, language, progress=gr.Progress()):
         path = own_upload(audio)
         if path is None:
             raise gr.Error("upload or record some speech first")
         data = path.read_bytes()
         try:
             model_id = registry.default
+            report = _threadsafe(progress)
             result = await queue.run(
-                lambda job: _transcribe(job, registry, model_id, data, language, settings)
+                lambda job: _transcribe(job, registry, model_id, data, language, settings, report)
             )
         except Exception as exc:
             raise fail(exc) from None
@@ -186,6 +213,10 @@ def build_ui(settings: ServeSettings, registry: Registry, voices: VoiceStore, qu
         loaded = registry.loaded_id
         return f"default model: **{registry.default}**; loaded: **{loaded or 'none'}**"
 
+    def refresh_settings():
+        """What is loaded now (a request through the API or another page may have loaded or switched it)."""
+        return model_info(), gr.update(choices=list(registry.entries), value=registry.default)
+
     async def use_model(model_id):
         try:
             await queue.run(lambda job: registry.get(model_id))
@@ -219,7 +250,7 @@ def build_ui(settings: ServeSettings, registry: Registry, voices: VoiceStore, qu
                             )
                         reference = gr.Audio(
                             label="Or a reference clip (upload or record; trim it with the scissors)",
-                            sources=["upload", "microphone"], type="filepath", editable=True,
+                            sources=["upload", "microphone"], type="filepath", editable=True, elem_id="tts-ref",
                         )  # fmt: skip
                         with gr.Row():
                             voice_name = gr.Textbox(label="Save the clip as voice", placeholder="name")
@@ -253,6 +284,8 @@ def build_ui(settings: ServeSettings, registry: Registry, voices: VoiceStore, qu
                     [out, status],
                 )  # fmt: skip
                 save.click(save_voice, [voice_name, reference, transcript], [voice])
+                voice.focus(refresh_voices, [voice], [voice], show_progress="hidden")
+                ui.load(refresh_voices, [voice], [voice], show_progress="hidden")
             with gr.Tab("Speech to text", id="stt"):
                 heard = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath")
                 stt_language = gr.Dropdown(LANGUAGES, value="en", label="Language", allow_custom_value=True)
@@ -280,11 +313,13 @@ def build_ui(settings: ServeSettings, registry: Registry, voices: VoiceStore, qu
                     ui.load(dataset_rows, [which, query], [table])
                 else:
                     gr.Markdown("No dataset to browse: start the server with `--dataset DIR` (repeatable).")
-            with gr.Tab("Settings", id="settings"):
-                info = gr.Markdown(model_info())
+            with gr.Tab("Settings", id="settings") as settings_tab:
+                info = gr.Markdown(model_info(), elem_id="settings-info")
                 choose = gr.Dropdown(list(registry.entries), value=registry.default, label="Model")
                 load = gr.Button("Use this model")
                 load.click(use_model, [choose], [info])
+                settings_tab.select(refresh_settings, None, [info, choose], show_progress="hidden")
+                ui.load(refresh_settings, None, [info, choose], show_progress="hidden")
                 gr.Markdown(
                     f"Limits: {limits.max_text_chars} characters per text, references up to "
                     f"{limits.max_reference_seconds:g} s, {limits.max_output_seconds:g} s of audio per sentence, "
