@@ -195,7 +195,7 @@ def main() -> None:
         f"{percentile(ok, 0.99):.2f} | {max(ok):.2f} | {audio / wall:.2f} |",
         "",
         f"Time to first audio byte, one client alone (median of 6 sentences): {ttfb['stream_first']:.2f} s "
-        f"streamed (the default for wav and pcm; whole request {ttfb['stream_total']:.2f} s), "
+        f"streamed (the default for wav, pcm, mp3 and opus; whole request {ttfb['stream_total']:.2f} s), "
         f'{ttfb["whole_first"]:.2f} s for one whole file (`"stream": false`; whole request '
         f"{ttfb['whole_total']:.2f} s).",
         "",

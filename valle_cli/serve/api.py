@@ -70,7 +70,7 @@ class SpeechRequest(BaseModel):
     # valle's own
     stream: bool | None = Field(
         None,
-        description="pcm and wav stream as they are made (as OpenAI's audio does); false: one whole response, "
+        description="pcm, wav, mp3 and opus stream as they are made (as OpenAI's audio does); false: one whole response, "
         "with X-Valle-Audio-Seconds and X-Valle-Real-Time-Factor headers",
     )
     language: str = "en"
@@ -301,8 +301,8 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
         fmt = req.response_format
         if fmt not in formats.STREAMABLE:
             raise ApiError(
-                400, f"streaming sends pcm or wav; response_format {fmt!r} is only sent whole (omit stream_format)",
-                param="response_format",
+                400, f"streaming sends {', '.join(formats.STREAMABLE)}; response_format {fmt!r} is only sent whole "
+                "(its header holds the length; omit stream_format)", param="response_format",
             )  # fmt: skip
         chunks = queue.stream(
             lambda job: _synthesize_stream(job, registry, model_id, text, refs, req, limits)
@@ -313,15 +313,19 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
         async def audio_bytes():
             if first is None:
                 return
+            encoder = formats.StreamEncoder(fmt)
             chunk, sr = first
-            if fmt == "wav":
-                yield formats.wav_stream_header(sr)
             while True:
-                yield formats.pcm16(chunk) if fmt == "wav" else formats.encode(chunk, sr, "pcm")
+                data = encoder.feed(chunk, sr)
+                if data:
+                    yield data
                 nxt = await anext(chunks, None)
                 if nxt is None:
-                    return
+                    break
                 chunk, sr = nxt
+            data = encoder.close()
+            if data:
+                yield data
 
         if req.stream_format in (None, "audio"):
             return StreamingResponse(

@@ -1,8 +1,16 @@
 """Audio out: the response formats of OpenAI's speech endpoint that this machine can encode.
 
 wav (16-bit), flac, mp3 and opus (Ogg) through libsndfile when it has the encoder, and pcm: raw 16-bit
-little-endian mono at 24 kHz, as OpenAI sends it. Streaming (chunked as the model speaks) works for pcm and
-for wav, whose header then says "unknown length" (0xFFFFFFFF), as streaming servers do.
+little-endian mono at 24 kHz, as OpenAI sends it. aac has no encoder in libsndfile, so it is not offered.
+
+Streaming (chunks sent as the model speaks each sentence, `StreamEncoder`) works for every format but flac:
+- pcm as is; wav with a header whose sizes say "unknown length" (0xFFFFFFFF), as streaming servers do;
+- opus: Ogg pages are written in order and never revisited;
+- mp3 at a constant bit rate (80 kbps), so that a reader which cannot see the whole file first (libsndfile,
+  hence Python's soundfile) still gets its length right from the size. The first frame is an empty
+  placeholder for the LAME tag libsndfile writes on closing: sent as it was (a silent frame of 24 ms).
+- flac is sent whole: its header holds the length, and libsndfile cannot read a FLAC stream whose header
+  says "unknown".
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import struct
 import numpy as np
 
 PCM_RATE = 24000
-STREAMABLE = ("pcm", "wav")
+STREAMABLE = ("pcm", "wav", "mp3", "opus")
 CONTENT_TYPES = {
     "wav": "audio/wav",
     "flac": "audio/flac",
@@ -24,6 +32,7 @@ CONTENT_TYPES = {
 _SOUNDFILE = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"),
               "opus": ("OGG", "OPUS")}  # fmt: skip
 _OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+MP3_SETTINGS = {"compression_level": 0.5, "bitrate_mode": "CONSTANT"}  # 80 kbps at 24 kHz, 64 kbps at 16 kHz
 
 
 def available() -> list[str]:
@@ -57,8 +66,100 @@ def encode(audio: np.ndarray, sr: int, fmt: str) -> bytes:
     if fmt == "opus" and sr not in _OPUS_RATES:
         audio, sr = _resampled(audio, sr, 48000), 48000
     buf = io.BytesIO()
-    sf.write(buf, np.clip(audio, -1.0, 1.0), sr, format=container, subtype=subtype)
+    extra = MP3_SETTINGS if fmt == "mp3" else {}
+    sf.write(buf, np.clip(audio, -1.0, 1.0), sr, format=container, subtype=subtype, **extra)
     return buf.getvalue()
+
+
+class _Sink(io.RawIOBase):
+    """A file libsndfile writes into while the bytes already taken are on their way to a client: `take()` is
+    what was appended since the last call. A write back into bytes already sent (a header fixed up on close)
+    changes only the copy kept here."""
+
+    def __init__(self):
+        super().__init__()
+        self._buf = bytearray()
+        self._pos = 0
+        self._sent = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        end = self._pos + len(data)
+        if end > len(self._buf):
+            self._buf.extend(bytes(end - len(self._buf)))
+        self._buf[self._pos : end] = data
+        self._pos = end
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._buf) if size is None or size < 0 else self._pos + size
+        data = bytes(self._buf[self._pos : end])
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._buf)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def take(self) -> bytes:
+        data = bytes(self._buf[self._sent :])
+        self._sent = len(self._buf)
+        return data
+
+
+class StreamEncoder:
+    """The bytes of one streamed response in `fmt` (one of STREAMABLE): `feed(chunk, sr)` for each piece of
+    audio as it is made, `close()` once at the end; each returns the bytes ready to send (maybe none)."""
+
+    def __init__(self, fmt: str):
+        if fmt not in STREAMABLE:
+            raise ValueError(f"{fmt} is not streamed")
+        self.fmt = fmt
+        self._file = None
+        self._sink = _Sink()
+        self._sr: int | None = None
+
+    def feed(self, chunk: np.ndarray, sr: int) -> bytes:
+        import soundfile as sf
+
+        chunk = np.clip(np.asarray(chunk, dtype=np.float32), -1.0, 1.0)
+        if self.fmt == "pcm":
+            return pcm16(_resampled(chunk, sr, PCM_RATE))
+        head = b""
+        if self._sr is None:
+            self._sr = sr if self.fmt != "opus" or sr in _OPUS_RATES else 48000
+            if self.fmt == "wav":
+                head = wav_stream_header(self._sr)
+            else:
+                container, subtype = _SOUNDFILE[self.fmt]
+                extra = MP3_SETTINGS if self.fmt == "mp3" else {}
+                self._file = sf.SoundFile(self._sink, "w", samplerate=self._sr, channels=1, format=container,
+                                          subtype=subtype, **extra)  # fmt: skip
+        chunk = _resampled(chunk, sr, self._sr)
+        if self.fmt == "wav":
+            return head + pcm16(chunk)
+        self._file.write(chunk)
+        return self._sink.take()
+
+    def close(self) -> bytes:
+        if self._file is None:
+            return b""
+        self._file.close()
+        self._file = None
+        return self._sink.take()
 
 
 def wav_stream_header(sr: int) -> bytes:
