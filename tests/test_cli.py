@@ -79,6 +79,11 @@ def test_help_fits_80_columns_and_shows_examples_that_use_real_options():
 
     tree = command()
     seen = set()
+    for group in [tree, *(c for c in tree.commands.values() if hasattr(c, "commands"))]:  # command lists
+        ctx = ck.Context(group, info_name="valle", terminal_width=80, max_content_width=80)
+        listing = group.get_help(ctx)
+        cut = [ln for ln in listing.splitlines() if ln.endswith("...") and not ln.startswith("Usage:")]
+        assert not cut, listing  # no command's line cut short
     for path, cmd in _every_command():
         parent = ck.Context(tree, info_name="valle")
         ctx = ck.Context(

@@ -116,38 +116,38 @@ def _root(
     _state["debug"] = debug or os.environ.get("VALLE_DEBUG", "") not in ("", "0")
 
 
-# every verb: (name, function, one line of help); its --help ends with its EXAMPLES
+# every verb: (name, function, its help's first line, the line `valle --help` lists it with: short enough for
+# 80 columns); its --help ends with its EXAMPLES
 VERBS = [
-    ("prepare", prepare.prepare, "Turn voices/{group}/{speaker}/ audio into a training dataset (resumable)."),
-    ("train", train.train, "Train or fine-tune the AR+NAR model; rerun to resume; live commands on stdin."),
-    (
-        "export",
-        export.export,
-        "Export a checkpoint or run folder to one file (LoRA merged or alone) or a hub folder (--hf).",
-    ),
-    ("synth", synth.synth, 'Synthesize speech: valle synth "text" --ref voice.wav --model RUN -o out.wav.'),
-    ("stt", stt.stt, "Transcribe audio to IPA phonemes with the model's speech-to-text task."),
-    (
-        "eval",
-        eval_cmd.eval_,
-        "Measure a model: WER and speaker similarity on held-out sentences, vs ground truth.",
-    ),
-    ("plot", plot.plot, "Plot training metrics of one or more runs (PNG or in the terminal)."),
-    ("serve", serve.serve, "Serve an OpenAI-compatible speech API (and web UI) on loopback by default."),
-    ("tui", tui.tui, "Watch and steer a training run in a terminal UI (save, lr, eval, pause, stop)."),
-    (
-        "plugins",
-        plugins_cmd.plugins,
-        "List codec, backbone, transcriber and model plugins and whether each loads.",
-    ),
-    (
-        "config",
-        config.config,
-        "Print (or write) a resolved config from a YAML file or preset, with --set overrides.",
-    ),
-]
-for _name, _verb, _help in VERBS:
-    app.command(_name, epilog=_epilog(_name), help=_help)(_verb)
+    ("prepare", prepare.prepare, "Turn voices/{group}/{speaker}/ audio into a training dataset (resumable).",
+     "Audio in voices/{group}/{speaker}/ -> a training dataset."),
+    ("train", train.train, "Train or fine-tune the AR+NAR model; rerun to resume; live commands on stdin.",
+     "Train or fine-tune; rerun to resume; live commands."),
+    ("export", export.export,
+     "Export a checkpoint or run folder to one file (LoRA merged or alone) or a hub folder (--hf).",
+     "A checkpoint or run -> one model file or a hub folder."),
+    ("synth", synth.synth, 'Synthesize speech: valle synth "text" --ref voice.wav --model RUN -o out.wav.',
+     "Text -> speech, in the voice of a reference clip."),
+    ("stt", stt.stt, "Transcribe audio to IPA phonemes with the model's speech-to-text task.",
+     "Speech -> IPA phonemes (the model's own speech-to-text)."),
+    ("eval", eval_cmd.eval_,
+     "Measure a model: WER and speaker similarity on held-out sentences, vs ground truth.",
+     "WER and voice similarity of a model, vs ground truth."),
+    ("plot", plot.plot, "Plot training metrics of one or more runs (PNG or in the terminal).",
+     "Training curves of runs (PNG or in the terminal)."),
+    ("serve", serve.serve, "Serve an OpenAI-compatible speech API (and web UI) on loopback by default.",
+     "An OpenAI-compatible speech API and web UI."),
+    ("tui", tui.tui, "Watch and steer a training run in a terminal UI (save, lr, eval, pause, stop).",
+     "Watch and steer a training run in the terminal."),
+    ("plugins", plugins_cmd.plugins,
+     "List codec, backbone, transcriber and model plugins and whether each loads.",
+     "Installed plugins, and whether each loads."),
+    ("config", config.config,
+     "Print (or write) a resolved config from a YAML file or preset, with --set overrides.",
+     "Print or write a resolved config, with --set overrides."),
+]  # fmt: skip
+for _name, _verb, _help, _short in VERBS:
+    app.command(_name, epilog=_epilog(_name), help=_help, short_help=_short)(_verb)
 app.add_typer(
     dataset.app,
     name="dataset",
@@ -159,6 +159,7 @@ app.add_typer(
     name="codec",
     epilog=_epilog("codec"),
     help="Offline codec tools: fit codebooks on your audio, round-trip a file.",
+    short_help="Offline codec tools: fit codebooks, round-trip a file.",
 )
 
 

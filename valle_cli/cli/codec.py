@@ -9,7 +9,7 @@ import typer
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 
 
-@app.command("fit")
+@app.command("fit", short_help="Fit mel-codec codebooks on your audio.")
 def fit(
     audio: Path = typer.Argument(..., help="A folder of audio files (searched recursively) or one file."),
     output: Path = typer.Option(..., "--output", "-o", help="Codebook file to write (.safetensors)."),
@@ -46,7 +46,7 @@ def fit(
     )
 
 
-@app.command("roundtrip")
+@app.command("roundtrip", short_help="Encode and decode audio, to hear the codec.")
 def roundtrip(
     audio: Path = typer.Argument(None, help="Audio file to encode and decode (or use --say)."),
     say: str = typer.Option(
@@ -107,7 +107,7 @@ def roundtrip(
     )
 
 
-@app.command("info")
+@app.command("info", short_help="A codec's rates and shapes.")
 def info(
     codec_name: str = typer.Option("mel", "--codec", help="Codec plugin."),
     set_: list[str] = typer.Option(None, "--set", help="Override: codec.key=value (repeatable)."),

@@ -10,7 +10,7 @@ import typer
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 
 
-@app.command("stats")
+@app.command("stats", short_help="Hours per group and speaker, durations, phonemes.")
 def stats(
     dataset: Path = typer.Argument(..., help="Dataset folder or .h5 file."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
@@ -83,7 +83,7 @@ def to_hdf5(
     con.print(f"wrote {out}", markup=False)
 
 
-@app.command("merge")
+@app.command("merge", short_help="Join the shards of `valle prepare --shard` runs.")
 def merge(
     shards: list[Path] = typer.Argument(..., help="Folders made with valle prepare --shard i/n."),
     output: Path = typer.Option(..., "--output", "-o", help="Joined dataset folder."),
@@ -101,7 +101,7 @@ def merge(
     con.print(f"merged {n} utterances into {output}", markup=False)
 
 
-@app.command("reindex")
+@app.command("reindex", short_help="Rebuild the index and similar-utterance lists.")
 def reindex(
     dataset: Path = typer.Argument(..., help="Dataset folder."),
     top_k: int = typer.Option(8, help="Similar utterances kept per utterance."),
@@ -121,7 +121,7 @@ def reindex(
     con.print(f"indexed {n} utterances in {dataset}", markup=False)
 
 
-@app.command("align")
+@app.command("align", short_help="Give every frame its phoneme (the dataset's aligner).")
 def align(
     dataset: Path = typer.Argument(..., help="Dataset folder."),
     steps: int = typer.Option(None, help="Training steps of the aligner (default: by the dataset's size)."),
