@@ -3,6 +3,7 @@ samplers do what their names say."""
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import pytest
@@ -93,6 +94,60 @@ def test_min_p_keeps_tokens_near_the_best():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     kept = filter_logits(logits, min_p=0.25)  # threshold 0.125
     assert torch.isfinite(kept[:3]).all() and torch.isinf(kept[3])
+
+
+def _frequencies(sampler, logits: torch.Tensor, n: int) -> torch.Tensor:
+    counts = torch.zeros(logits.shape[-1])
+    for _ in range(n):
+        counts[sampler(logits)] += 1
+        sampler.history.clear()
+    return counts / n
+
+
+def test_top_nsigma_keeps_the_logits_near_the_best_whatever_the_temperature():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(256, generator=g) * 2
+    keep = logits >= logits.max() - 1.5 * logits.std(unbiased=False)
+    assert 1 < int(keep.sum()) < 256
+    assert torch.equal(torch.isfinite(filter_logits(logits, top_nsigma=1.5)), keep)
+    assert torch.equal(torch.isfinite(filter_logits(logits / 3.0, top_nsigma=1.5)), keep)  # temperature-free
+    rows = torch.stack([logits, logits.flip(0)])  # per row
+    assert torch.equal(torch.isfinite(filter_logits(rows, top_nsigma=1.5))[1], keep.flip(0))
+    for temp in (0.5, 2.0):  # the draws: softmax(logits / temp) over the kept set, nothing outside it
+        sampler = TokenSampler(SamplerSettings(temperature=temp, top_nsigma=1.5), generator=g)
+        freq = _frequencies(sampler, logits, 3000)
+        assert float(freq[~keep].sum()) == 0.0
+        expected = torch.where(keep, logits / temp, float("-inf")).softmax(-1)
+        assert float((freq - expected).abs().sum()) < 0.12, temp  # total variation, 3000 draws
+
+
+def test_entropix_chooses_by_entropy_and_varentropy():
+    from valle_cli.infer.sampling import entropix_regime, entropy_varentropy
+
+    s = SamplerSettings(temperature=1.0, entropix=True)
+    peaked = torch.full((1024,), -10.0)
+    peaked[3] = 10.0
+    tail = torch.zeros(1024)
+    tail[0] = 8.0  # p = 0.74, then a long unlikely tail: low entropy, high varentropy
+    uniform = torch.zeros(1024)
+    lost = torch.zeros(1024)
+    lost[0] = 6.0
+    h, v = entropy_varentropy(uniform)
+    assert h == pytest.approx(math.log(1024), abs=1e-4) and v == pytest.approx(0.0, abs=1e-6)
+    assert entropix_regime(peaked, s)[0] == "confident"
+    assert entropix_regime(tail, s)[:2] == ("forked", pytest.approx(1.3))
+    assert entropix_regime(uniform, s) == ("flat", 1.0, 0.9)
+    assert entropix_regime(lost, s) == ("lost", pytest.approx(0.7), 0.8)
+    g = torch.Generator().manual_seed(1)
+    sampler = TokenSampler(s, generator=g)
+    assert {sampler(peaked) for _ in range(20)} == {3} and sampler.regime == "confident"
+    freq = _frequencies(sampler, tail, 3000)  # forked: drawn at temperature 1.3
+    expected = (tail / 1.3).softmax(-1)
+    assert float(freq[0]) == pytest.approx(float(expected[0]), abs=0.03)
+    assert float(freq[0]) < float(tail.softmax(-1)[0]) - 0.05  # hotter than the plain draw
+    freq = _frequencies(sampler, lost, 3000)  # lost: cooler, inside the nucleus 0.8
+    kept = filter_logits(lost / 0.7, top_p=0.8)
+    assert float(freq[~torch.isfinite(kept)].sum()) == 0.0
 
 
 def test_repetition_penalty_and_its_decay():

@@ -119,6 +119,15 @@ def test_stream_writes_the_same_speech_as_whole_synthesis(trained, tmp_path):
     assert np.median(diff) < 0.15 and diff.mean() < 0.3, (np.median(diff), diff.mean())
 
 
+def test_the_later_samplers_run_from_the_command_line(trained, tmp_path):
+    out, _ = trained
+    wav = tmp_path / "s.wav"
+    proc = synth(TEXT, "--ref", str(ref_of(out)), "--model", str(out / "run"), "--ar-temp", "0.9", "--seed", "1",
+                 "--top-nsigma", "2", "--entropix", "-o", str(wav))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sf.info(str(wav)).duration > 0.1
+
+
 def test_continuing_the_prompt_speaks_the_rest(trained, tmp_path):
     """Continuation: given the start of the utterance as the response prefix, the model that memorized it says
     exactly the rest, at every RVQ level (the prefix's own codes stay fixed in the NAR passes)."""

@@ -57,6 +57,9 @@ def synth(
     top_k: int = typer.Option(0, help="Keep the k most likely tokens (0 = all)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling probability."),
     min_p: float = typer.Option(0.0, help="Keep tokens at least this fraction as likely as the best."),
+    top_nsigma: float = typer.Option(
+        0.0, help="Keep tokens whose logit is within N standard deviations of the best (0 = off)."
+    ),
     repetition_penalty: float = typer.Option(1.0, help="Penalty for tokens already generated (1 = off)."),
     repetition_penalty_decay: float = typer.Option(1.0, help="How fast the penalty fades with distance."),
     length_penalty: float = typer.Option(0.0, help="> 0 favours longer output, < 0 shorter."),
@@ -72,6 +75,9 @@ def synth(
     mirostat_eta: float = typer.Option(0.1, help="Mirostat learning rate."),
     ras_window: int = typer.Option(0, help="VALL-E 2 repetition-aware sampling window (0 = off)."),
     ras_threshold: float = typer.Option(0.1, help="Repetition-aware sampling threshold."),
+    entropix: bool = typer.Option(
+        False, help="Entropy-adaptive sampling: each step's entropy and varentropy choose how to draw."
+    ),
     max_ar_steps: int = typer.Option(1500, help="Longest output per segment, in frames (75 per second)."),
     level0_steps: int = typer.Option(
         8, help="Models with a parallel level 0 (level0: nar): unmasking passes (1 = one shot)."
@@ -142,6 +148,7 @@ def synth(
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
+        top_nsigma=top_nsigma,
         repetition_penalty=repetition_penalty,
         repetition_penalty_decay=repetition_penalty_decay,
         length_penalty=length_penalty,
@@ -153,6 +160,7 @@ def synth(
         mirostat_eta=mirostat_eta,
         ras_window=ras_window,
         ras_threshold=ras_threshold,
+        entropix=entropix,
         max_ar_steps=max_ar_steps,
         level0_steps=level0_steps,
         seed=seed,

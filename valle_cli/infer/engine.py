@@ -45,7 +45,8 @@ StepProgress = Callable[[str, int, int], None]  # (phase, done, total): "level 0
 
 class SamplingConfig:
     """How to sample: the AR sampler's settings (`SamplerSettings`, named like the original's CLI flags:
-    ar_temp, min_ar_temp, top_k, top_p, min_p, repetition_penalty, ..., ras_threshold), the NAR temperature,
+    ar_temp, min_ar_temp, top_k, top_p, min_p, top_nsigma, repetition_penalty, ..., ras_threshold, entropix), the
+    NAR temperature,
     the AR step limit, the seed, and beam search (`beam_width` > 1; scores are summed log-probabilities divided
     by length ** `beam_length_norm`). The NAR passes reuse top-k/top-p."""
 
@@ -346,7 +347,9 @@ def nar_level0(
                 continue
             f = len(fs[b])
             logits = model.heads[0](hidden[b, starts[b] : starts[b] + f])[:, :k].float()
-            drawn = pick(logits, sc.ar.temperature, sc.ar.top_k, sc.ar.top_p, gens[b], sc.ar.min_p)
+            drawn = pick(
+                logits, sc.ar.temperature, sc.ar.top_k, sc.ar.top_p, gens[b], sc.ar.min_p, sc.ar.top_nsigma
+            )
             conf = torch.log_softmax(logits, -1).gather(-1, drawn[:, None]).squeeze(-1)
             if sc.level0_noise > 0:  # MaskGIT's choice temperature: Gumbel noise on the order, annealed to 0
                 u = torch.rand(f, generator=gens[b]).clamp(1e-9, 1 - 1e-9).to(conf.device)

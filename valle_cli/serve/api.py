@@ -81,6 +81,7 @@ class SpeechRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     min_p: float | None = Field(None, ge=0.0, lt=1.0)
+    top_nsigma: float | None = Field(None, ge=0.0)
     repetition_penalty: float | None = Field(None, ge=0.5, le=5.0)
 
     @field_validator("model", "input", "voice", "instructions", "language")
@@ -408,7 +409,7 @@ def _options(req: SpeechRequest, loaded, limits):
     from valle_cli.infer.synth import SynthOptions
 
     frame_rate = float(loaded.meta.get("codec", {}).get("frame_rate", 75.0))
-    sampler = {k: getattr(req, k) for k in ("top_k", "top_p", "min_p", "repetition_penalty")
+    sampler = {k: getattr(req, k) for k in ("top_k", "top_p", "min_p", "top_nsigma", "repetition_penalty")
                if getattr(req, k) is not None}  # fmt: skip
     sampling = SamplingConfig(
         ar_temp=req.ar_temp if req.ar_temp is not None else 0.95,
