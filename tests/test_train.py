@@ -482,6 +482,23 @@ def test_eval_samples_and_gradient_accumulation(dataset, tmp_path):
     assert train_rows[-1]["tokens"] > 0
 
 
+def test_eval_samples_can_say_other_sentences(dataset, tmp_path):
+    """train.eval_texts (`valle train --random-text-prompts`): each held-out voice says one of the sentences,
+    and texts.tsv says which."""
+    import soundfile as sf
+
+    from valle_cli.text.sentences import HARVARD
+
+    cfg = config(dataset, "train.steps=1", "train.eval_every=1", "train.eval_samples=2")
+    cfg.train.eval_texts = HARVARD[:2]
+    Trainer(cfg, tmp_path / "run", lambda k, p: None).train()
+    folder = tmp_path / "run" / "samples" / "step-00000001"
+    rows = [line.split("\t") for line in (folder / "texts.tsv").read_text().splitlines()]
+    assert [text for _, text in rows] == HARVARD[:2]
+    for name, _ in rows:
+        assert "__text" in name and sf.info(str(folder / name)).duration > 0
+
+
 def test_deepspeed_config_merges_the_users_json(dataset, tmp_path):
     from valle_cli.train.deepspeed_backend import deepspeed_config
 

@@ -178,6 +178,10 @@ class TrainConfig:
     guided_attention_layers: list[int] = field(default_factory=list)
     eval_every: int = 1000
     eval_samples: int = 0  # at each evaluation, synthesize this many held-out utterances into run/samples/
+    # eval samples say these sentences, one each in turn, in the held-out utterances' voices (the original's
+    # --eval-random-text-prompts; `valle train --eval --random-text-prompts` uses the built-in English ones)
+    # instead of their own transcripts, which the model may have heard in training voices
+    eval_texts: list[str] = field(default_factory=list)
     save_every: int = 1000
     keep_last: int = 3
     seed: int = 0

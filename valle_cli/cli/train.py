@@ -15,6 +15,12 @@ def train(
         None, "--out-dir", "-o", help="Run folder (default: the config's train.out_dir)."
     ),
     eval_only: bool = typer.Option(False, "--eval", help="Only evaluate the latest checkpoint, then exit."),
+    random_text_prompts: bool = typer.Option(
+        False,
+        "--random-text-prompts",
+        help="Eval samples say built-in English sentences (Harvard), not their own transcripts "
+        "(train.eval_texts; at least 4 samples).",
+    ),
     try_me: bool = typer.Option(
         False,
         "--try-me",
@@ -47,6 +53,11 @@ def train(
             "valle train needs a config file or preset", "e.g. valle train small --set data.paths=[DIR]"
         )
     cfg = load_config(config_file, set_ or [])
+    if random_text_prompts:
+        from valle_cli.text.sentences import HARVARD
+
+        cfg.train.eval_texts = cfg.train.eval_texts or list(HARVARD)
+        cfg.train.eval_samples = max(cfg.train.eval_samples, 4)
 
     bar = progress_bar(console)
     task = bar.add_task("train", total=cfg.train.steps, stats="starting")

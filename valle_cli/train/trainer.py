@@ -573,7 +573,8 @@ class Trainer:
         self._event("info", {"message": f"alignment plot {path}"})
 
     def _synthesize_samples(self, sampler, n: int) -> None:
-        """Greedy synthesis of n held-out utterances from their prompts -> run/samples/step-N/*.wav."""
+        """Greedy synthesis of n held-out utterances from their prompts -> run/samples/step-N/*.wav; with
+        `train.eval_texts`, each says one of those sentences instead (listed in the folder's texts.tsv)."""
         from valle_cli.audio.io import save_audio
         from valle_cli.codecs.base import codec_from_header
         from valle_cli.data.loader import load_item
@@ -590,19 +591,36 @@ class Trainer:
 
         folder = self.run / "samples" / f"step-{self.step:08d}"
         items = [it for batch in sampler.epoch_batches() for it in batch][:n]
+        texts = self.cfg.train.eval_texts
+        if texts and items:  # n sentences, in the held-out voices in turn
+            items = [items[i % len(items)] for i in range(n)]
+        rate = float(self.ds.header["codec"].get("frame_rate", 75.0))
         self.model.eval()
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            for it in items:
+            said = []
+            for i, it in enumerate(items):
                 item = load_item(self.ds, it)
-                sc = SamplingConfig(ar_temp=0.0, max_ar_steps=2 * self.ds.frames(it.index) + 75)
+                name = item["uid"].replace("/", "__")
+                phonemes, frames = item["phonemes"], self.ds.frames(it.index)
+                if texts:  # another sentence in this voice
+                    from valle_cli.text import phonemize
+
+                    text = texts[i % len(texts)]
+                    ipa = phonemize(text, self.ds.language(it.index))
+                    phonemes = torch.tensor(self.symbols.encode(ipa), dtype=torch.long)
+                    frames = int(len(phonemes) * rate / 8)  # a generous 8 symbols per second
+                    name += f"__text{i % len(texts)}"
+                sc = SamplingConfig(ar_temp=0.0, max_ar_steps=2 * frames + int(rate))
                 prompt = item["prompt"][: self.cfg.model.n_levels]
-                out = generate(self.model, item["phonemes"], prompt, item["language"], sc)
+                out = generate(self.model, phonemes, prompt, item["language"], sc)
                 if out.codes.shape[1]:
                     wav = self._codec.decode(out.codes[None])[0, 0]
-                    save_audio(
-                        folder / (item["uid"].replace("/", "__") + ".wav"), wav, self._codec.sample_rate
-                    )
+                    save_audio(folder / (name + ".wav"), wav, self._codec.sample_rate)
+                    if texts:
+                        said.append(f"{name}.wav\t{texts[i % len(texts)]}\n")
+            if said:
+                (folder / "texts.tsv").write_text("".join(said))
         except Exception as exc:  # a full disk costs the samples, not the run
             reason = write_failure(exc) or (str(exc) if isinstance(exc, ValleError) else None)
             if reason is None:
