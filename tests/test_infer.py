@@ -145,6 +145,12 @@ def test_entropix_chooses_by_entropy_and_varentropy():
     expected = (tail / 1.3).softmax(-1)
     assert float(freq[0]) == pytest.approx(float(expected[0]), abs=0.03)
     assert float(freq[0]) < float(tail.softmax(-1)[0]) - 0.05  # hotter than the plain draw
+    from valle_cli.errors import ValleError
+
+    for bad in ({"entropix": True, "mirostat_tau": 3.0}, {"entropix": True, "ar_temp": 0.0},
+                {"top_nsigma": 1.0, "beam_width": 2}, {"top_nsigma": 1.0, "mirostat_tau": 3.0}):  # fmt: skip
+        with pytest.raises(ValleError):  # flags that would do nothing together are refused
+            SamplingConfig(**bad)
     freq = _frequencies(sampler, lost, 3000)  # lost: cooler, inside the nucleus 0.8
     kept = filter_logits(lost / 0.7, top_p=0.8)
     assert float(freq[~torch.isfinite(kept)].sum()) == 0.0
@@ -352,8 +358,8 @@ def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well(model):
 
 @pytest.mark.parametrize("kind", ["classic", "pointer", "level0-nar"])
 def test_generation_reports_every_step_for_progress_bars(kind):
-    """`progress(phase, done, total)`: level 0 first (frames of the step cap, the share of the text the pointer
-    has passed, or parallel passes), then one call per NAR level; done never passes total and ends at it."""
+    """`progress(phase, done, total)`: level 0 first (frames so far with no total, the share of the text the
+    pointer has passed, or parallel passes), then one call per NAR level; done never passes total."""
     extra = {"classic": [], "pointer": ["model.alignment=pointer"],
              "level0-nar": ["model.alignment=pointer", "model.level0=nar"]}[kind]  # fmt: skip
     torch.manual_seed(0)
@@ -364,7 +370,8 @@ def test_generation_reports_every_step_for_progress_bars(kind):
     generate_batch(m, [Request(ph, prompt), Request(ph[:4], prompt)], sc, progress=lambda *a: heard.append(a))
     phases = [p for p, _, _ in heard]
     assert phases[0] == "level 0" and phases == sorted(phases, key=["level 0", "levels"].index), phases
-    assert all(0 <= done <= total for _, done, total in heard)
+    assert all(0 <= done <= total for p, done, total in heard if total is not None)
+    assert all(t is None for p, _, t in heard if p == "level 0") == (kind == "classic")
     levels = [(d, t) for p, d, t in heard if p == "levels"]
     assert levels == [(q, m.n_levels - 1) for q in range(1, m.n_levels)]
     zero = [(d, t) for p, d, t in heard if p == "level 0"]

@@ -487,14 +487,18 @@ def test_eval_samples_can_say_other_sentences(dataset, tmp_path):
     and texts.tsv says which."""
     import soundfile as sf
 
+    from valle_cli.errors import ConfigError
     from valle_cli.text.sentences import HARVARD
 
-    cfg = config(dataset, "train.steps=1", "train.eval_every=1", "train.eval_samples=2")
-    cfg.train.eval_texts = HARVARD[:2]
+    with pytest.raises(ConfigError, match="empty sentence"):
+        config(dataset, 'train.eval_texts=["Hi.", " "]')
+    cfg = config(dataset, "train.steps=1", "train.eval_every=1", "train.eval_samples=3",
+                 f'train.eval_texts=["{HARVARD[0]}", "{HARVARD[1]}\\tand more"]')  # fmt: skip
+    assert cfg.train.eval_texts[1] == HARVARD[1] + " and more"  # one line each, for texts.tsv
     Trainer(cfg, tmp_path / "run", lambda k, p: None).train()
     folder = tmp_path / "run" / "samples" / "step-00000001"
     rows = [line.split("\t") for line in (folder / "texts.tsv").read_text().splitlines()]
-    assert [text for _, text in rows] == HARVARD[:2]
+    assert sorted(text for _, text in rows) == sorted(cfg.train.eval_texts)  # each (voice, sentence) once
     for name, _ in rows:
         assert "__text" in name and sf.info(str(folder / name)).duration > 0
 
@@ -511,8 +515,17 @@ def test_deepspeed_config_merges_the_users_json(dataset, tmp_path):
     )
     assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert merged["gradient_clipping"] == 0.5 and merged["gradient_accumulation_steps"] == 3
-    user.write_text("{not json")
     from valle_cli.errors import ValleError
+    from valle_cli.train.deepspeed_backend import check_reduction
+
+    check_reduction(merged, world=1)  # one process: any stage
+    for bad in ({"stage": 2}, {"stage": 1, "overlap_comm": True}):  # reduced in the order grads arrive
+        with pytest.raises(ValleError, match="differs between ranks"):
+            check_reduction({"zero_optimization": bad}, world=2)
+    check_reduction({"zero_optimization": {"stage": 1}}, world=2)
+    with pytest.raises(ValleError, match="stage 3"):
+        check_reduction({"zero_optimization": {"stage": 3}}, world=1)
+    user.write_text("{not json")
 
     with pytest.raises(ValleError, match="cannot read train.deepspeed_config"):
         deepspeed_config(config(dataset, f"train.deepspeed_config={user}"))

@@ -178,10 +178,12 @@ class TrainConfig:
     guided_attention_layers: list[int] = field(default_factory=list)
     eval_every: int = 1000
     eval_samples: int = 0  # at each evaluation, synthesize this many held-out utterances into run/samples/
-    # eval samples say these sentences, one each in turn, in the held-out utterances' voices (the original's
-    # --eval-random-text-prompts; `valle train --eval --random-text-prompts` uses the built-in English ones)
-    # instead of their own transcripts, which the model may have heard in training voices
+    # eval samples say sentences drawn from these (a new draw at each evaluation), in the held-out utterances'
+    # voices, instead of their own transcripts (the original's --eval-random-text-prompts; `valle train
+    # --random-text-prompts` sets the built-in English ones); read in eval_texts_language, or else in each
+    # voice's own language
     eval_texts: list[str] = field(default_factory=list)
+    eval_texts_language: str | None = None
     save_every: int = 1000
     keep_last: int = 3
     seed: int = 0
@@ -207,6 +209,9 @@ class TrainConfig:
             )
         if self.ar_only_steps < 0:
             raise ConfigError(f"train.ar_only_steps cannot be negative, got {self.ar_only_steps}")
+        self.eval_texts = [" ".join(str(t).split()) for t in self.eval_texts]  # one line each (texts.tsv)
+        if any(not t for t in self.eval_texts):
+            raise ConfigError("train.eval_texts holds an empty sentence", "remove it, or write the sentence")
         if not 0 <= self.scheduled_sampling <= 1:
             raise ConfigError(f"train.scheduled_sampling must be in [0, 1], got {self.scheduled_sampling}")
         if not 0 <= self.input_dropout < 1:

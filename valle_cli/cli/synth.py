@@ -58,7 +58,7 @@ def synth(
     top_p: float = typer.Option(1.0, help="Nucleus sampling probability."),
     min_p: float = typer.Option(0.0, help="Keep tokens at least this fraction as likely as the best."),
     top_nsigma: float = typer.Option(
-        0.0, help="Keep tokens whose logit is within N standard deviations of the best (0 = off)."
+        0.0, help="Keep tokens whose logit is within this many standard deviations of the best (0 = off)."
     ),
     repetition_penalty: float = typer.Option(1.0, help="Penalty for tokens already generated (1 = off)."),
     repetition_penalty_decay: float = typer.Option(1.0, help="How fast the penalty fades with distance."),
@@ -141,8 +141,7 @@ def synth(
 
     for clip in ref or []:  # missing or unreadable: said now, not after the model loads
         audio_seconds(clip)
-    loaded, dev = _load(model, device, dtype, compile, err)
-    sampling = SamplingConfig(
+    sampling = SamplingConfig(  # conflicting sampler flags: said now, too
         ar_temp=ar_temp,
         nar_temp=nar_temp,
         top_k=top_k,
@@ -167,6 +166,7 @@ def synth(
         beam_width=beam_width,
         beam_length_norm=beam_length_norm,
     )
+    loaded, dev = _load(model, device, dtype, compile, err)
     opts = SynthOptions(
         language=language,
         prompt_seconds=input_prompt_length,
@@ -250,15 +250,13 @@ def _run_whole(loaded, text, refs, opts, sampling, dev, output, play, err) -> No
     n = len(segments(text, opts.split_sentences))
     with _step_progress(err) as bar:
         segs = bar.add_task("segments", total=n, visible=n > 1)
-        steps = bar.add_task("level 0", total=None)
+        steps = [bar.add_task("level 0", total=None), "level 0"]  # (task, its phase)
 
-        shown = ["level 0"]
-
-        def step(phase: str, done: int, total: int) -> None:
-            if shown[0] != phase:  # a new phase: its own bar and time left
-                shown[0] = phase
-                bar.reset(steps, description=phase)
-            bar.update(steps, completed=done, total=total)
+        def step(phase: str, done: int, total: int | None) -> None:
+            if steps[1] != phase:  # a new phase: its own bar and time left (or none: a classic AR's frames)
+                bar.remove_task(steps[0])
+                steps[:] = [bar.add_task(phase, total=total), phase]
+            bar.update(steps[0], completed=done, total=total)
 
         result = synthesize(
             loaded,

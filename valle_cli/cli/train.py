@@ -18,8 +18,8 @@ def train(
     random_text_prompts: bool = typer.Option(
         False,
         "--random-text-prompts",
-        help="Eval samples say built-in English sentences (Harvard), not their own transcripts "
-        "(train.eval_texts; at least 4 samples).",
+        help="Eval samples say built-in English sentences (Harvard) drawn at random, not their own "
+        "transcripts (train.eval_texts; at least 4 samples).",
     ),
     try_me: bool = typer.Option(
         False,
@@ -56,7 +56,8 @@ def train(
     if random_text_prompts:
         from valle_cli.text.sentences import HARVARD
 
-        cfg.train.eval_texts = cfg.train.eval_texts or list(HARVARD)
+        if not cfg.train.eval_texts:
+            cfg.train.eval_texts, cfg.train.eval_texts_language = list(HARVARD), "en"
         cfg.train.eval_samples = max(cfg.train.eval_samples, 4)
 
     bar = progress_bar(console)

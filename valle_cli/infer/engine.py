@@ -40,15 +40,34 @@ from valle_cli.errors import ValleError
 from valle_cli.infer.sampling import SamplerSettings, TokenSampler, pick
 from valle_cli.model.valle import MAX_HELD, VALLE, Sample, frame_symbols, stretch_durations
 
-StepProgress = Callable[[str, int, int], None]  # (phase, done, total): "level 0", then "levels"
+StepProgress = Callable[
+    [str, int, int | None], None
+]  # (phase, done, total or None if unknown): "level 0", "levels"
+
+
+def _check_samplers(s: SamplerSettings, beam_width: int) -> None:
+    """Refuse sampler flags that would silently do nothing together."""
+    if s.entropix and (s.mirostat_tau > 0 or s.min_temp >= 0):
+        raise ValleError(
+            "--entropix chooses each step's temperature itself",
+            "drop --mirostat-tau and --min-ar-temp, or --entropix",
+        )
+    if s.entropix and s.temperature <= 0:
+        raise ValleError("--entropix needs a temperature to adapt", "give --ar-temp above 0 (0.95 is usual)")
+    if s.top_nsigma > 0 and s.mirostat_tau > 0:
+        raise ValleError("mirostat chooses its own cut-off", "drop --top-nsigma or --mirostat-tau")
+    if beam_width > 1 and (s.entropix or s.top_nsigma > 0 or s.mirostat_tau > 0 or s.min_temp >= 0):
+        raise ValleError(
+            "beam search keeps the likeliest sequences and draws nothing",
+            "drop --entropix, --top-nsigma, --mirostat-tau and --min-ar-temp, or --beam-width",
+        )
 
 
 class SamplingConfig:
     """How to sample: the AR sampler's settings (`SamplerSettings`, named like the original's CLI flags:
-    ar_temp, min_ar_temp, top_k, top_p, min_p, top_nsigma, repetition_penalty, ..., ras_threshold, entropix), the
-    NAR temperature,
-    the AR step limit, the seed, and beam search (`beam_width` > 1; scores are summed log-probabilities divided
-    by length ** `beam_length_norm`). The NAR passes reuse top-k/top-p."""
+    ar_temp, min_ar_temp, top_k, top_p, min_p, top_nsigma, repetition_penalty, ..., ras_threshold, entropix),
+    the NAR temperature, the AR step limit, the seed, and beam search (`beam_width` > 1; scores are summed
+    log-probabilities divided by length ** `beam_length_norm`). The NAR passes reuse top-k/top-p."""
 
     def __init__(
         self,
@@ -66,6 +85,7 @@ class SamplingConfig:
         if level0_steps < 1:
             raise ValleError(f"level0_steps must be at least 1, got {level0_steps}")
         self.ar = SamplerSettings(temperature=ar_temp, min_temp=min_ar_temp, **ar_settings)
+        _check_samplers(self.ar, beam_width)
         self.nar_temp, self.max_ar_steps, self.seed = nar_temp, max_ar_steps, seed
         self.level0_steps = level0_steps  # level0 nar models: masked passes for level 0
         self.level0_noise = level0_noise  # ... and the Gumbel noise on which frames each pass keeps
@@ -443,8 +463,8 @@ def generate_batch(
     progress: StepProgress | None = None,
 ) -> list[Generated]:
     """Codes for every request: AR (sampled, or beam search) for level 0, then the NAR levels, all batched.
-    `progress(phase, done, total)` hears every step: "level 0" (the AR's symbols or frames, or the parallel
-    passes), then "levels" (one NAR pass per level)."""
+    `progress(phase, done, total)` hears every step: "level 0" (the symbols a pointer AR has read, the frames
+    of a classic AR with total None, or the parallel passes), then "levels" (one NAR pass per level)."""
     sc = sampling or SamplingConfig()
     say = progress or (lambda phase, done, total: None)
     if not requests:
@@ -496,8 +516,8 @@ def generate_batch(
                     level0[row][0].append(token)
             if model.pointer:  # how far the pointers are through the texts: a total known in advance
                 say("level 0", sum(len(r.phonemes) if e else (s[-1] if s else 0) for r, s, e in zip(requests, symbols, ends, strict=True)), texts)  # fmt: skip
-            else:
-                say("level 0", n, sc.max_ar_steps)
+            else:  # frames so far: when a classic AR stops is not known in advance
+                say("level 0", n, None)
         if model.pointer:  # stopped: the pointer moved past EOS by itself (not forced, not at the limit)
             level0 = [(toks, end) for (toks, _), end in zip(level0, ends, strict=True)]
         else:

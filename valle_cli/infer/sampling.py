@@ -16,11 +16,13 @@ Filters and penalties (each a pure function of logits and the token history):
 - mirostat v2: keeps the surprise (-log2 p) of sampled tokens near `tau`, adapting its cut-off `mu` with `eta`;
 - repetition-aware sampling (VALL-E 2): sample with the nucleus; if the drawn token already fills more than
   `ras_threshold` of the last `ras_window` tokens, draw again from the whole distribution.
-- entropy-adaptive sampling (the original's "entropix", after xjdr's entropix): the entropy H and varentropy V
-  (the variance of -log p) of each step's distribution choose how to draw. Confident (low H, low V): the best
-  token. Forked (low H, high V: likely candidates beside a long unlikely tail): a hotter draw, to explore. Lost (high H, high
-  V): a cooler draw from the nucleus 0.8, to hold on to the likeliest. Flat (high H, low V): the nucleus 0.9,
-  cutting the long tail. Otherwise the settings as given. `entropix_regime` says which, and why.
+- entropy-adaptive sampling (the original's "entropix", after xjdr's entropix, adapted to speech tokens): the
+  entropy H and varentropy V (the variance of -log p) of each step's distribution choose how to draw.
+  Confident (low H, low V): the best token. Forked (H not high, V high: likely candidates beside a long
+  unlikely tail): a hotter draw (x1.3), to explore. Lost (high H, high V): a cooler draw (x0.7) from the
+  nucleus 0.8, to hold on to the likeliest (xjdr's draws hotter there, which for speech means babble). Flat
+  (high H, low V): the nucleus 0.9, cutting the long tail. Otherwise the settings as given.
+  `entropix_regime` says which.
 
 `TokenSampler` applies them in that order and keeps the per-sequence state (history, mirostat's mu).
 """

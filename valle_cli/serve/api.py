@@ -259,8 +259,13 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
                 param="input", code="input_too_long",
             )  # fmt: skip
         if req.response_format not in available:
+            needs = (
+                " (mp3 needs soundfile 0.13 or newer and libsndfile 1.1 or newer)"
+                if req.response_format == "mp3"
+                else ""
+            )
             raise ApiError(
-                400, f"response_format {req.response_format!r} cannot be encoded here; use one of: "
+                400, f"response_format {req.response_format!r} cannot be encoded here{needs}; use one of: "
                 f"{', '.join(available)}", param="response_format",
             )  # fmt: skip
         if req.speed != 1.0:
@@ -280,6 +285,11 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
             raise ApiError(
                 400, "stream: false asks for one whole response; leave out stream_format", param="stream"
             )
+        if req.stream is True and req.response_format not in formats.STREAMABLE:
+            raise ApiError(
+                400, f"response_format {req.response_format!r} is only sent whole (its header holds the length); "
+                f"streaming sends {', '.join(formats.STREAMABLE)}", param="stream",
+            )  # fmt: skip
         if req.stream_format is not None or (
             req.stream is not False and req.response_format in formats.STREAMABLE
         ):
@@ -316,17 +326,20 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
                 return
             encoder = formats.StreamEncoder(fmt)
             chunk, sr = first
-            while True:
-                data = encoder.feed(chunk, sr)
+            try:
+                while True:
+                    data = await asyncio.to_thread(encoder.feed, chunk, sr)  # encoding: never on the loop
+                    if data:
+                        yield data
+                    nxt = await anext(chunks, None)
+                    if nxt is None:
+                        break
+                    chunk, sr = nxt
+                data = await asyncio.to_thread(encoder.close)
                 if data:
                     yield data
-                nxt = await anext(chunks, None)
-                if nxt is None:
-                    break
-                chunk, sr = nxt
-            data = encoder.close()
-            if data:
-                yield data
+            finally:  # the client left or generation failed: stop the job now, not when collected
+                await chunks.aclose()
 
         if req.stream_format in (None, "audio"):
             return StreamingResponse(

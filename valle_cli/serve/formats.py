@@ -5,10 +5,13 @@ little-endian mono at 24 kHz, as OpenAI sends it. aac has no encoder in libsndfi
 
 Streaming (chunks sent as the model speaks each sentence, `StreamEncoder`) works for every format but flac:
 - pcm as is; wav with a header whose sizes say "unknown length" (0xFFFFFFFF), as streaming servers do;
-- opus: Ogg pages are written in order and never revisited;
-- mp3 at a constant bit rate (80 kbps), so that a reader which cannot see the whole file first (libsndfile,
-  hence Python's soundfile) still gets its length right from the size. The first frame is an empty
-  placeholder for the LAME tag libsndfile writes on closing: sent as it was (a silent frame of 24 ms).
+- opus: Ogg pages are written in order and never revisited; libsndfile closes a page about once a second of
+  audio, so the stream runs up to a second behind the model;
+- mp3 at a constant bit rate (80 kbps at 24 kHz; the rate scales with the sample rate), so that a reader which
+  cannot see the whole file first (libsndfile, hence Python's soundfile) still gets its length right from the
+  size. The LAME tag that tells decoders to trim the encoder's delay and padding is written on closing, over
+  bytes already sent, so a streamed mp3 reads back about 80 ms longer than the whole file (silence at its
+  ends). mp3 needs soundfile 0.13 or newer (the bit-rate settings).
 - flac is sent whole: its header holds the length, and libsndfile cannot read a FLAC stream whose header
   says "unknown".
 """
@@ -36,12 +39,16 @@ MP3_SETTINGS = {"compression_level": 0.5, "bitrate_mode": "CONSTANT"}  # 80 kbps
 
 
 def available() -> list[str]:
-    """The formats this libsndfile can write, plus pcm."""
+    """The formats this libsndfile (and soundfile) can write, plus pcm."""
+    import inspect
+
     import soundfile as sf
 
     have = sf.available_formats()
     out = [f for f, (container, subtype) in _SOUNDFILE.items() if container in have
            and subtype in sf.available_subtypes(container)]  # fmt: skip
+    if "compression_level" not in inspect.signature(sf.SoundFile).parameters:  # soundfile < 0.13
+        out = [f for f in out if f != "mp3"]
     return [*out, "pcm"]
 
 

@@ -89,9 +89,10 @@ def build_ui(settings: ServeSettings, registry: Registry, voices: VoiceStore, qu
         return [RANDOM, *(v.name for v in voices.list())]
 
     def refresh_voices(current):
-        """The voices as they are now (the API may have added or deleted some since the page loaded)."""
+        """The voices as they are now (the API may have added or deleted some since the page loaded). The
+        choice is left alone (the user may have changed it meanwhile) unless its voice is gone."""
         names = voice_names()
-        return gr.update(choices=names, value=current if current in names else RANDOM)
+        return gr.update(choices=names) if current in names else gr.update(choices=names, value=RANDOM)
 
     async def synthesize(text, voice, reference, language, seed, ar_temp, nar_temp, top_k, top_p, min_p, penalty,
                          split, progress=gr.Progress()):  # fmt: skip
@@ -215,7 +216,7 @@ def build_ui(settings: ServeSettings, registry: Registry, voices: VoiceStore, qu
 
     def refresh_settings():
         """What is loaded now (a request through the API or another page may have loaded or switched it)."""
-        return model_info(), gr.update(choices=list(registry.entries), value=registry.default)
+        return model_info(), gr.update(choices=list(registry.entries))
 
     async def use_model(model_id):
         try:

@@ -205,7 +205,7 @@ class Trainer:
             from valle_cli.train.deepspeed_backend import initialize
 
             self.engine, self.optimizer, self.scheduler = initialize(
-                self.model, self.optimizer, self.scheduler, cfg
+                self.model, self.optimizer, self.scheduler, cfg, self.dist.world
             )
             self.net = self.engine
         elif self.dist.enabled:
@@ -572,6 +572,34 @@ class Trainer:
             return
         self._event("info", {"message": f"alignment plot {path}"})
 
+    def _eval_phonemes(self, text: str, language: str) -> torch.Tensor:
+        from valle_cli.text import phonemize
+
+        lang = self.cfg.train.eval_texts_language or language
+        ipa = phonemize(text, lang)
+        return torch.tensor(self.symbols.encode(ipa), dtype=torch.long)
+
+    def _check_eval_texts(self) -> None:
+        """train.eval_texts are read now, in every language they will be read in: a sentence espeak cannot
+        read stops the run before any training, not at its first evaluation hours later."""
+        from valle_cli.text import phonemize
+
+        t = self.cfg.train
+        if t.eval_samples == 0:
+            self._event(
+                "warn", {"message": "train.eval_texts is set but train.eval_samples is 0: none is said"}
+            )
+            return
+        languages = (
+            {t.eval_texts_language} if t.eval_texts_language else {self.ds.language(i) for i in self.val_idx}
+        )
+        for lang in sorted(languages):
+            for text in t.eval_texts:
+                unknown = self.symbols.unknown(phonemize(text, lang))
+                if unknown:
+                    self._event("warn", {"message": f"train.eval_texts: {text!r} read as {lang!r} has symbols the "
+                                         f"model does not know ({' '.join(sorted(set(unknown)))}): said as <unk>"})  # fmt: skip
+
     def _synthesize_samples(self, sampler, n: int) -> None:
         """Greedy synthesis of n held-out utterances from their prompts -> run/samples/step-N/*.wav; with
         `train.eval_texts`, each says one of those sentences instead (listed in the folder's texts.tsv)."""
@@ -592,7 +620,13 @@ class Trainer:
         folder = self.run / "samples" / f"step-{self.step:08d}"
         items = [it for batch in sampler.epoch_batches() for it in batch][:n]
         texts = self.cfg.train.eval_texts
-        if texts and items:  # n sentences, in the held-out voices in turn
+        picks: list[int] = []
+        if texts and items:  # n sentences drawn anew at each evaluation, in the held-out voices in turn
+            n = min(n, len(items) * len(texts))  # distinct (voice, sentence) pairs
+            draw = random.Random(self.step)
+            picks = [
+                k for _ in range(-(-n // len(texts))) for k in draw.sample(range(len(texts)), len(texts))
+            ][:n]
             items = [items[i % len(items)] for i in range(n)]
         rate = float(self.ds.header["codec"].get("frame_rate", 75.0))
         self.model.eval()
@@ -603,22 +637,20 @@ class Trainer:
                 item = load_item(self.ds, it)
                 name = item["uid"].replace("/", "__")
                 phonemes, frames = item["phonemes"], self.ds.frames(it.index)
-                if texts:  # another sentence in this voice
-                    from valle_cli.text import phonemize
-
-                    text = texts[i % len(texts)]
-                    ipa = phonemize(text, self.ds.language(it.index))
-                    phonemes = torch.tensor(self.symbols.encode(ipa), dtype=torch.long)
+                if picks:  # another sentence in this voice (each voice and sentence once)
+                    if f"{name}__text{picks[i]}" in {row.split("\t")[0][:-4] for row in said}:
+                        continue
+                    phonemes = self._eval_phonemes(texts[picks[i]], self.ds.language(it.index))
                     frames = int(len(phonemes) * rate / 8)  # a generous 8 symbols per second
-                    name += f"__text{i % len(texts)}"
+                    name += f"__text{picks[i]}"
                 sc = SamplingConfig(ar_temp=0.0, max_ar_steps=2 * frames + int(rate))
                 prompt = item["prompt"][: self.cfg.model.n_levels]
                 out = generate(self.model, phonemes, prompt, item["language"], sc)
                 if out.codes.shape[1]:
                     wav = self._codec.decode(out.codes[None])[0, 0]
                     save_audio(folder / (name + ".wav"), wav, self._codec.sample_rate)
-                    if texts:
-                        said.append(f"{name}.wav\t{texts[i % len(texts)]}\n")
+                    if picks:
+                        said.append(f"{name}.wav\t{texts[picks[i]]}\n")
             if said:
                 (folder / "texts.tsv").write_text("".join(said))
         except Exception as exc:  # a full disk costs the samples, not the run
@@ -776,8 +808,10 @@ class Trainer:
         self.resume()
         if self.resumed_from is not None and not eval_only:  # --eval may look at a live run: never trim it
             self._trim_metrics()
-        if self.dist.main:
+        if self.dist.main and not eval_only:  # --eval (with its --set) leaves the run's config as it was
             dump_config(self.cfg, self.run / "config.yaml")
+        if self.cfg.train.eval_texts:
+            self._check_eval_texts()
         if eval_only:
             self.evaluate(max_batches=1_000_000)
             return RunInfo(self.run, self.step, self.resumed_from)
