@@ -486,6 +486,9 @@ def test_level0_nar_generates_by_durations_in_parallel(nar0_model):
     assert not capped.stopped and capped.codes.shape[1] == len(ph) + 2
     with pytest.raises(ValleError, match="beam search"):
         generate(nar0_model, ph, prompt, sampling=SamplingConfig(beam_width=2))
+    for ar_only in ({"repetition_penalty": 1.3}, {"entropix": True}, {"dry_multiplier": 1.0}):
+        with pytest.raises(ValleError, match="autoregressive level 0"):  # they would do nothing here
+            generate(nar0_model, ph, prompt, sampling=SamplingConfig(**ar_only))
     with pytest.raises(ValleError, match="continuing audio"):
         generate(nar0_model, ph, prompt, prefix=torch.randint(0, 1024, (8, 5)))
     with pytest.raises(ValleError, match="level0_steps"):

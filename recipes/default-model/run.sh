@@ -6,8 +6,8 @@
 #
 # Environment: SCALE (corpus size, 1 = ~3 h of speech), STEPS (training steps), DEVICE (where `valle prepare`
 # encodes: auto, cpu, cuda; training takes a GPU by itself when there is one).
-# On the 2-core CPU we build on: corpus ~2 min, prepare ~3 min (with the aligner), training ~1.07 s/step
-# (7000 steps: 2.1 h).
+# On the 2-core CPU we build on: corpus ~2 min, prepare ~3 min (with the aligner), training ~1.2 s/step
+# (7000 steps: 2.3 h).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)

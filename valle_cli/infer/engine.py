@@ -481,6 +481,16 @@ def generate_batch(
                     f"(BOS and EOS included); got {tuple(r.durations.shape)} values, the least {int(r.durations.min())}"
                 )
     if model.nar0:
+        a = sc.ar
+        ar_only = {"--entropix": a.entropix, "--mirostat-tau": a.mirostat_tau > 0, "--min-ar-temp": a.min_temp >= 0,
+                   "--repetition-penalty": a.repetition_penalty != 1.0, "--length-penalty": a.length_penalty != 0.0,
+                   "--dry-multiplier": a.dry_multiplier > 0, "--ras-window": a.ras_window > 0}  # fmt: skip
+        if any(ar_only.values()):
+            raise ValleError(
+                f"{', '.join(k for k, on in ar_only.items() if on)}: these samplers act on an autoregressive level 0; "
+                "this model makes it in parallel (level0: nar), where they would do nothing",
+                "drop them; --ar-temp, --top-k, --top-p, --min-p, --top-nsigma and --level0-steps apply",
+            )
         if sc.beam_width > 1:
             raise ValleError(
                 "beam search needs an autoregressive level 0; this model makes it in parallel (level0: nar)",

@@ -296,7 +296,7 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
             return await stream_speech(req, model_id, text, refs)  # OpenAI streams audio by default
         t0 = time.time()
         audio, sr = await queue.run(lambda job: _synthesize(job, registry, model_id, text, refs, req, limits))
-        body = formats.encode(audio, sr, req.response_format)
+        body = await asyncio.to_thread(formats.encode, audio, sr, req.response_format)  # never on the loop
         seconds = len(audio) / sr
         return Response(
             body,
@@ -434,6 +434,9 @@ def _options(req: SpeechRequest, loaded, limits):
     return SynthOptions(language=req.language, split_sentences=req.split_sentences), sampling
 
 
+CHARS_PER_SECOND = 14  # about how many characters of English text a second of speech says (progress totals)
+
+
 def _synthesize(
     job: Job, registry: Registry, model_id: str, text, refs, req, limits, report=None
 ) -> tuple[np.ndarray, int]:
@@ -444,8 +447,10 @@ def _synthesize(
     loaded = registry.get(model_id)
     job.check()
     options, sampling = _options(req, loaded, limits)
-    n = len(segments(text, options.split_sentences))
+    segs = segments(text, options.split_sentences)
+    n = len(segs)
     finished = [0]
+    frame_rate = float(loaded.meta.get("codec", {}).get("frame_rate", 75.0))
 
     def segment_done(done: int, total: int) -> None:
         finished[0] = done
@@ -453,11 +458,17 @@ def _synthesize(
 
     batch = 1 if options.rolling_context else max(1, options.batch_size)
 
-    def step(phase: str, done: int, total: int) -> None:
+    def step(phase: str, done: int, total: int | None) -> None:
         job.check()
         if report is not None:
             first, last = finished[0] + 1, min(finished[0] + batch, n)
             what = f"sentence {first}" if first == last else f"sentences {first}-{last}"
+            if (
+                total is None
+            ):  # a classic AR's frames: the bar needs a total, so an estimate that never ends early
+                chars = max(len(seg.text) for seg in segs[first - 1 : last])
+                total = max(int(chars / CHARS_PER_SECOND * frame_rate), done + 1)
+                phase += " (frames, estimated)"
             report(f"{what} of {n}: {phase}", done, total)
 
     with torch.inference_mode():  # on the worker thread: the grad mode is per thread
