@@ -184,9 +184,7 @@ def test_vocos_offline_message(tmp_path):
         "MSG Vocos weights (charactr/vocos-encodec-24khz/config.yaml) are not in the Hugging Face cache"
         in (proc.stdout)
     ), proc.stdout + proc.stderr
-    assert (
-        "codec.path" in proc.stdout and "huggingface-cli download charactr/vocos-encodec-24khz" in proc.stdout
-    )
+    assert "codec.path" in proc.stdout and "hf download charactr/vocos-encodec-24khz" in proc.stdout
 
 
 def test_vocos_local_folder_checks(tmp_path, vocos):

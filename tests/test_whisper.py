@@ -26,7 +26,7 @@ def test_offline_message(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert time.time() - start < 60  # no long retry loop
     assert "openai/whisper-small is not available offline" in proc.stdout, proc.stdout + proc.stderr
-    assert "huggingface-cli download openai/whisper-small" in proc.stdout
+    assert "hf download openai/whisper-small" in proc.stdout
     assert "pocketsphinx" in proc.stdout
 
 

@@ -86,6 +86,9 @@ def serve(
             style="bold yellow", markup=False,
         )  # fmt: skip
     server = uvicorn_server(app)
+    from valle_cli.cli.interrupt import on_interrupt
+
+    on_interrupt(lambda: "the server stopped; its voices and uploads stay in its folder")
     try:
         server.run(sockets=[sock])
     finally:

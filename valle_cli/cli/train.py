@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def train(
     from valle_cli.train import distributed
 
     try:
-        with bar:
+        with contextlib.nullcontext() if eval_only else bar:  # --eval trains nothing: no training bar
             info = trainer.train(eval_only=eval_only)
     except BaseException:
         distributed.teardown(wait=False)
@@ -120,7 +121,9 @@ def expected_time(first: tuple[float, int], now: tuple[float, int], steps: int) 
     per_step = (now[0] - first[0]) / max(now[1] - first[1], 1)
     left = per_step * max(steps - now[1], 0)
     finish = time.strftime("%a %H:%M", time.localtime(time.time() + left))
-    line = f"{per_step:.2f} s/step here: the {steps - now[1]} steps left take about {_span(left)} (until {finish})"
+    span = _span(left)
+    about = "" if span == "under a minute" else "about "
+    line = f"{per_step:.2f} s/step here: the {steps - now[1]} steps left take {about}{span} (until {finish})"
     if left > 24 * 3600:
         line += "; for a shorter run lower train.steps, pick a smaller preset (tiny), or train on a GPU"
     return line

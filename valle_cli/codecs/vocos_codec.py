@@ -73,7 +73,7 @@ def fetch_vocos_files(path: str | None = None) -> tuple[Path, Path]:
         if not online():
             raise CodecError(
                 f"Vocos weights ({REPO_ID}/{name}) are not in the Hugging Face cache and there is no network",
-                f"on a machine with internet run `huggingface-cli download {REPO_ID}` and copy the cache "
+                f"on a machine with internet run `hf download {REPO_ID}` and copy the cache "
                 "(~/.cache/huggingface/hub), or put config.yaml and pytorch_model.bin in a folder and set "
                 "codec.path to it; or use the offline codec with --set codec.name=mel",
             )

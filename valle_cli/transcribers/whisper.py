@@ -45,7 +45,7 @@ class WhisperTranscriber:
             except OSError as exc:
                 raise PluginError(
                     f"the Whisper model {model} is not available offline ({exc})",
-                    f"on a machine with internet run `huggingface-cli download {model}` and copy "
+                    f"on a machine with internet run `hf download {model}` and copy "
                     "~/.cache/huggingface/hub, or set VALLE_WHISPER_MODEL to a local folder; offline English "
                     "alternative: pip install ./plugins/valle-pocketsphinx and --transcriber pocketsphinx",
                 ) from None
