@@ -171,6 +171,14 @@ def test_batch_file_beam_search_and_random_voice(trained, tmp_path):
     for f in files:
         wav, sr = sf.read(f)
         assert abs(len(wav) / sr - report.frames / 75) < 0.05
+    assert "hit --max-ar-steps" not in proc.stderr
+    capped = synth(
+        "--batch", str(lines), "--ref", str(ref_of(out)), "--model", str(out / "run"), "--ar-temp", "0",
+        "--max-ar-steps", "10", "-o", str(tmp_path / "capped"),
+    )  # fmt: skip
+    assert capped.returncode == 0 and "2 line(s) hit --max-ar-steps (line 1, 2)" in capped.stderr, (
+        capped.stderr
+    )
     beam = tmp_path / "beam.wav"
     proc = synth(
         TEXT, "--ref", str(ref_of(out)), "--model", str(out / "run"), "--beam-width", "3", "-o", str(beam)

@@ -358,7 +358,7 @@ def _run_batch(loaded, batch, refs, opts, sampling, dev, output, err) -> None:
     t0 = time.time()
     with _progress(err, "lines") as bar:
         task = bar.add_task("batch", total=len(lines))
-        audios, sr = synthesize_lines(
+        audios, sr, stopped = synthesize_lines(
             loaded, lines, refs, opts, sampling, dev, lambda done, total: bar.update(task, completed=done)
         )
     seconds = 0.0
@@ -368,6 +368,7 @@ def _run_batch(loaded, batch, refs, opts, sampling, dev, output, err) -> None:
             save_audio(output / f"{i:0{width}d}.wav", audio, sr)
             seconds += audio.size / sr
     empty = sum(a.size == 0 for a in audios)
+    capped = [i for i, ok in enumerate(stopped, 1) if not ok]
     _summary(
         err,
         f"{len(lines)} line(s)",
@@ -375,5 +376,7 @@ def _run_batch(loaded, batch, refs, opts, sampling, dev, output, err) -> None:
         time.time() - t0,
         loaded.source,
         output,
-        f"; {empty} line(s) produced no audio" if empty else "",
-    )
+        (f"; {empty} line(s) produced no audio" if empty else "")
+        + (f"; {len(capped)} line(s) hit --max-ar-steps (line {', '.join(map(str, capped[:5]))}"
+           f"{', ...' if len(capped) > 5 else ''})" if capped else ""),
+    )  # fmt: skip

@@ -326,15 +326,16 @@ def synthesize_lines(
     sampling: SamplingConfig | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[list[np.ndarray], int]:
-    """One waveform per line (`valle synth --batch FILE`), generated in padded batches; and the sample rate."""
+) -> tuple[list[np.ndarray], int, list[bool]]:
+    """One waveform per line (`valle synth --batch FILE`), generated in padded batches; the sample rate; and
+    per line whether it ended by itself (False: it hit the step limit)."""
     opts = options or SynthOptions()
     segs = [Segment(line.strip(), i, 0.0) for i, line in enumerate(lines)]
     if not segs or any(not s.text for s in segs):
         raise TextError("the batch file has empty lines", "remove them or put one sentence on each line")
     sp = _speaker(loaded, refs, opts, device, segs)
     outs = _generate(sp, segs, sampling, progress)
-    return [_decode(sp.codec, o.codes) for o in outs], sp.codec.sample_rate
+    return [_decode(sp.codec, o.codes) for o in outs], sp.codec.sample_rate, [o.stopped for o in outs]
 
 
 def synthesize_stream(
