@@ -311,9 +311,14 @@ def test_lora_trains_only_adapters_and_leaves_the_base_untouched(dataset, tmp_pa
         "train.lora.alpha=8",
         "train.lr=1e-2",
     )
-    trainer = Trainer(cfg, tmp_path / "lora")
+    said = []
+    trainer = Trainer(cfg, tmp_path / "lora", lambda k, p: said.append(p.get("message", "")))
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+    n = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    assert any(f"weights from {base_run}; LoRA rank 4 (alpha 8)" in m and f"{n:,} of " in m for m in said), (
+        said
+    )
     trainer.train()
     ck = load_checkpoint(latest(tmp_path / "lora"))
     assert ck["model"] and all("lora_" in k for k in ck["model"])  # adapters only

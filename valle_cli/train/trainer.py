@@ -183,6 +183,14 @@ class Trainer:
             from valle_cli.model.lora import apply_lora
 
             self.lora = apply_lora(self.model, t.lora.rank, t.lora.alpha, t.lora.dropout, t.lora.targets)
+        if t.init_from or self.lora:  # say what the run starts from and what it trains
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in self.model.parameters())
+            what = [f"weights from {t.init_from}"] if t.init_from else []
+            if self.lora:
+                what.append(f"LoRA rank {t.lora.rank} (alpha {t.lora.alpha:g}) on {len(self.lora)} layers")
+            what.append(f"{trainable:,} of {total:,} parameters trained")
+            self._event("info", {"message": "; ".join(what)})
         self.model.to(self.device)
         self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
