@@ -145,10 +145,10 @@ def test_tui_starts_training_steers_it_and_leaves_it_running(dataset, tmp_path, 
         if os.environ.get("VALLE_UPDATE_SNAPSHOTS"):
             SNAPSHOT.write_text(svg)
 
-        # leave: training keeps going
+        # leave (q, then q again: the leave question's answer to q is "leave"): training keeps going
         await pilot.press("q")
         assert isinstance(app.screen, ChoiceDialog)
-        await pilot.click("#leave")
+        await pilot.press("q")
 
     try:
         drive(app, steer)
@@ -168,6 +168,10 @@ def test_tui_starts_training_steers_it_and_leaves_it_running(dataset, tmp_path, 
         dash = again.screen
         await until(pilot, lambda: dash.state == "running", what="attached")
         await until(pilot, lambda: dash.history.last.get("step", 0) > before, what="new steps after leaving")
+        await pilot.press("k")
+        assert isinstance(again.screen, ChoiceDialog)
+        await pilot.press("q")  # backs out of the question, not out of the TUI
+        assert again.screen is dash and dash.state == "running"
         await pilot.press("k")
         assert isinstance(again.screen, ChoiceDialog)
         await pilot.click("#stop")

@@ -389,6 +389,7 @@ class Dashboard(Screen):
                     ("stop", "Stop and leave", "error"),
                     ("cancel", "Cancel", "default"),
                 ],
+                on_q="leave",  # q q leaves
             ),
             chosen,
         )

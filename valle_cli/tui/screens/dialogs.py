@@ -76,14 +76,21 @@ class LrDialog(ModalScreen[float | None]):
 
 
 class ChoiceDialog(ModalScreen[str | None]):
-    """A question and buttons; dismisses with the chosen button's id, or None (escape)."""
+    """A question and buttons; dismisses with the chosen button's id, or None (escape). `q`, the key that
+    leaves the dashboard, answers `on_q` (None: backs out of the question; the leave question says "leave",
+    so q q leaves)."""
 
     CSS_PATH = "dialogs.tcss"
-    BINDINGS: ClassVar = [("escape", "cancel", "Cancel")]
+    BINDINGS: ClassVar = [("escape", "cancel", "Cancel"), ("q", "q", "Cancel")]
 
-    def __init__(self, question: str, hint: str, choices: list[tuple[str, str, str]]):
+    def __init__(
+        self, question: str, hint: str, choices: list[tuple[str, str, str]], on_q: str | None = None
+    ):
         super().__init__()
-        self.question, self.hint, self.choices = question, hint, choices
+        self.question, self.hint, self.choices, self.on_q = question, hint, choices, on_q
+
+    def action_q(self) -> None:
+        self.dismiss(self.on_q)
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
