@@ -640,13 +640,13 @@ class Trainer:
         self.model.eval()
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            said = []
+            said: dict[str, str] = {}  # file name -> the sentence it says
             for i, it in enumerate(items):
                 item = load_item(self.ds, it)
                 name = item["uid"].replace("/", "__")
                 phonemes, frames = item["phonemes"], self.ds.frames(it.index)
                 if picks:  # another sentence in this voice (each voice and sentence once)
-                    if f"{name}__text{picks[i]}" in {row.split("\t")[0][:-4] for row in said}:
+                    if f"{name}__text{picks[i]}.wav" in said:
                         continue
                     phonemes = self._eval_phonemes(texts[picks[i]], self.ds.language(it.index))
                     frames = int(len(phonemes) * rate / 8)  # a generous 8 symbols per second
@@ -658,9 +658,9 @@ class Trainer:
                     wav = self._codec.decode(out.codes[None])[0, 0]
                     save_audio(folder / (name + ".wav"), wav, self._codec.sample_rate)
                     if picks:
-                        said.append(f"{name}.wav\t{texts[picks[i]]}\n")
+                        said[name + ".wav"] = texts[picks[i]]
             if said:
-                (folder / "texts.tsv").write_text("".join(said))
+                (folder / "texts.tsv").write_text("".join(f"{f}\t{text}\n" for f, text in said.items()))
         except Exception as exc:  # a full disk costs the samples, not the run
             reason = write_failure(exc) or (str(exc) if isinstance(exc, ValleError) else None)
             if reason is None:
@@ -946,10 +946,10 @@ class Trainer:
     def _every_parameter(self) -> torch.Tensor | float:
         """A zero that depends on every trainable parameter, added to the loss across DeepSpeed ranks.
 
-        ZeRO reduces gradients in buckets filled as they arrive. A parameter one rank's batch did not use (the
-        head of an RVQ level no sample drew, the text head without an stt sample) would shift that rank's
-        buckets against the others' (gloo: "Received data size doesn't match expected size"). Its gradient is
-        then zero, which is what ZeRO uses for a parameter without one anyway.
+        ZeRO 0-1 reduce the gradients parameter by parameter, skipping those without one. A parameter one rank's
+        batch did not use (the head of an RVQ level no sample drew, the text head without an stt sample) would
+        shift that rank's reductions against the others' (gloo: "Received data size doesn't match expected
+        size"). Its gradient is then zero, which is what ZeRO uses for a parameter without one anyway.
         """
         if not self.dist.enabled:
             return 0.0
