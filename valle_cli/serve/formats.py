@@ -78,52 +78,17 @@ def encode(audio: np.ndarray, sr: int, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-class _Sink(io.RawIOBase):
+class _Sink(io.BytesIO):
     """A file libsndfile writes into while the bytes already taken are on their way to a client: `take()` is
     what was appended since the last call. A write back into bytes already sent (a header fixed up on close)
     changes only the copy kept here."""
 
-    def __init__(self):
-        super().__init__()
-        self._buf = bytearray()
-        self._pos = 0
-        self._sent = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        data = bytes(data)
-        end = self._pos + len(data)
-        if end > len(self._buf):
-            self._buf.extend(bytes(end - len(self._buf)))
-        self._buf[self._pos : end] = data
-        self._pos = end
-        return len(data)
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._buf) if size is None or size < 0 else self._pos + size
-        data = bytes(self._buf[self._pos : end])
-        self._pos += len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._buf)}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
+    _sent = 0
 
     def take(self) -> bytes:
-        data = bytes(self._buf[self._sent :])
-        self._sent = len(self._buf)
+        with self.getbuffer() as view:  # released before the next write (a live view blocks resizing)
+            data = bytes(view[self._sent :])
+        self._sent += len(data)
         return data
 
 
