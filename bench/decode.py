@@ -11,7 +11,12 @@ Then, for a 3 s prompt and ~50 phonemes: the 7 NAR passes and the codec decode f
 factor of the whole generation (AR + NAR + codec) / audio seconds, and the time to the first audio chunk when
 streaming (default `StreamSettings`).
 
-Usage:  python bench/decode.py [--presets tiny,small,base] [--lengths 300,600,900] [--write]
+Then one row per backbone (`--backbones`, at the `--backbone-preset` shape): the cached step at growing
+lengths (attention backbones read a KV cache that grows with L; the recurrent ones, mamba and retnet, a state
+of fixed size, so their step should not grow) and the uncached step at the shortest length.
+
+Usage:  python bench/decode.py [--presets tiny,small,base] [--lengths 300,600,900]
+                               [--backbones llama,mamba,...] [--backbone-lengths 300,900,1800] [--write]
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ PHONEMES = torch.tensor([1, *range(10, 60), 2])  # ~50 phonemes: a sentence
 PROMPT_FRAMES = 225  # 3 s
 
 
-def build(preset: str):
+def build(preset: str, backbone: str | None = None):
     from valle_cli.config import load_config
     from valle_cli.model.valle import VALLE
 
     torch.manual_seed(0)
-    model = VALLE(load_config(preset).model, n_symbols=623).eval()
+    model = VALLE(
+        load_config(preset, [f"model.backbone={backbone}"] if backbone else []).model, n_symbols=623
+    )
+    model.eval()
     with torch.no_grad():
         model.heads[0].bias[model.stop_id] = -1e4
     return model
@@ -61,7 +69,7 @@ def per_step(fn, n: int) -> float:
 
 @torch.inference_mode()
 def steps_at(model, length: int, n_cached: int, n_uncached: int) -> dict:
-    from valle_cli.backbones.base import padded_mask
+    from valle_cli.backbones.base import Layout, padded_mask
     from valle_cli.infer.engine import SamplingConfig, ar_decoder, ar_tokens
 
     req = request_of_length(model, length)
@@ -77,20 +85,21 @@ def steps_at(model, length: int, n_cached: int, n_uncached: int) -> dict:
     state = {"cache": dec.cache, "pos": dec.cache.get_seq_length()}
     assert state["pos"] == length
     masks = {}
+    one = Layout(torch.ones(1, 1, dtype=torch.bool), torch.ones(1, dtype=torch.bool))
 
     def bare():
         s = state["pos"]
         mask = masks.get(s)
         if mask is None:
             mask = masks[s] = padded_mask(torch.ones(1, s + 1, dtype=torch.bool), 1)
-        out = model.backbone(x, mask, torch.tensor([[s]]), cache=state["cache"], use_cache=True)
+        out = model.backbone(x, mask, torch.tensor([[s]]), cache=state["cache"], use_cache=True, layout=one)
         state["cache"], state["pos"] = out.cache, s + 1
 
     for s in range(length, length + n_cached + 2):  # masks for every step, made before timing
         masks[s] = padded_mask(torch.ones(1, s + 1, dtype=torch.bool), 1)
     bare_s = per_step(bare, n_cached)
     full = ar_decoder(model, [req], use_cache=False)
-    uncached = per_step(full.logits, n_uncached)
+    uncached = per_step(full.logits, n_uncached) if n_uncached else None
     return {"cached": cached, "bare": bare_s, "uncached": uncached}
 
 
@@ -135,6 +144,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="cached/bare steps timed per length")
     ap.add_argument("--uncached-steps", type=int, default=3)
     ap.add_argument("--response-seconds", type=float, default=4.0)
+    ap.add_argument("--backbones", default="llama,mixtral,transformer,bitnet,mamba,retnet")
+    ap.add_argument("--backbone-preset", default="small")
+    ap.add_argument("--backbone-lengths", default="300,900,1800")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     from valle_cli.codecs.base import build_codec
@@ -142,7 +154,7 @@ def main() -> None:
     codec = build_codec("mel", "cpu")
     lengths = [int(v) for v in args.lengths.split(",")]
     rows, gens = [], []
-    for preset in args.presets.split(","):
+    for preset in [p for p in args.presets.split(",") if p]:
         model = build(preset)
         for length in lengths:
             r = steps_at(model, length, args.steps, args.uncached_steps)
@@ -161,7 +173,10 @@ def main() -> None:
             flush=True,
         )
         del model
-    if args.write:
+    per_backbone = backbone_rows(args)
+    if args.write and per_backbone:
+        write_section("Decoding speed per backbone", per_backbone)
+    if args.write and rows:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
         lines = [
             f"Command: `{command('decode.py')}`  ",
@@ -197,6 +212,52 @@ def main() -> None:
                 f"{g['stream_rtf']:.2f} |"
             )
         write_section("Decoding speed (valle synth)", lines)
+
+
+def backbone_rows(args) -> list[str]:
+    """The per-backbone table (markdown lines), printing as it goes."""
+    names = [b for b in args.backbones.split(",") if b]
+    if not names:
+        return []
+    lengths = [int(v) for v in args.backbone_lengths.split(",")]
+    table = []
+    for name in names:
+        model = build(args.backbone_preset, name)
+        cached = []
+        for length in lengths:
+            r = steps_at(model, length, args.steps, args.uncached_steps if length == lengths[0] else 0)
+            cached.append(r)
+        growth = cached[-1]["cached"] / cached[0]["cached"]
+        print(
+            f"{name}: cached ms/step "
+            + ", ".join(f"L={n}: {r['cached'] * 1e3:.1f}" for n, r in zip(lengths, cached, strict=True))
+            + f" (x{growth:.2f} from L={lengths[0]} to {lengths[-1]}); uncached at L={lengths[0]}: "
+            f"{cached[0]['uncached'] * 1e3:.0f} ms",
+            flush=True,
+        )
+        table.append((name, cached, growth))
+        del model
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    lines = [
+        f"Command: `{command('decode.py')}`  ",
+        f"Machine: {platform.machine()}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"fp32, random weights, the `{args.backbone_preset}` shape (d_model, layers, heads) with each backbone, "
+        "batch 1, greedy. Cached = one engine step with L tokens already read (a KV cache for attention "
+        "backbones, a fixed-size state for mamba and retnet); growth = the step at the longest L over the step "
+        "at the shortest. Medians.",
+        "",
+        "| backbone | "
+        + " | ".join(f"cached ms/step, L={n}" for n in lengths)
+        + f" | growth | uncached ms/step, L={lengths[0]} |",
+        "|---|" + "---|" * (len(lengths) + 2),
+    ]
+    for name, cached, growth in table:
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{r['cached'] * 1e3:.1f}" for r in cached)
+            + f" | {growth:.2f}x | {cached[0]['uncached'] * 1e3:.0f} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -81,7 +81,9 @@ def measure(run: Path, checkpoint: Path, n: int, asr, temp: float = 0.95, top_k:
             with torch.no_grad():
                 batch = model.assemble([Sample(ph, prompt, codes, 0, 0, frame_symbols=fs)])
                 mask = model.attention_mask(batch)  # level0 nar: every frame masked (one parallel pass)
-                h = model.backbone(batch.inputs_embeds, mask, batch.position_ids).hidden[0]
+                h = model.backbone(
+                    batch.inputs_embeds, mask, batch.position_ids, layout=model.layout(batch)
+                ).hidden[0]
                 start = next(st for _, st, _, _, part in batch.targets if part == "response")
                 logits = model.heads[0](h[start : start + codes.shape[1]])[:, : model.codebook_size]
                 gen = torch.Generator().manual_seed(k)

@@ -1,30 +1,35 @@
-"""Backbones (llama, mixtral, native transformer) on tiny shapes: causal vs non-causal masks, padding
-invariance, incremental decoding with the cache equal to the full pass, gradient flow, MoE aux loss."""
+"""Backbones (llama, mixtral, native transformer, mamba, retnet, bitnet) on tiny shapes: causal vs non-causal
+rows, padding invariance, incremental decoding with the cache (or recurrent state) equal to the full pass,
+gradient flow, MoE aux loss."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from valle_cli.backbones.base import attention_mask, build_backbone
+from valle_cli.backbones.base import attention_mask, build_backbone, layout
 from valle_cli.config import load_config
 from valle_cli.errors import ConfigError
 
-NAMES = ["llama", "mixtral", "transformer"]
+NAMES = ["llama", "mixtral", "transformer", "mamba", "retnet", "bitnet"]
+
+
+def overrides(name: str) -> list[str]:
+    extra = ["model.backbone_options.n_experts=4"] if name == "mixtral" else []
+    return [f"model.backbone={name}", *extra]
 
 
 @pytest.fixture(params=NAMES)
 def backbone(request):
     torch.manual_seed(0)
-    cfg = load_config("tiny", [f"model.backbone={request.param}", "model.n_experts=4"]).model
-    return build_backbone(cfg).eval()
+    return build_backbone(load_config("tiny", overrides(request.param)).model).eval()
 
 
 def run(bb, x, lengths, causal, cache=None, past=0, use_cache=False):
     b, t, _ = x.shape
     mask = attention_mask(lengths, causal, t, past=past)
     pos = (torch.arange(t) + past)[None].expand(b, t)
-    return bb(x, mask, pos, cache=cache, use_cache=use_cache)
+    return bb(x, mask, pos, cache=cache, use_cache=use_cache, layout=layout(lengths, causal, t))
 
 
 def test_causal_mask_hides_the_future_and_full_mask_does_not(backbone):
@@ -80,7 +85,7 @@ def test_gradients_reach_every_parameter(backbone):
 
 
 def test_mixtral_reports_router_loss_in_training_only():
-    cfg = load_config("tiny", ["model.backbone=mixtral", "model.n_experts=4"]).model
+    cfg = load_config("tiny", overrides("mixtral")).model
     bb = build_backbone(cfg)
     x = torch.randn(1, 6, 64)
     bb.train()
@@ -90,10 +95,52 @@ def test_mixtral_reports_router_loss_in_training_only():
     assert run(bb, x, torch.tensor([6]), True).aux_loss is None
 
 
-def test_flash_attention_2_is_refused_with_the_reason():
-    cfg = load_config("tiny", ["model.attn_implementation=flash_attention_2"]).model
-    with pytest.raises(ConfigError, match="non-causal masks"):
-        build_backbone(cfg)
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("flash_attention_2", "non-causal rows and prefix masks"), ("flash", "takes no attention mask")],
+)
+def test_maskless_attention_kernels_are_refused_with_the_reason(kind, reason):
+    for name in ("llama", "transformer"):
+        with pytest.raises(ConfigError, match=reason):
+            build_backbone(load_config("tiny", [f"model.backbone={name}", f"model.attention={kind}"]).model)
+
+
+def test_recurrent_backbones_have_no_attention_to_choose():
+    with pytest.raises(ConfigError, match="the mamba backbone has no attention"):
+        build_backbone(load_config("tiny", ["model.backbone=mamba", "model.attention=math"]).model)
+    assert build_backbone(load_config("tiny", ["model.backbone=retnet"]).model).attention == "auto"
+
+
+@pytest.mark.parametrize("kind", ["mem_efficient", "cudnn"])
+def test_gpu_kernels_say_so_on_a_cpu(kind):
+    bb = build_backbone(load_config("tiny", ["model.backbone=transformer", f"model.attention={kind}"]).model)
+    with pytest.raises(ConfigError, match=f"model.attention={kind} is one of torch's CUDA kernels"):
+        run(bb, torch.randn(1, 4, 64), torch.tensor([4]), True)
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral", "transformer", "bitnet"])
+def test_every_attention_choice_gives_the_same_output(name):
+    """auto, sdpa, math and eager are the same function (the kernel changes, not the result)."""
+    outs = {}
+    x = torch.randn(2, 7, 64)
+    for kind in ("auto", "sdpa", "math", "eager"):
+        torch.manual_seed(0)
+        bb = build_backbone(load_config("tiny", [*overrides(name), f"model.attention={kind}"]).model).eval()
+        with torch.no_grad():
+            outs[kind] = run(bb, x, torch.tensor([7, 4]), torch.tensor([True, False])).hidden
+    for kind in ("sdpa", "math", "eager"):
+        torch.testing.assert_close(outs[kind][0], outs["auto"][0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(outs[kind][1, :4], outs["auto"][1, :4], atol=1e-5, rtol=1e-4)
+
+
+def test_attention_settings_of_older_configs_are_upgraded():
+    old = load_config("tiny", ["model.attn_implementation=sdpa", "model.sdpa_kernel=efficient"]).model
+    assert old.attention == "mem_efficient"
+    assert load_config("tiny", ["model.attn_implementation=eager"]).model.attention == "eager"
+    assert (
+        load_config("tiny", ["model.attn_implementation=sdpa", "model.sdpa_kernel=auto"]).model.attention
+        == "auto"
+    )
 
 
 def test_attention_mask_shape_and_rules():
@@ -116,14 +163,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone_name):
         torch.manual_seed(0)
         cfg = load_config(
             "tiny",
-            [
-                f"model.backbone={backbone_name}",
-                "model.n_experts=4",
-                f"model.gradient_checkpointing={checkpointing}",
-            ],
+            [*overrides(backbone_name), f"model.gradient_checkpointing={checkpointing}"],
         ).model
         bb = build_backbone(cfg).train()
-        if checkpointing and backbone_name != "transformer":
+        if checkpointing and backbone_name in ("llama", "mixtral"):
             assert bb.model.is_activation_checkpointing
         torch.manual_seed(1)
         x = torch.randn(2, 7, 64)
@@ -138,9 +181,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone_name):
 
 
 def test_sdpa_kernel_choice_is_applied():
-    cfg = load_config("tiny", ["model.backbone=transformer", "model.sdpa_kernel=math"]).model
+    cfg = load_config("tiny", ["model.backbone=transformer", "model.attention=math"]).model
     bb = build_backbone(cfg).eval()
-    assert bb.sdpa_kernel == "math"
+    assert bb.attention == "math"
     x = torch.randn(1, 5, 64)
     torch.manual_seed(0)
     auto = build_backbone(load_config("tiny", ["model.backbone=transformer"]).model).eval()

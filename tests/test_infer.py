@@ -15,7 +15,7 @@ from valle_cli.infer.sampling import filter_logits, pick
 from valle_cli.model.valle import VALLE
 
 
-@pytest.fixture(params=["llama", "mixtral", "transformer"])
+@pytest.fixture(params=["llama", "mixtral", "transformer", "mamba", "retnet", "bitnet"])
 def model(request):
     torch.manual_seed(0)
     cfg = load_config("tiny", [f"model.backbone={request.param}"]).model
@@ -352,7 +352,8 @@ def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well(model):
         b, b_stop = beam_search(ar_decoder(model, [Request(ph, prompt)]), 4, 40, model.stop_id, 0.0)
         assert g_stop and b_stop
         assert logprob(b) >= logprob(g) - 1e-4
-        out = generate_batch(model, [Request(ph, prompt)], SamplingConfig(beam_width=4, max_ar_steps=40))[0]
+        sc = SamplingConfig(beam_width=4, max_ar_steps=40, beam_length_norm=0.0)  # as beam_search above
+        out = generate_batch(model, [Request(ph, prompt)], sc)[0]
         assert out.stopped and out.codes[0].tolist() == b
 
 

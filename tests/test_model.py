@@ -12,7 +12,8 @@ from valle_cli.model.valle import VALLE, Sample, count_parameters
 
 def tiny(backbone: str = "llama", **kw) -> VALLE:
     torch.manual_seed(0)
-    cfg = load_config("tiny", [f"model.backbone={backbone}", "model.n_experts=4"]).model
+    extra = ["model.backbone_options.n_experts=4"] if backbone == "mixtral" else []
+    cfg = load_config("tiny", [f"model.backbone={backbone}", *extra]).model
     return VALLE(cfg, n_symbols=623, **kw).eval()
 
 
@@ -31,7 +32,7 @@ def hidden(model: VALLE, s: Sample) -> torch.Tensor:
     return model([s], return_hidden=True).hidden[0]
 
 
-@pytest.mark.parametrize("backbone", ["llama", "mixtral", "transformer"])
+@pytest.mark.parametrize("backbone", ["llama", "mixtral", "transformer", "mamba", "retnet", "bitnet"])
 def test_nar_positions_see_later_positions(backbone):
     """Position i of a NAR pass changes when a later response position changes (no causal mask)."""
     model = tiny(backbone)
@@ -46,7 +47,7 @@ def test_nar_positions_see_later_positions(backbone):
     assert (a[first_response] - b[first_response]).abs().max() > 1e-4  # the first response frame noticed
 
 
-@pytest.mark.parametrize("backbone", ["llama", "transformer"])
+@pytest.mark.parametrize("backbone", ["llama", "transformer", "mamba", "retnet"])
 def test_ar_positions_do_not_see_the_future(backbone):
     model = tiny(backbone)
     s = sample(level=0)

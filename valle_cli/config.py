@@ -48,13 +48,17 @@ class ModelConfig:
     # by a duration head (pointer models only: see model/valle.py). nar has no previous frame to copy, so it
     # cannot drift from its text the way a small AR does
     level0: Literal["ar", "nar"] = "ar"
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
-    sdpa_kernel: Literal["auto", "math", "efficient", "flash", "cudnn"] = "auto"  # torch's choice unless set
+    # auto/sdpa: torch's scaled_dot_product_attention, torch picks the kernel; math, mem_efficient, cudnn: that
+    # kernel only (the last two: CUDA); eager: the written-out softmax; flash and flash_attention_2 are refused
+    # (they cannot take the masks every call passes). Recurrent backbones have no attention: auto only.
+    attention: Literal[
+        "auto", "sdpa", "math", "mem_efficient", "flash", "cudnn", "eager", "flash_attention_2"
+    ] = "auto"
     max_position: int = 4096
-    n_experts: int = 8  # mixtral only
-    experts_per_token: int = 2  # mixtral only
-    router_aux_loss_coef: float = 0.02  # mixtral only
     gradient_checkpointing: bool = False
+    # the backbone's own settings (mixtral's experts, mamba's state size, ...), checked by the backbone plugin
+    # when the config loads: `valle plugins --options` lists them
+    backbone_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         _positive(self, "d_model", "n_layers", "n_heads", "ffn_dim", "n_levels", "max_position")
@@ -65,8 +69,6 @@ class ModelConfig:
             )
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.experts_per_token > self.n_experts:
-            raise ConfigError("model.experts_per_token cannot exceed model.n_experts")
         if self.level0 == "nar" and self.alignment != "pointer":
             raise ConfigError(
                 "model.level0: nar lays frames out by phoneme durations and needs model.alignment: pointer",
@@ -82,6 +84,7 @@ class CodecConfig:
     bandwidth: float = 6.0  # kbps, EnCodec-family codecs: 1.5/3/6/12/24 -> 2/4/8/16/32 levels
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     path: str | None = None  # weights or codebook file; None = the codec's default
+    options: dict[str, Any] = field(default_factory=dict)  # the codec's own settings, checked by its plugin
 
     def validate(self) -> None:
         if self.bandwidth <= 0:
@@ -286,6 +289,91 @@ class Config:
                 )
         _check_plugin("codec", self.codec.name, "codec.name")
         _check_plugin("transcriber", self.data.transcriber, "data.transcriber")
+        _check_plugin("backbone", self.model.backbone, "model.backbone")
+        self.model.backbone_options = _options_of(
+            "backbone", self.model.backbone, self.model.backbone_options
+        )
+        self.codec.options = _options_of("codec", self.codec.name, self.codec.options)
+
+
+def _options_of(kind: str, name: str, data: dict) -> dict:
+    """A plugin's own settings checked by the plugin (imports it), with every default filled in."""
+    from valle_cli import plugins
+    from valle_cli.errors import PluginError
+
+    where = "model.backbone_options" if kind == "backbone" else f"{kind}.options"
+    try:
+        cls = plugins.load(kind, name)
+    except PluginError:
+        if data:
+            raise
+        return {}  # a plugin that does not load fails where it is used, with its own message
+    return plugin_options(cls, data, where)
+
+
+def plugin_options(cls: type, data: dict | None, where: str, typed: bool = False) -> Any:
+    """Build a plugin's `Options` dataclass from `data` (errors name `where` and suggest keys), validate it,
+    and return it (`typed`) or its dict with the defaults filled in."""
+    spec = getattr(cls, "Options", None)
+    if spec is None:
+        if data:
+            raise ConfigError(
+                f"{where}: the {getattr(cls, 'name', cls.__name__)} plugin has no options "
+                f"(got {', '.join(map(str, data))})",
+                f"remove {where}",
+            )
+        return None if typed else {}
+    hints = typing.get_type_hints(spec)
+    fields = {f.name for f in dataclasses.fields(spec)}
+    for key in data or {}:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1, cutoff=0.6)
+            hint = (
+                f"did you mean '{where}.{close[0]}'?"
+                if close
+                else f"valid keys here: {', '.join(sorted(fields))}"
+            )
+            raise ConfigError(f"unknown config key '{where}.{key}'", hint)
+    obj = spec(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in (data or {}).items()})
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj if typed else dataclasses.asdict(obj)
+
+
+# mixtral's settings lived in the model section before backbones had their own (configs, runs and exports
+# made then still load): moved into backbone_options for mixtral, dropped at their old defaults otherwise
+_MOVED_TO_OPTIONS = {"n_experts": 8, "experts_per_token": 2, "router_aux_loss_coef": 0.02}
+
+
+# attn_implementation + sdpa_kernel, before model.attention said both
+_OLD_ATTENTION = {"efficient": "mem_efficient"}
+
+
+def _upgrade(data: dict) -> dict:
+    model = data.get("model")
+    if isinstance(model, dict) and ({"attn_implementation", "sdpa_kernel"} & set(model)):
+        model = dict(model)
+        impl, kernel = model.pop("attn_implementation", "sdpa"), model.pop("sdpa_kernel", "auto")
+        if "attention" not in model:
+            model["attention"] = impl if impl != "sdpa" else _OLD_ATTENTION.get(kernel, kernel)
+        data = {**data, "model": model}
+    if not isinstance(model, dict) or not set(model) & set(_MOVED_TO_OPTIONS):
+        return data
+    model = dict(model)
+    mixtral = model.get("backbone") == "mixtral"
+    moved = {k: model.pop(k) for k in list(model) if k in _MOVED_TO_OPTIONS}
+    if mixtral:
+        model["backbone_options"] = {**moved, **(model.get("backbone_options") or {})}
+    else:
+        odd = {k: v for k, v in moved.items() if v != _MOVED_TO_OPTIONS[k]}
+        if odd:
+            key = next(iter(odd))
+            raise ConfigError(
+                f"model.{key} is a setting of the mixtral backbone; model.backbone is "
+                f"{model.get('backbone', 'llama')}",
+                f"for mixtral write model.backbone_options.{key}; otherwise remove it",
+            )
+    return {**data, "model": model}
 
 
 def _check_plugin(kind: str, name: str, key: str) -> None:
@@ -531,6 +619,7 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
         data = _deep_merge(_preset_data(str(preset)), data)
     for text in overrides or []:
         data = _deep_merge(data, parse_override(text))
+    data = _upgrade(data)
     cfg = _build(Config, data, "")
     cfg.validate()
     return cfg

@@ -1,14 +1,33 @@
-"""The backbone protocol: a stack of transformer layers driven from outside with embeddings.
+"""The backbone protocol: a stack of layers driven from outside with embeddings.
 
     forward(inputs_embeds (B, T, D), attention_mask (B, 1, T, S) additive float or None,
-            position_ids (B, T) long, cache=None, use_cache=False) -> BackboneOutput
+            position_ids (B, T) long, cache=None, use_cache=False[, layout=Layout]) -> BackboneOutput
 
 `S` is the key length: T plus whatever the cache already holds. The mask is additive (0 = attend, a large
 negative number = masked) and fully explicit, so one backbone runs the AR pass (causal) and the NAR passes
-(no causal mask) and handles padding, with no flag to forget; `attention_mask()` builds it. A backbone
-declares what it supports: `supports_cache` (incremental decoding with `cache`), `supports_noncausal` (an
-arbitrary mask), `has_aux_loss` (mixture-of-experts router loss, returned in `aux_loss`). `attention_maps`
-(optional) returns every layer's attention probabilities, for alignment plots.
+(no causal mask) and handles padding, with no flag to forget; `attention_mask()` builds it.
+
+A backbone that cannot read an attention mask (a recurrent one: mamba, retnet) sets `needs_layout` and is
+also given `layout`, the same facts as structure (`Layout`: which positions are real, which rows are
+causal, where a non-causal row's prefix ends). Callers always pass `layout=`; `Backbone.__call__` drops it
+for backbones that do not ask for it, so attention backbones written before it existed keep working.
+
+What a backbone declares (class attributes; the model and the decoders read them):
+- `supports_cache`: incremental decoding with `cache` (keys/values, or a recurrent state). Without it the
+  decoders recompute the whole sequence every step. A cache object has `reorder_cache(index)` (beam search).
+- `supports_noncausal`: it can run rows that are not causal (every NAR pass, level0 nar). Without it the
+  model refuses any configuration with NAR levels (`model.n_levels > 1` or `model.level0: nar`): a NAR
+  pass run causally would silently see half its context.
+- `has_aux_loss`: it may return `aux_loss` (e.g. mixture-of-experts routing), added to the training loss.
+  A backbone without it returning one is an error.
+- `forward_with_attention` (optional): attention probabilities of every layer, for alignment plots and the
+  guided-attention loss; a backbone without attention does not override it, and both refuse with the reason.
+- `attention_kinds`: the `model.attention` values it honours (default only "auto": no attention);
+  `build_backbone` refuses the others, and sets `attention` on the instance (Backbone.__call__ applies
+  torch's kernel choice around every call).
+- `Options` (optional): a dataclass of the backbone's own settings, read from `model.backbone_options`. The
+  config loader builds it with the same "unknown key, did you mean" errors as the core sections and calls
+  its `validate()` if it has one; `from_config` reads it with `options(cfg)`.
 
 Backbones are plugins (`valle.backbones` entry points); `build_backbone(model_config)` calls
 `cls.from_config(model_config)`.
@@ -25,6 +44,33 @@ from valle_cli.errors import ConfigError
 
 if TYPE_CHECKING:
     from valle_cli.config import ModelConfig
+
+
+@dataclass
+class Layout:
+    """Who sees whom, as structure instead of a mask, for backbones with `needs_layout` (see the module).
+
+    Rows that are not causal are right-padded (their real positions come first)."""
+
+    valid: torch.Tensor  # (B, T) bool: which of this call's T inputs are real (padding on either side)
+    causal: torch.Tensor  # (B,) bool: the row sees only the past
+    split: torch.Tensor | None = None  # (B,) long, non-causal rows: positions < split do not see >= split
+
+    def __post_init__(self) -> None:
+        if self.split is None:
+            self.split = torch.zeros_like(self.causal, dtype=torch.long)
+
+
+def layout(
+    lengths: torch.Tensor, causal: torch.Tensor | bool, total: int, split: torch.Tensor | None = None
+) -> Layout:
+    """The `Layout` of right-padded rows of `lengths` (B,) in `total` positions (what `attention_mask`
+    says as a mask); `split` as for level0-nar rows, whose prefix does not see the response."""
+    b = lengths.shape[0]
+    if isinstance(causal, bool):
+        causal = torch.full((b,), causal, dtype=torch.bool, device=lengths.device)
+    valid = torch.arange(total, device=lengths.device)[None, :] < lengths[:, None]
+    return Layout(valid, causal, split)
 
 
 @dataclass
@@ -99,11 +145,33 @@ class Backbone(torch.nn.Module):
     supports_cache: ClassVar[bool] = True
     supports_noncausal: ClassVar[bool] = True
     has_aux_loss: ClassVar[bool] = False
-    sdpa_kernel: str = "auto"  # model.sdpa_kernel: restrict torch's attention kernel choice
+    needs_layout: ClassVar[bool] = False
+    Options: ClassVar[type | None] = None
+    # the model.attention values it honours ("auto" alone: it has no attention to choose a kernel for)
+    attention_kinds: ClassVar[tuple[str, ...]] = ("auto",)
+    attention: str = "auto"  # model.attention, set by build_backbone
 
     def __call__(self, *args, **kwargs):
-        with sdpa_context(self.sdpa_kernel):
-            return super().__call__(*args, **kwargs)
+        if not self.needs_layout:
+            kwargs.pop("layout", None)
+        if self.attention in GPU_KERNELS:
+            x = args[0] if args else kwargs.get("inputs_embeds")
+            if x is not None and x.device.type != "cuda":
+                raise ConfigError(
+                    f"model.attention={self.attention} is one of torch's CUDA kernels; this model runs on "
+                    f"{x.device.type}",
+                    "use model.attention=auto (or math) off a GPU",
+                )
+        with sdpa_context(self.attention):
+            try:
+                return super().__call__(*args, **kwargs)
+            except RuntimeError as exc:
+                if self.attention in GPU_KERNELS and "No available kernel" in str(exc):
+                    raise ConfigError(
+                        f"torch's {self.attention} attention kernel cannot run this call ({exc})",
+                        "it needs fp16/bf16 and a GPU that supports it; use model.attention=auto",
+                    ) from None
+                raise
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Backbone:  # pragma: no cover - every backbone overrides
@@ -134,30 +202,83 @@ class Backbone(torch.nn.Module):
         return self.forward_with_attention(inputs_embeds, attention_mask, position_ids)[1]
 
 
+ATTENTION_KINDS = ("auto", "sdpa", "math", "mem_efficient", "flash", "cudnn", "eager", "flash_attention_2")
+GPU_KERNELS = ("mem_efficient", "cudnn")  # torch's fused kernels that exist only on CUDA
+SDPA_KINDS = ("auto", "sdpa", "math", "mem_efficient", "cudnn", "eager")  # what attention backbones honour
+# every call passes an explicit mask (padding; causal and non-causal rows side by side): kernels that cannot
+# take one are refused with the reason, whatever the backbone
+_MASKLESS = {
+    "flash": "torch's flash kernel takes no attention mask",
+    "flash_attention_2": "flash-attn (transformers' flash_attention_2) takes only causal or padding masks, not "
+    "the non-causal rows and prefix masks of the NAR passes",
+}
+
+
 def sdpa_context(kind: str):
-    """A context that restricts torch's scaled_dot_product_attention to one kernel ('auto': no restriction)."""
+    """A context that restricts torch's scaled_dot_product_attention to one kernel (model.attention; auto,
+    sdpa and eager: no restriction)."""
     import contextlib
 
-    if kind == "auto":
+    if kind in ("auto", "sdpa", "eager"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {
         "math": SDPBackend.MATH,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "flash": SDPBackend.FLASH_ATTENTION,
+        "mem_efficient": SDPBackend.EFFICIENT_ATTENTION,
         "cudnn": SDPBackend.CUDNN_ATTENTION,
     }[kind]
     return sdpa_kernel(backend)
+
+
+def check_attention(cfg: ModelConfig, cls: type) -> None:
+    """model.attention must be one the backbone honours; kernels that cannot take valle's masks are refused."""
+    kind = cfg.attention
+    if kind in _MASKLESS:
+        raise ConfigError(
+            f"model.attention={kind}: {_MASKLESS[kind]}, and valle passes an explicit mask in every call",
+            "use mem_efficient or cudnn (GPU kernels that take masks), or auto",
+        )
+    kinds = getattr(cls, "attention_kinds", ("auto",))
+    if kind not in kinds:
+        what = "has no attention" if tuple(kinds) == ("auto",) else f"honours {', '.join(kinds)}"
+        raise ConfigError(
+            f"model.attention={kind}: the {cfg.backbone} backbone {what}", "use model.attention=auto"
+        )
+
+
+def options(cfg: ModelConfig) -> Any:
+    """The backbone's own settings (`model.backbone_options`) as its `Options` dataclass, validated."""
+    from valle_cli import plugins
+    from valle_cli.config import plugin_options
+
+    cls = plugins.load("backbone", cfg.backbone)
+    return plugin_options(cls, cfg.backbone_options, "model.backbone_options", typed=True)
+
+
+def needs_noncausal(cfg: ModelConfig) -> str | None:
+    """What in a model config runs rows that are not causal (None: nothing, an AR-only model)."""
+    if cfg.n_levels > 1:
+        return f"model.n_levels: {cfg.n_levels} (levels 1..{cfg.n_levels - 1} are NAR passes)"
+    if getattr(cfg, "level0", "ar") == "nar":
+        return "model.level0: nar"
+    return None
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:
     from valle_cli import plugins
 
     cls = plugins.load("backbone", cfg.backbone)
+    noncausal = needs_noncausal(cfg)
+    if noncausal and not getattr(cls, "supports_noncausal", True):
+        raise ConfigError(
+            f"the {cfg.backbone} backbone cannot run the non-causal NAR passes that {noncausal} asks for",
+            "use model.n_levels=1 with model.level0=ar (an AR-only model), or a backbone that runs non-causal "
+            "rows (`valle plugins` lists them)",
+        )
+    check_attention(cfg, cls)
     backbone = cls.from_config(cfg)
     if not isinstance(backbone, Backbone):
         raise ConfigError(f"backbone plugin {cfg.backbone!r} did not build a valle Backbone")
-    if cfg.sdpa_kernel != "auto":
-        backbone.sdpa_kernel = cfg.sdpa_kernel
+    backbone.attention = cfg.attention
     return backbone

@@ -3,9 +3,9 @@
 We drive the decoder stack with `inputs_embeds`, an explicit 4D additive mask (transformers passes a 4D mask
 through unchanged, so one model runs causal AR and non-causal NAR passes), explicit `position_ids`, and
 transformers' own `DynamicCache` for incremental decoding. Sampling stays in valle's code; `generate()` is not
-used. `attn_implementation` is `eager` or `sdpa` (torch picks its flash / memory-efficient / math kernel; see
-`torch.nn.attention.sdpa_kernel`). `flash_attention_2` cannot take the arbitrary masks the NAR passes need,
-so it is refused with that reason.
+used. `model.attention` eager is transformers' eager attention; everything else is its sdpa attention,
+with torch's kernel restricted as asked (see backbones/base.py; flash and flash_attention_2 cannot take the
+arbitrary masks the NAR passes need, so they are refused with that reason).
 
 The token embedding table transformers creates is unused (valle has its own embeddings), so it is built with
 a vocabulary of one row.
@@ -13,11 +13,12 @@ a vocabulary of one row.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from valle_cli.backbones.base import Backbone, BackboneOutput
+from valle_cli.backbones.base import SDPA_KINDS, Backbone, BackboneOutput, options
 from valle_cli.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,12 +26,7 @@ if TYPE_CHECKING:
 
 
 def _attn(cfg: ModelConfig) -> str:
-    if cfg.attn_implementation == "flash_attention_2":
-        raise ConfigError(
-            "model.attn_implementation=flash_attention_2 cannot apply the non-causal masks of the NAR passes",
-            "use sdpa: on a GPU torch runs it with flash or memory-efficient kernels",
-        )
-    return cfg.attn_implementation
+    return "eager" if cfg.attention == "eager" else "sdpa"
 
 
 def _shape(cfg: ModelConfig) -> dict:
@@ -53,6 +49,8 @@ def _shape(cfg: ModelConfig) -> dict:
 
 class HFBackbone(Backbone):
     """Common driver for transformers decoder stacks."""
+
+    attention_kinds = SDPA_KINDS
 
     def __init__(self, model: torch.nn.Module, gradient_checkpointing: bool = False):
         super().__init__()
@@ -111,9 +109,28 @@ class LlamaBackbone(HFBackbone):
         return BackboneOutput(out.last_hidden_state, cache)
 
 
+@dataclass
+class MixtralOptions:
+    """model.backbone_options of the mixtral backbone."""
+
+    n_experts: int = 8  # feed-forward experts per layer
+    experts_per_token: int = 2  # experts each token is routed to
+    router_aux_loss_coef: float = 0.02  # weight of the load-balancing loss
+
+    def validate(self) -> None:
+        if self.n_experts < 1 or not 1 <= self.experts_per_token <= self.n_experts:
+            raise ConfigError(
+                f"model.backbone_options: mixtral needs n_experts >= 1 and 1 <= experts_per_token <= n_experts "
+                f"(got {self.n_experts} and {self.experts_per_token})"
+            )
+        if self.router_aux_loss_coef < 0:
+            raise ConfigError("model.backbone_options.router_aux_loss_coef cannot be negative")
+
+
 class MixtralBackbone(HFBackbone):
     name = "mixtral"
     has_aux_loss = True
+    Options = MixtralOptions
 
     def __init__(self, model, gradient_checkpointing: bool = False, aux_coef: float = 0.02):
         super().__init__(model, gradient_checkpointing)
@@ -123,13 +140,14 @@ class MixtralBackbone(HFBackbone):
     def from_config(cls, cfg: ModelConfig) -> MixtralBackbone:
         from transformers import MixtralConfig, MixtralModel
 
+        opts = options(cfg)
         config = MixtralConfig(
             **_shape(cfg),
-            num_local_experts=cfg.n_experts,
-            num_experts_per_tok=cfg.experts_per_token,
-            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            num_local_experts=opts.n_experts,
+            num_experts_per_tok=opts.experts_per_token,
+            router_aux_loss_coef=opts.router_aux_loss_coef,
         )
-        return cls(MixtralModel(config), cfg.gradient_checkpointing, cfg.router_aux_loss_coef)
+        return cls(MixtralModel(config), cfg.gradient_checkpointing, opts.router_aux_loss_coef)
 
     def forward(
         self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False

@@ -3,6 +3,12 @@
 No dependency beyond torch, every line readable: RMSNorm -> multi-head attention (rotary positions,
 `scaled_dot_product_attention` with the explicit additive mask) -> residual -> RMSNorm -> SwiGLU -> residual.
 The KV cache is an explicit object holding (B, H, S, Dh) keys and values per layer.
+
+`bitnet` is the same stack with every projection a `BitLinear`: BitNet b1.58 (Ma et al. 2024, arXiv
+2402.17764) weights in {-1, 0, +1} times one scale per matrix (the mean absolute value), inputs quantized to
+8 bits per token (absmax), trained through the rounding with the straight-through estimator. The weights
+are kept and exported in full precision (what training updates); the forward pass always uses the
+quantized ones, so what you train is what runs.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from valle_cli.backbones.base import Backbone, BackboneOutput
+from valle_cli.backbones.base import SDPA_KINDS, Backbone, BackboneOutput
 
 if TYPE_CHECKING:
     from valle_cli.config import ModelConfig
@@ -67,15 +73,29 @@ def rotary(x: torch.Tensor, position_ids: torch.Tensor, base: float = 10_000.0) 
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
+class BitLinear(nn.Linear):
+    """A linear layer with ternary weights and 8-bit inputs (BitNet b1.58), trained with straight-through
+    gradients; `nn.Linear`'s parameters, so LoRA, checkpoints and exports treat it as one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        scale = w.abs().mean().clamp_min(1e-5)
+        wq = w + ((w / scale).round().clamp(-1, 1) * scale - w).detach()
+        xs = 127.0 / x.abs().amax(-1, keepdim=True).clamp_min(1e-5)
+        xq = x + ((x * xs).round().clamp(-128, 127) / xs - x).detach()
+        return F.linear(xq, wq, self.bias)
+
+
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, linear: type[nn.Linear] = nn.Linear):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.q_proj = nn.Linear(d_model, d_model, bias=False)
-        self.k_proj = nn.Linear(d_model, d_model, bias=False)
-        self.v_proj = nn.Linear(d_model, d_model, bias=False)
-        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_proj = linear(d_model, d_model, bias=False)
+        self.k_proj = linear(d_model, d_model, bias=False)
+        self.v_proj = linear(d_model, d_model, bias=False)
+        self.o_proj = linear(d_model, d_model, bias=False)
         self.dropout = dropout
+        self.eager = False  # set from model.attention by the backbone
 
     def forward(self, x, mask, position_ids, cache: KVCache | None, layer: int) -> torch.Tensor:
         b, t, d = x.shape
@@ -88,25 +108,30 @@ class Attention(nn.Module):
         v = heads(self.v_proj(x))
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=None if mask is None else mask.to(q.dtype),
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        p = self.dropout if self.training else 0.0
+        if self.eager:  # model.attention=eager: the softmax written out
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask.to(scores.dtype)
+            out = F.dropout(torch.softmax(scores.float(), -1).to(q.dtype), p, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if mask is None else mask.to(q.dtype), dropout_p=p
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, ffn_dim: int, dropout: float):
+    def __init__(
+        self, d_model: int, n_heads: int, ffn_dim: int, dropout: float, linear: type[nn.Linear] = nn.Linear
+    ):
         super().__init__()
         self.attn_norm = RMSNorm(d_model)
-        self.attn = Attention(d_model, n_heads, dropout)
+        self.attn = Attention(d_model, n_heads, dropout, linear)
         self.ffn_norm = RMSNorm(d_model)
-        self.gate_proj = nn.Linear(d_model, ffn_dim, bias=False)
-        self.up_proj = nn.Linear(d_model, ffn_dim, bias=False)
-        self.down_proj = nn.Linear(ffn_dim, d_model, bias=False)
+        self.gate_proj = linear(d_model, ffn_dim, bias=False)
+        self.up_proj = linear(d_model, ffn_dim, bias=False)
+        self.down_proj = linear(ffn_dim, d_model, bias=False)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, mask, position_ids, cache, layer):
@@ -115,8 +140,19 @@ class Block(nn.Module):
         return x + self.drop(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
 
 
+def init_weights(module: nn.Module, n_layers: int) -> None:
+    """GPT-2's initialization: N(0, 0.02) matrices, the ones writing into the residual stream scaled down by
+    sqrt(2 * layers)."""
+    for name, p in module.named_parameters():
+        if p.dim() == 2:
+            deep = name.endswith(("o_proj.weight", "down_proj.weight"))
+            nn.init.normal_(p, std=0.02 / (math.sqrt(2 * n_layers) if deep else 1))
+
+
 class TransformerBackbone(Backbone):
     name = "transformer"
+    attention_kinds = SDPA_KINDS
+    linear: type[nn.Linear] = nn.Linear
 
     def __init__(
         self,
@@ -128,24 +164,19 @@ class TransformerBackbone(Backbone):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
-        self.layers = nn.ModuleList(Block(d_model, n_heads, ffn_dim, dropout) for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            Block(d_model, n_heads, ffn_dim, dropout, self.linear) for _ in range(n_layers)
+        )
         self.norm = RMSNorm(d_model)
         self.gradient_checkpointing = gradient_checkpointing
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                nn.init.normal_(
-                    p,
-                    std=0.02
-                    / (
-                        math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
-                    ),
-                )
+        init_weights(self, n_layers)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> TransformerBackbone:
-        return cls(
-            cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.ffn_dim, cfg.dropout, cfg.gradient_checkpointing
-        )
+        bb = cls(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.ffn_dim, cfg.dropout, cfg.gradient_checkpointing)
+        for layer in bb.layers:
+            layer.attn.eager = cfg.attention == "eager"
+        return bb
 
     def forward(
         self, inputs_embeds, attention_mask, position_ids, cache=None, use_cache=False
@@ -179,3 +210,10 @@ class TransformerBackbone(Backbone):
             maps.append(torch.softmax(scores.float(), -1))
             x = layer(x, attention_mask, position_ids, None, 0)
         return BackboneOutput(self.norm(x)), maps
+
+
+class BitNetBackbone(TransformerBackbone):
+    """The `bitnet` backbone: the native transformer with 1.58-bit projections (see the module)."""
+
+    name = "bitnet"
+    linear = BitLinear

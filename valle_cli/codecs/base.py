@@ -153,12 +153,16 @@ class Codec(torch.nn.Module):
 
 
 def codec_from_header(header: dict, device: str | None = None) -> Codec:
-    """The codec a dataset header or model metadata names (`{"name", "bandwidth", "path"}`), codebook or
-    weights path included: tokens only decode right with the exact codec that made them."""
+    """The codec a dataset header or model metadata names (`{"name", "bandwidth", "path", "options"}`),
+    codebook or weights path and the codec's own settings included: tokens only decode right with the exact
+    codec that made them."""
     from valle_cli.config import CodecConfig
 
     cfg = CodecConfig(
-        name=header["name"], bandwidth=float(header.get("bandwidth", 6.0)), path=header.get("path")
+        name=header["name"],
+        bandwidth=float(header.get("bandwidth", 6.0)),
+        path=header.get("path"),
+        options=dict(header.get("options") or {}),
     )
     return build_codec(cfg, device)
 
@@ -166,11 +170,12 @@ def codec_from_header(header: dict, device: str | None = None) -> Codec:
 def build_codec(cfg: CodecConfig | str, device: str | None = None) -> Codec:
     """Build the codec a config names (a `valle.codecs` plugin) and move it to its device."""
     from valle_cli import plugins
-    from valle_cli.config import CodecConfig
+    from valle_cli.config import CodecConfig, plugin_options
 
     if isinstance(cfg, str):
         cfg = CodecConfig(name=cfg)
     cls = plugins.load("codec", cfg.name)
+    plugin_options(cls, cfg.options, "codec.options")  # checked here too: headers bypass load_config
     codec = cls.from_config(cfg)
     if not isinstance(codec, Codec):
         raise CodecError(

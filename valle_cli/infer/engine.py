@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from valle_cli.backbones.base import attention_mask, padded_mask
+from valle_cli.backbones.base import Layout, attention_mask, layout, padded_mask
 from valle_cli.errors import ValleError
 from valle_cli.infer.sampling import SamplerSettings, TokenSampler, pick
 from valle_cli.model.valle import MAX_HELD, VALLE, Sample, frame_symbols, stretch_durations
@@ -163,14 +163,20 @@ class Decoder:
         if self.use_cache:
             t = self.x.shape[1]
             mask = padded_mask(self.valid, t, dtype=self.x.dtype)
-            out = self.backbone(self.x, mask, self.positions[:, -t:], cache=self.cache, use_cache=True)
+            out = self.backbone(
+                self.x, mask, self.positions[:, -t:], cache=self.cache, use_cache=True, layout=self._layout(t)
+            )
             self.cache = out.cache
             self.x = self.x[:, :0]  # the cache holds them now
         else:
             t = self.x.shape[1]
             mask = padded_mask(self.valid, t, dtype=self.x.dtype)
-            out = self.backbone(self.x, mask, self.positions)
+            out = self.backbone(self.x, mask, self.positions, layout=self._layout(t))
         return self.head(out.hidden[:, -1])
+
+    def _layout(self, t: int) -> Layout:
+        """The last `t` positions, every row causal (for recurrent backbones)."""
+        return Layout(self.valid[:, -t:], torch.ones(len(self.valid), dtype=torch.bool, device=self.x.device))
 
     def feed(self, tokens: torch.Tensor, extra: torch.Tensor | None = None) -> None:
         """Append one token (B,) per row; `extra` (B, D) is added to their embeddings."""
@@ -320,7 +326,8 @@ def predict_durations(model: VALLE, requests: list[Request]) -> list[torch.Tenso
     for b, p in enumerate(pres):
         x[b, : len(p)] = p
     pos = torch.arange(x.shape[1], device=dev)[None].expand(len(pres), -1)
-    hidden = model.backbone(x, attention_mask(lengths, False, x.shape[1], dtype=x.dtype), pos).hidden
+    mask = attention_mask(lengths, False, x.shape[1], dtype=x.dtype)
+    hidden = model.backbone(x, mask, pos, layout=layout(lengths, False, x.shape[1])).hidden
     out = []
     for b, r in enumerate(requests):
         frames = model.durations(hidden[b, starts[b] : starts[b] + len(r.phonemes)])
@@ -359,7 +366,10 @@ def nar_level0(
             for r, c, f, m in zip(requests, codes, fs, masked, strict=True)
         ]
         batch = model.assemble(samples)
-        hidden = model.backbone(batch.inputs_embeds, model.attention_mask(batch), batch.position_ids).hidden
+        mask = model.attention_mask(batch)
+        hidden = model.backbone(
+            batch.inputs_embeds, mask, batch.position_ids, layout=model.layout(batch)
+        ).hidden
         starts = {b: start for b, start, _, _, part in batch.targets if part == "response"}
         for b in range(len(requests)):
             m = masked[b]
@@ -431,7 +441,9 @@ def nar_fill(
         batch = model.assemble(samples)
         t = batch.inputs_embeds.shape[1]
         mask = attention_mask(batch.lengths, False, t, dtype=batch.inputs_embeds.dtype)
-        hidden = model.backbone(batch.inputs_embeds, mask, batch.position_ids).hidden  # (B, T, D)
+        hidden = model.backbone(
+            batch.inputs_embeds, mask, batch.position_ids, layout=layout(batch.lengths, False, t)
+        ).hidden  # (B, T, D)
         starts = {b: start for b, start, _, _, part in batch.targets if part == "response"}
         for b, i in enumerate(live):
             fixed, n = items[i].fixed, out[i].shape[1]

@@ -42,6 +42,14 @@ class LoRALinear(nn.Module):
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> list[str]:
     """Wrap the targeted linear layers of `model.backbone`; freeze everything else. Returns wrapped names."""
+    from valle_cli.backbones.transformer import BitLinear
+
+    if any(isinstance(m, BitLinear) for m in model.backbone.modules()):
+        raise ConfigError(
+            f"LoRA cannot adapt the {model.cfg.backbone} backbone: its weights are ternary, and an adapter "
+            "merged into them for export would be rounded away",
+            "fine-tune it fully (train.lora.rank=0), or use a full-precision backbone",
+        )
     wrapped = []
     for name, module in list(model.backbone.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -50,9 +58,12 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
                 wrapped.append(full)
     if not wrapped:
+        names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.backbone.named_modules() if isinstance(m, nn.Linear)}
+        )
         raise ConfigError(
             f"train.lora.targets {targets} match no linear layer of the {model.cfg.backbone} backbone",
-            "use names such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+            f"its linear layers are named {', '.join(names)}: set train.lora.targets to some of them",
         )
     for pname, p in model.named_parameters():
         p.requires_grad_("lora_" in pname)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from valle_cli.backbones.base import attention_mask, build_backbone
+from valle_cli.backbones.base import Layout, attention_mask, build_backbone, layout
 from valle_cli.config import ModelConfig
 
 TASKS = {"tts": 0, "stt": 1}
@@ -228,6 +228,10 @@ class VALLE(nn.Module):
             mask = mask.masked_fill(hide[:, None], torch.finfo(mask.dtype).min)
         return mask
 
+    def layout(self, batch: Batch) -> Layout:
+        """The same facts as `attention_mask`, as structure, for recurrent backbones (`Layout`)."""
+        return layout(batch.lengths, batch.causal, batch.inputs_embeds.shape[1], batch.prefix_only)
+
     def ar_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """Level-0 input embeddings; while training with `input_dropout` p, each one after START is zeroed
         with probability p (Tacotron's prenet dropout: the previous frame stops being enough to predict the
@@ -319,7 +323,7 @@ class VALLE(nn.Module):
         sub = [samples[k] for k in rows]
         batch = self.assemble(sub)
         mask = self.attention_mask(batch)
-        h = self.backbone(batch.inputs_embeds, mask, batch.position_ids).hidden
+        h = self.backbone(batch.inputs_embeds, mask, batch.position_ids, layout=self.layout(batch)).hidden
         out = list(samples)
         starts = {b: start for b, start, _, head, part in batch.targets if part == "response"}
         for b, k in enumerate(rows):
@@ -345,7 +349,7 @@ class VALLE(nn.Module):
         if guided is not None:
             out, maps = self.backbone.forward_with_attention(batch.inputs_embeds, mask, batch.position_ids)
         else:
-            out = self.backbone(batch.inputs_embeds, mask, batch.position_ids)
+            out = self.backbone(batch.inputs_embeds, mask, batch.position_ids, layout=self.layout(batch))
         h = out.hidden
         total = h.new_zeros(())
         losses: dict[str, float] = {}
@@ -395,6 +399,8 @@ class VALLE(nn.Module):
             losses["guided"] = float(g.detach())
             total = total + guided.weight * g
         if out.aux_loss is not None:
+            if not self.backbone.has_aux_loss:
+                raise ValueError(f"the {self.backbone.name} backbone returned aux_loss without has_aux_loss")
             total = total + out.aux_loss
             losses["aux"] = float(out.aux_loss.detach())
         accuracy = {k: v / max(counts[k], 1) for k, v in accuracy.items()}

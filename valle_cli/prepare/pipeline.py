@@ -372,6 +372,8 @@ def _prepare(opts: PrepareOptions, progress: Progress | None, report: PrepareRep
     codec = build_codec(opts.codec, device=opts.device)
     symbols = default_symbol_map()
     codec_info = {**codec.describe(), "bandwidth": opts.codec.bandwidth, "path": opts.codec.path}
+    if opts.codec.options:  # the codec's own settings (codec.options): tokens decode only with the same ones
+        codec_info["options"] = dict(opts.codec.options)
     _check_settings(
         opts.output, {"codec": codec_info, "symbols_version": symbols.version, "created_by": __version__}
     )
