@@ -15,8 +15,14 @@ Then one row per backbone (`--backbones`, at the `--backbone-preset` shape): the
 lengths (attention backbones read a KV cache that grows with L; the recurrent ones, mamba and retnet, a state
 of fixed size, so their step should not grow) and the uncached step at the shortest length.
 
+And layer skip (`--layer-skip-preset`, transformer backbone): the cached step when every step exits after
+layer k (thresholds set so that it always does) for each k, against the full step: the most an early exit
+can save at that depth. Whether a trained model is confident that early is another question (see the
+section's note).
+
 Usage:  python bench/decode.py [--presets tiny,small,base] [--lengths 300,600,900]
-                               [--backbones llama,mamba,...] [--backbone-lengths 300,900,1800] [--write]
+                               [--backbones llama,mamba,...] [--backbone-lengths 300,900,1800]
+                               [--layer-skip-preset small] [--write]
 """
 
 from __future__ import annotations
@@ -147,6 +153,8 @@ def main() -> None:
     ap.add_argument("--backbones", default="llama,mixtral,transformer,bitnet,mamba,retnet")
     ap.add_argument("--backbone-preset", default="small")
     ap.add_argument("--backbone-lengths", default="300,900,1800")
+    ap.add_argument("--layer-skip-preset", default="small", help="'' skips the layer-skip rows")
+    ap.add_argument("--layer-skip-length", type=int, default=600)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     from valle_cli.codecs.base import build_codec
@@ -176,6 +184,9 @@ def main() -> None:
     per_backbone = backbone_rows(args)
     if args.write and per_backbone:
         write_section("Decoding speed per backbone", per_backbone)
+    skipping = layer_skip_rows(args)
+    if args.write and skipping:
+        write_section("Layer skip: what an early exit saves", skipping)
     if args.write and rows:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
         lines = [
@@ -257,6 +268,63 @@ def backbone_rows(args) -> list[str]:
             + " | ".join(f"{r['cached'] * 1e3:.1f}" for r in cached)
             + f" | {growth:.2f}x | {cached[0]['uncached'] * 1e3:.0f} |"
         )
+    return lines
+
+
+@torch.inference_mode()
+def layer_skip_rows(args) -> list[str]:
+    """Cached step time with every step exiting after layer k, for each k, against the full step."""
+    from valle_cli.infer.engine import SamplingConfig, ar_tokens
+
+    if not args.layer_skip_preset:
+        return []
+    model = build(args.layer_skip_preset, "transformer")
+    n_layers = len(model.backbone.layers)
+    req = request_of_length(model, args.layer_skip_length)
+
+    def step_ms(sc) -> float:
+        gen = ar_tokens(model, [req], sc)
+        next(gen)  # prefill
+        return per_step(lambda: next(gen), args.steps) * 1e3
+
+    full = step_ms(SamplingConfig(ar_temp=0.0, max_ar_steps=10_000))
+    rows = []
+    for k in range(1, n_layers):
+        sc = SamplingConfig(ar_temp=0.0, max_ar_steps=10_000, layer_skip=True, layer_skip_exit_layer=k, layer_skip_min_layer=k,
+                            layer_skip_entropy=1e9, layer_skip_varentropy=1e9)  # fmt: skip
+        ms = step_ms(sc)
+        rows.append((k, ms))
+        print(
+            f"layer skip: exit after {k}/{n_layers}: {ms:.1f} ms/step (full {full:.1f}, {full / ms:.2f}x)",
+            flush=True,
+        )
+    never = step_ms(SamplingConfig(ar_temp=0.0, max_ar_steps=10_000, layer_skip=True, layer_skip_entropy=0.0))
+    print(
+        f"layer skip on, never confident: {never:.1f} ms/step ({never / full:.2f}x the full step)", flush=True
+    )
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    lines = [
+        f"Command: `{command('decode.py')}`  ",
+        f"Machine: {platform.machine()}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"fp32, random weights, the `{args.layer_skip_preset}` shape with the transformer backbone, batch 1, "
+        f"L = {args.layer_skip_length}. Every step forced to exit after layer k (confidence thresholds set "
+        "out of reach), against the plain cached step; 'never confident' pays the exit checks and never exits. "
+        "Medians.",
+        "",
+        f"| exit after layer | of {n_layers} | ms/step | speed-up over the full step |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {k} | {n_layers} | {ms:.1f} | {full / ms:.2f}x |" for k, ms in rows]
+    lines += [
+        f"| full (no layer skip) | {n_layers} | {full:.1f} | 1.00x |",
+        f"| layer skip on, never confident | {n_layers} | {never:.1f} | {full / never:.2f}x |",
+        "",
+        "An exit after layer k runs k layers, one extra norm + level-0 head per layer checked, and the keys "
+        "and values of the skipped layers (their k/v projections only). The saving is real only if a model is "
+        "confident that early often enough: each check that does not exit costs a head projection. The "
+        "original reports no tangible speed-up from its layer skip; a model trained with `train.layer_skip` "
+        "is what decides it, and none is shipped yet.",
+    ]
     return lines
 
 

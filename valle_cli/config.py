@@ -177,6 +177,10 @@ class TrainConfig:
     # own sampled guess (from a teacher-forced pass without gradients) instead of the true previous frame, so
     # the AR learns to recover from its own mistakes; costs one extra forward pass of the level-0 samples
     scheduled_sampling: float = 0.0
+    # layer skip (LayerSkip, arXiv 2404.16710): weight of an extra loss that reads level 0 from every earlier
+    # layer's output through the final norm and head, so `valle synth --layer-skip` can stop a step early;
+    # classic AR models with a backbone that supports it (transformer, bitnet)
+    layer_skip: float = 0.0
     guided_attention_sigma: float = 0.4
     guided_attention_layers: list[int] = field(default_factory=list)
     eval_every: int = 1000
@@ -217,6 +221,8 @@ class TrainConfig:
             raise ConfigError("train.eval_texts holds an empty sentence", "remove it, or write the sentence")
         if not 0 <= self.scheduled_sampling <= 1:
             raise ConfigError(f"train.scheduled_sampling must be in [0, 1], got {self.scheduled_sampling}")
+        if self.layer_skip < 0:
+            raise ConfigError(f"train.layer_skip cannot be negative, got {self.layer_skip}")
         if not 0 <= self.input_dropout < 1:
             raise ConfigError(f"train.input_dropout must be in [0, 1), got {self.input_dropout}")
         if self.guided_attention < 0 or self.guided_attention_sigma <= 0:
@@ -276,6 +282,16 @@ class Config:
                 f"train.level_weights has {len(self.train.level_weights)} entries; model.n_levels is "
                 f"{self.model.n_levels}",
                 "give one weight per RVQ level, or [] for uniform",
+            )
+        if self.train.layer_skip > 0 and (self.model.level0 == "nar" or self.model.alignment != "none"):
+            raise ConfigError(
+                "train.layer_skip trains early exits of a classic autoregressive level 0",
+                "use it with model.alignment: none and model.level0: ar, or set train.layer_skip=0",
+            )
+        if self.train.layer_skip > 0 and self.train.guided_attention > 0:
+            raise ConfigError(
+                "train.layer_skip and train.guided_attention each need their own pass through the layers",
+                "use one of them",
             )
         if self.model.level0 == "nar":
             t = self.train

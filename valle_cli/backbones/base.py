@@ -22,6 +22,10 @@ What a backbone declares (class attributes; the model and the decoders read them
   A backbone without it returning one is an error.
 - `forward_with_attention` (optional): attention probabilities of every layer, for alignment plots and the
   guided-attention loss; a backbone without attention does not override it, and both refuse with the reason.
+- `supports_early_exit`: it offers `forward_layers` (every layer's output through the final norm, for
+  the layer-skip training loss) and `forward_exit` (a cached step that stops after the first layer whose
+  output (between two layer numbers) a callback finds confident, filling the skipped layers' cache). `train.layer_skip` and
+  `valle synth --layer-skip` refuse backbones without it.
 - `attention_kinds`: the `model.attention` values it honours (default only "auto": no attention);
   `build_backbone` refuses the others, and sets `attention` on the instance (Backbone.__call__ applies
   torch's kernel choice around every call).
@@ -146,6 +150,7 @@ class Backbone(torch.nn.Module):
     supports_noncausal: ClassVar[bool] = True
     has_aux_loss: ClassVar[bool] = False
     needs_layout: ClassVar[bool] = False
+    supports_early_exit: ClassVar[bool] = False  # forward_layers and forward_exit (layer skip)
     Options: ClassVar[type | None] = None
     # the model.attention values it honours ("auto" alone: it has no attention to choose a kernel for)
     attention_kinds: ClassVar[tuple[str, ...]] = ("auto",)

@@ -120,6 +120,14 @@ class Attention(nn.Module):
             )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
 
+    def fill_cache(self, x, position_ids, cache: KVCache, layer: int) -> None:
+        """Append keys and values made from `x` (B, T, D) without attending: a layer skipped by an early exit
+        still leaves this position's keys for later steps (CALM's state propagation, arXiv 2207.07061)."""
+        b, t, _ = x.shape
+        k = rotary(self.k_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2), position_ids)
+        v = self.v_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        cache.update(layer, k, v)
+
 
 class Block(nn.Module):
     def __init__(
@@ -152,6 +160,7 @@ def init_weights(module: nn.Module, n_layers: int) -> None:
 class TransformerBackbone(Backbone):
     name = "transformer"
     attention_kinds = SDPA_KINDS
+    supports_early_exit = True
     linear: type[nn.Linear] = nn.Linear
 
     def __init__(
@@ -192,6 +201,37 @@ class TransformerBackbone(Backbone):
                     x, attention_mask, position_ids, cache if use_cache or cache is not None else None, i
                 )
         return BackboneOutput(self.norm(x), cache if use_cache else None)
+
+    def forward_layers(self, inputs_embeds, attention_mask, position_ids) -> tuple[BackboneOutput, list]:
+        """`forward` (no cache) plus every earlier layer's output through the final norm, [(B, T, D)] for
+        layers 1..L-1: what an early exit after that layer would read (the layer-skip training loss)."""
+        x, early = inputs_embeds, []
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, attention_mask, position_ids, None, i, use_reentrant=False)
+            else:
+                x = layer(x, attention_mask, position_ids, None, i)
+            early.append(self.norm(x))
+        return BackboneOutput(early[-1]), early[:-1]
+
+    def forward_exit(
+        self, inputs_embeds, attention_mask, position_ids, cache, confident, min_layer: int, max_layer: int
+    ):
+        """One cached decoding call that may stop early: after each layer n (1-based) in min..max_layer,
+        `confident(hidden (B, T, D) through the final norm)` decides; on an exit, the skipped layers get this
+        position's keys and values from the exit layer's state (`Attention.fill_cache`). Returns the output
+        and how many layers ran."""
+        x = inputs_embeds
+        last = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attention_mask, position_ids, cache, i)
+            if min_layer <= i + 1 <= max_layer and i + 1 < last:
+                h = self.norm(x)
+                if confident(h):
+                    for j in range(i + 1, last):
+                        self.layers[j].attn.fill_cache(self.layers[j].attn_norm(x), position_ids, cache, j)
+                    return BackboneOutput(h, cache), i + 1
+        return BackboneOutput(self.norm(x), cache), last
 
     def forward_with_attention(self, inputs_embeds, attention_mask, position_ids):
         """`forward` plus every layer's attention probabilities (B, H, T, T), recomputed from its queries and

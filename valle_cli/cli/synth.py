@@ -78,6 +78,17 @@ def synth(
     entropix: bool = typer.Option(
         False, help="Entropy-adaptive sampling: each step's entropy and varentropy choose how to draw."
     ),
+    layer_skip: bool = typer.Option(
+        False, help="Layer skip: an AR step stops at the first confident layer (models trained for it)."
+    ),
+    layer_skip_exit_layer: int = typer.Option(
+        0, help="Layer skip: the deepest layer to exit after (0 = last but one)."
+    ),
+    layer_skip_min_layer: int = typer.Option(1, help="Layer skip: the first layer whose output is checked."),
+    layer_skip_entropy: float = typer.Option(
+        0.1, help="Layer skip: exit when the entropy (nats) is below this..."
+    ),
+    layer_skip_varentropy: float = typer.Option(0.1, help="...and the varentropy is below this."),
     max_ar_steps: int = typer.Option(1500, help="Longest output per segment, in frames (75 per second)."),
     level0_steps: int = typer.Option(
         8, help="Models with a parallel level 0 (level0: nar): unmasking passes (1 = one shot)."
@@ -165,8 +176,16 @@ def synth(
         seed=seed,
         beam_width=beam_width,
         beam_length_norm=beam_length_norm,
+        layer_skip=layer_skip,
+        layer_skip_exit_layer=layer_skip_exit_layer,
+        layer_skip_min_layer=layer_skip_min_layer,
+        layer_skip_entropy=layer_skip_entropy,
+        layer_skip_varentropy=layer_skip_varentropy,
     )
     loaded, dev = _load(model, device, dtype, compile, err)
+    from valle_cli.infer.engine import early_exit_for
+
+    early_exit_for(loaded.model, sampling)  # a model that cannot skip layers: said before any work
     opts = SynthOptions(
         language=language,
         prompt_seconds=input_prompt_length,

@@ -77,7 +77,7 @@ def beam_ar(model, request, sc, use_cache: bool = True) -> tuple[list[int], bool
     from valle_cli.infer.engine import ar_decoder
 
     return beam_search(
-        ar_decoder(model, [request], use_cache),
+        ar_decoder(model, [request], use_cache, sc),
         sc.beam_width,
         sc.max_ar_steps,
         model.stop_id,

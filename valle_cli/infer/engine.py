@@ -80,16 +80,30 @@ class SamplingConfig:
         beam_length_norm: float = 1.0,
         level0_steps: int = 8,
         level0_noise: float = 0.0,
+        layer_skip: bool = False,
+        layer_skip_exit_layer: int = 0,
+        layer_skip_min_layer: int = 1,
+        layer_skip_entropy: float = 0.1,
+        layer_skip_varentropy: float = 0.1,
         **ar_settings,
     ):
         if level0_steps < 1:
             raise ValleError(f"level0_steps must be at least 1, got {level0_steps}")
+        if layer_skip_exit_layer < 0 or layer_skip_entropy < 0 or layer_skip_varentropy < 0:
+            raise ValleError(
+                "--layer-skip-exit-layer, --layer-skip-entropy and --layer-skip-varentropy cannot be negative"
+            )
         self.ar = SamplerSettings(temperature=ar_temp, min_temp=min_ar_temp, **ar_settings)
         _check_samplers(self.ar, beam_width)
         self.nar_temp, self.max_ar_steps, self.seed = nar_temp, max_ar_steps, seed
         self.level0_steps = level0_steps  # level0 nar models: masked passes for level 0
         self.level0_noise = level0_noise  # ... and the Gumbel noise on which frames each pass keeps
         self.beam_width, self.beam_length_norm = beam_width, beam_length_norm
+        # layer skip (AR steps): exit after the first layer (up to the exit layer; 0 = the last but one) whose
+        # level-0 distribution has entropy and varentropy below these
+        self.layer_skip, self.layer_skip_exit_layer = layer_skip, layer_skip_exit_layer
+        self.layer_skip_min_layer = layer_skip_min_layer  # the first layer checked
+        self.layer_skip_entropy, self.layer_skip_varentropy = layer_skip_entropy, layer_skip_varentropy
 
     def generator(self) -> torch.Generator | None:
         return torch.Generator().manual_seed(self.seed) if self.seed is not None else None
@@ -130,6 +144,62 @@ MAX_SYMBOL_FRAMES = 100  # a pointer model leaves a symbol after this many frame
 
 
 @dataclass
+class EarlyExit:
+    """Layer skip for a decoder: a step stops after the first layer (from `min_layer` to `max_layer`) where every row's
+    level-0 distribution is confident (entropy and varentropy, in nats, below the thresholds); `layers`
+    records how many layers each step ran."""
+
+    head: Callable[[torch.Tensor], torch.Tensor]
+    min_layer: int
+    max_layer: int
+    entropy: float
+    varentropy: float
+    layers: list[int] = field(default_factory=list)
+
+    def confident(self, hidden: torch.Tensor) -> bool:
+        from valle_cli.infer.sampling import entropy_varentropy
+
+        logits = self.head(hidden[:, -1]).float()
+        for row in logits:
+            h, v = entropy_varentropy(row)
+            if h >= self.entropy or v >= self.varentropy:
+                return False
+        return True
+
+
+def early_exit_for(model: VALLE, sc: SamplingConfig | None) -> EarlyExit | None:
+    """The `EarlyExit` a sampling config asks for, or None; refuses models that cannot exit early."""
+    if sc is None or not sc.layer_skip:
+        return None
+    backbone = model.backbone
+    if not getattr(backbone, "supports_early_exit", False):
+        raise ValleError(
+            f"--layer-skip needs a backbone that can stop early; this model's is {type(backbone).name}",
+            "use a model with the transformer or bitnet backbone (trained with train.layer_skip), or drop --layer-skip",
+        )
+    if model.pointer or model.nar0:
+        raise ValleError(
+            "--layer-skip is for classic autoregressive models (model.alignment: none, model.level0: ar)",
+            "drop --layer-skip",
+        )
+    layers = len(backbone.layers)
+    top = sc.layer_skip_exit_layer or layers - 1
+    if not 1 <= top < layers:
+        raise ValleError(
+            f"--layer-skip-exit-layer {sc.layer_skip_exit_layer}: this model has {layers} layers",
+            f"give 1..{layers - 1} (0 = {layers - 1})",
+        )
+    if not 1 <= sc.layer_skip_min_layer <= top:
+        raise ValleError(
+            f"--layer-skip-min-layer {sc.layer_skip_min_layer} must lie in 1..{top} (the exit layer)",
+            "lower it, or raise --layer-skip-exit-layer",
+        )
+    return EarlyExit(
+        model.heads[0], sc.layer_skip_min_layer, top, sc.layer_skip_entropy, sc.layer_skip_varentropy
+    )
+
+
+@dataclass
 class Decoder:
     """Token-by-token causal decoding of a batch of rows over the backbone, with or without a KV cache.
 
@@ -142,6 +212,7 @@ class Decoder:
     embed: Callable[[torch.Tensor], torch.Tensor]
     head: Callable[[torch.Tensor], torch.Tensor]
     use_cache: bool = True
+    early_exit: EarlyExit | None = None  # layer skip (cached steps after the prefill only)
     cache: object = None
     x: torch.Tensor = field(init=False)  # (B, L, D): inputs the backbone has not seen (with a cache), or all
     valid: torch.Tensor = field(init=False)  # (B, S) bool: real keys
@@ -163,9 +234,21 @@ class Decoder:
         if self.use_cache:
             t = self.x.shape[1]
             mask = padded_mask(self.valid, t, dtype=self.x.dtype)
-            out = self.backbone(
-                self.x, mask, self.positions[:, -t:], cache=self.cache, use_cache=True, layout=self._layout(t)
-            )
+            if self.early_exit is not None and self.cache is not None and t == 1:
+                ex = self.early_exit
+                out, ran = self.backbone.forward_exit(
+                    self.x, mask, self.positions[:, -t:], self.cache, ex.confident, ex.min_layer, ex.max_layer
+                )
+                ex.layers.append(ran)
+            else:
+                out = self.backbone(
+                    self.x,
+                    mask,
+                    self.positions[:, -t:],
+                    cache=self.cache,
+                    use_cache=True,
+                    layout=self._layout(t),
+                )
             self.cache = out.cache
             self.x = self.x[:, :0]  # the cache holds them now
         else:
@@ -221,11 +304,16 @@ def ar_prefix(model: VALLE, req: Request) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def ar_decoder(model: VALLE, requests: list[Request], use_cache: bool = True) -> Decoder:
+def ar_decoder(
+    model: VALLE, requests: list[Request], use_cache: bool = True, sc: SamplingConfig | None = None
+) -> Decoder:
     use_cache = use_cache and model.backbone.supports_cache  # a plugin without a cache recomputes
     head = (lambda h: h) if model.pointer else model.heads[0]  # pointer: ar_tokens applies both heads
+    early = early_exit_for(model, sc)
+    if early is not None and not use_cache:
+        raise ValleError("--layer-skip skips layers of cached steps", "leave the cache on (no --no-cache)")
     return Decoder(
-        model.backbone, [ar_prefix(model, r) for r in requests], model.audio_emb[0], head, use_cache
+        model.backbone, [ar_prefix(model, r) for r in requests], model.audio_emb[0], head, use_cache, early
     )
 
 
@@ -243,7 +331,7 @@ def ar_tokens(
     if model.pointer:
         yield from _pointer_tokens(model, requests, sc, use_cache, symbols, ends)
         return
-    dec = ar_decoder(model, requests, use_cache)
+    dec = ar_decoder(model, requests, use_cache, sc)
     samplers = [TokenSampler(sc.ar, model.stop_id, sc.generator()) for _ in requests]
     done = [False] * len(requests)
     for _ in range(sc.max_ar_steps):

@@ -128,6 +128,7 @@ class VALLE(nn.Module):
         self.guided: GuidedAttention | None = None  # set by the trainer with train.guided_attention > 0
         self.input_dropout = 0.0  # set by the trainer: train.input_dropout
         self.scheduled_sampling = 0.0  # set by the trainer: train.scheduled_sampling
+        self.layer_skip = 0.0  # set by the trainer: train.layer_skip (early-exit loss weight)
         extra = []
         if self.pointer:
             self.frame_text_emb = nn.Embedding(n_symbols, d)
@@ -335,6 +336,21 @@ class VALLE(nn.Module):
             out[k] = replace(s, ar_inputs=torch.where(swap, guess, r0))
         return out
 
+    def early_exit_loss(self, early: list[torch.Tensor], batch: Batch, samples: list[Sample]) -> torch.Tensor:
+        """Layer skip: the mean over the earlier layers (outputs through the final norm) of the level-0
+        cross-entropy read from each one by the level-0 head, on the AR rows."""
+        per_layer = []
+        for h in early:
+            total, count = h.new_zeros(()), 0
+            for b, start, tgt, head, part in batch.targets:
+                if part != "response" or head != 0 or samples[b].task != "tts":
+                    continue
+                idx = torch.arange(len(tgt), device=h.device) + start
+                total = total + F.cross_entropy(self.heads[0](h[b, idx]).float(), tgt, reduction="sum")
+                count += len(tgt)
+            per_layer.append(total / max(count, 1))
+        return torch.stack(per_layer).mean()
+
     def forward(self, samples: list[Sample], return_hidden: bool = False) -> ModelOutput:
         if self.training and self.scheduled_sampling > 0:
             samples = self.own_inputs(samples, self.scheduled_sampling)
@@ -346,8 +362,11 @@ class VALLE(nn.Module):
             if part == "response" and head == 0 and samples[b].task == "tts"
         ]
         guided = self.guided if self.training and self.guided is not None and rows else None
+        early: list[torch.Tensor] = []
         if guided is not None:
             out, maps = self.backbone.forward_with_attention(batch.inputs_embeds, mask, batch.position_ids)
+        elif self.training and self.layer_skip > 0 and rows:
+            out, early = self.backbone.forward_layers(batch.inputs_embeds, mask, batch.position_ids)
         else:
             out = self.backbone(batch.inputs_embeds, mask, batch.position_ids, layout=self.layout(batch))
         h = out.hidden
@@ -398,6 +417,10 @@ class VALLE(nn.Module):
             g = guided.loss(maps, rows)
             losses["guided"] = float(g.detach())
             total = total + guided.weight * g
+        if early:
+            e = self.early_exit_loss(early, batch, samples)
+            losses["early_exit"] = float(e.detach())
+            total = total + self.layer_skip * e
         if out.aux_loss is not None:
             if not self.backbone.has_aux_loss:
                 raise ValueError(f"the {self.backbone.name} backbone returned aux_loss without has_aux_loss")
