@@ -401,11 +401,10 @@ def nar0_model():
     return VALLE(cfg, n_symbols=623).eval()
 
 
-def test_level0_nar_needs_a_pointer():
+def test_level0_nar_refuses_options_of_an_autoregressive_level0():
     from valle_cli.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.alignment: pointer"):
-        load_config("tiny", ["model.level0=nar"])
+    assert load_config("tiny", ["model.level0=nar"]).model.alignment == "none"  # NAR-len (test_nar_len.py)
     nar = ["model.alignment=pointer", "model.level0=nar"]
     for extra in ("train.scheduled_sampling=0.5", "train.input_dropout=0.2", "train.loss_weights.text=1"):
         with pytest.raises(ConfigError, match="act on an autoregressive level 0"):

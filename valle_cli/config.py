@@ -44,8 +44,9 @@ class ModelConfig:
     # frame also gets the embedding of the symbol it speaks and a head moves a pointer through the text
     # (VALL-E R); needs phoneme durations in the dataset (`valle prepare` makes them)
     alignment: Literal["none", "pointer"] = "none"
-    # how RVQ level 0 is made: ar = token by token (VALL-E); nar = masked parallel passes over frames laid out
-    # by a duration head (pointer models only: see model/valle.py). nar has no previous frame to copy, so it
+    # how RVQ level 0 is made: ar = token by token (VALL-E); nar = masked parallel passes (see model/valle.py),
+    # over frames laid out by a per-symbol duration head (alignment: pointer) or, with alignment: none, as
+    # many frames as a length head predicts (the original's NAR-len). nar has no previous frame to copy, so it
     # cannot drift from its text the way a small AR does
     level0: Literal["ar", "nar"] = "ar"
     # auto/sdpa: torch's scaled_dot_product_attention, torch picks the kernel; math, mem_efficient, cudnn: that
@@ -69,11 +70,6 @@ class ModelConfig:
             )
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.level0 == "nar" and self.alignment != "pointer":
-            raise ConfigError(
-                "model.level0: nar lays frames out by phoneme durations and needs model.alignment: pointer",
-                "set model.alignment: pointer (or model.level0: ar)",
-            )
 
 
 @dataclass
@@ -236,11 +232,11 @@ class TrainConfig:
                 "train.lora.rank > 0 but there is no base model to adapt",
                 "set train.init_from to a trained run folder, checkpoint or export",
             )
-        unknown = set(self.loss_weights) - {"text", "prompt", "response", "pointer", "duration"}
+        unknown = set(self.loss_weights) - {"text", "prompt", "response", "pointer", "duration", "length"}
         if unknown:
             raise ConfigError(
                 f"train.loss_weights has unknown part(s) {sorted(unknown)}",
-                "use text, prompt, response and pointer",
+                "use text, prompt, response, pointer, duration and length",
             )
 
 

@@ -278,12 +278,13 @@ class Decoder:
             self.cache.reorder_cache(index)
 
 
-def refuse_continuation(requests: list[Request]) -> None:
-    """Pointer models (AR or level0 nar) cannot continue audio yet: say so for any request with a prefix."""
+def refuse_continuation(requests: list[Request], what: str = "pointer models") -> None:
+    """Pointer models (AR or level0 nar) and NAR-len models cannot continue audio yet: say so for any request
+    with a prefix."""
     if any(r.prefix_frames for r in requests):
         raise ValleError(
             "continuing audio (--prompt-text, --input-prompt-prefix, rolling context) is not available "
-            "for pointer models yet",
+            f"for {what} yet",
             "leave those options out: the reference clip still sets the voice",
         )
 
@@ -396,9 +397,10 @@ def _pointer_tokens(model, requests, sc, use_cache, symbols, ends) -> Iterator[l
         dec.feed(torch.tensor([model.start_id if t is None else t for t in step]), along)
 
 
-def predict_durations(model: VALLE, requests: list[Request]) -> list[torch.Tensor]:
-    """Level0-nar models: frames per text symbol (Lt,) long, at least 1, for every request, from one batched
-    non-causal pass over header, text and prompt (what the text positions see while training, too)."""
+def _prefix_pass(model: VALLE, requests: list[Request]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """One batched non-causal pass over each request's prefix (header, text, prompt, the last separator):
+    (hidden (B, T, D), where each text starts, each prefix's length). What a level0-nar model's text
+    positions and last separator see while training, too (the prefix does not see the response)."""
     dev = model.sep.device
     q = model.n_levels
     pres, starts = [], []
@@ -416,6 +418,12 @@ def predict_durations(model: VALLE, requests: list[Request]) -> list[torch.Tenso
     pos = torch.arange(x.shape[1], device=dev)[None].expand(len(pres), -1)
     mask = attention_mask(lengths, False, x.shape[1], dtype=x.dtype)
     hidden = model.backbone(x, mask, pos, layout=layout(lengths, False, x.shape[1])).hidden
+    return hidden, starts, [len(p) for p in pres]
+
+
+def predict_durations(model: VALLE, requests: list[Request]) -> list[torch.Tensor]:
+    """Level0-nar pointer models: frames per text symbol (Lt,) long, at least 1, for every request."""
+    hidden, starts, _ = _prefix_pass(model, requests)
     out = []
     for b, r in enumerate(requests):
         frames = model.durations(hidden[b, starts[b] : starts[b] + len(r.phonemes)])
@@ -423,29 +431,52 @@ def predict_durations(model: VALLE, requests: list[Request]) -> list[torch.Tenso
     return out
 
 
-def nar_level0(
-    model: VALLE, requests: list[Request], sc: SamplingConfig, progress: StepProgress | None = None
-) -> list[tuple[list[int], bool, torch.Tensor]]:
-    """Level 0 of level0-nar models: (tokens, complete, frame symbols) per request. Durations are the
-    request's own or predicted; `complete` is False when they had to be cut to `max_ar_steps` frames."""
+def predict_lengths(model: VALLE, requests: list[Request]) -> list[int]:
+    """NAR-len models (level0 nar without the pointer): the response's frame count for every request, at
+    least one frame per text symbol, read at the separator before the response."""
+    hidden, _, ends = _prefix_pass(model, requests)
+    frames = model.length(torch.stack([hidden[b, n - 1] for b, n in enumerate(ends)]))
+    return [max(round(float(f)), len(r.phonemes)) for f, r in zip(frames, requests, strict=True)]
+
+
+def _laid_out(model: VALLE, requests: list[Request], sc: SamplingConfig) -> tuple[list, list[bool]]:
+    """Pointer level0-nar models: each request's frame-to-symbol map (its forced durations or predicted
+    ones) and whether it fit in `max_ar_steps` frames (else it is squeezed, every symbol keeping a frame)."""
     dev = model.sep.device
-    k = model.codebook_size
     forced = [r.durations for r in requests]
     need = [i for i, d in enumerate(forced) if d is None]
     predicted = dict(
         zip(need, predict_durations(model, [requests[i] for i in need]) if need else [], strict=True)
     )
-    durations, complete = [], []
+    fs, complete = [], []
     for i in range(len(requests)):
         d = torch.as_tensor(forced[i] if forced[i] is not None else predicted[i], dtype=torch.long).cpu()
         ok = int(d.sum()) <= sc.max_ar_steps
-        if not ok:  # squeeze into the step limit, every symbol keeping a frame
+        if not ok:
             d = stretch_durations(d, max(sc.max_ar_steps, len(d)))
-        durations.append(d)
+        fs.append(frame_symbols(d).to(dev))
         complete.append(ok)
-    fs = [frame_symbols(d).to(dev) for d in durations]
-    codes = [torch.zeros(model.n_levels, len(f), dtype=torch.long, device=dev) for f in fs]
-    masked = [torch.ones(len(f), dtype=torch.bool, device=dev) for f in fs]
+    return fs, complete
+
+
+def nar_level0(
+    model: VALLE, requests: list[Request], sc: SamplingConfig, progress: StepProgress | None = None
+) -> list[tuple[list[int], bool, torch.Tensor]]:
+    """Level 0 of level0-nar models: (tokens, complete, frame symbols or None) per request. Pointer models lay
+    frames out by durations (the request's own or predicted), NAR-len ones by a predicted length; `complete`
+    is False when the frames had to be cut to `max_ar_steps`."""
+    dev = model.sep.device
+    k = model.codebook_size
+    if model.pointer:
+        fs, complete = _laid_out(model, requests, sc)
+        sizes = [len(f) for f in fs]
+    else:  # NAR-len: only a length, cut to the step limit
+        sizes = predict_lengths(model, requests)
+        complete = [n <= sc.max_ar_steps for n in sizes]
+        sizes = [min(n, sc.max_ar_steps) for n in sizes]
+        fs = [None] * len(requests)
+    codes = [torch.zeros(model.n_levels, n, dtype=torch.long, device=dev) for n in sizes]
+    masked = [torch.ones(n, dtype=torch.bool, device=dev) for n in sizes]
     gens = [sc.generator() for _ in requests]
     n = sc.level0_steps
     for step in range(n):
@@ -463,7 +494,7 @@ def nar_level0(
             m = masked[b]
             if not bool(m.any()):
                 continue
-            f = len(fs[b])
+            f = sizes[b]
             logits = model.heads[0](hidden[b, starts[b] : starts[b] + f])[:, :k].float()
             drawn = pick(
                 logits, sc.ar.temperature, sc.ar.top_k, sc.ar.top_p, gens[b], sc.ar.min_p, sc.ar.top_nsigma
@@ -483,7 +514,10 @@ def nar_level0(
             masked[b] = now
         if progress:
             progress("level 0", step + 1, n)
-    return [(c[0].tolist(), ok, f.cpu()) for c, ok, f in zip(codes, complete, fs, strict=True)]
+    return [
+        (c[0].tolist(), ok, None if f is None else f.cpu())
+        for c, ok, f in zip(codes, complete, fs, strict=True)
+    ]
 
 
 @dataclass
@@ -596,7 +630,7 @@ def generate_batch(
                 "beam search needs an autoregressive level 0; this model makes it in parallel (level0: nar)",
                 "leave --beam-width out",
             )
-        refuse_continuation(requests)
+        refuse_continuation(requests, "pointer models" if model.pointer else "models with a parallel level 0")
         made = nar_level0(model, requests, sc, say)
         items = [
             NarItem(r, response_codes(model, r, toks), 0, f)

@@ -31,6 +31,11 @@ those rows use a mask in which the text and prompt do not see the response, so a
 prefix gives the durations (infer/engine.py). No previous frame is ever an input: a model that cannot lean on
 it has to read its text, and there is no exposure bias to drift with.
 
+`model.level0: nar` without the pointer (`alignment: none`) is the original's NAR-len: level-0 frames get no
+symbol embedding (only MASK or their code, and their position), and instead of per-symbol durations a
+length head at the last prefix position (the separator before the response, which sees text and prompt
+only) predicts the response's frame count, log(1 + frames), squared error ("len": within 10%).
+
 Training options for autoregressive layouts: `input_dropout` (level-0 inputs zeroed at random) and `guided`
 (the guided-attention loss, `GuidedAttention`).
 
@@ -123,8 +128,8 @@ class VALLE(nn.Module):
         self.text_head = nn.Linear(d, n_symbols)
         self.pointer = getattr(cfg, "alignment", "none") == "pointer"
         self.nar0 = getattr(cfg, "level0", "ar") == "nar"
-        if self.nar0 and not self.pointer:
-            raise ValueError("model.level0: nar needs model.alignment: pointer")
+        if self.nar0 and not self.pointer:  # NAR-len: frames per utterance, read at the last prefix position
+            self.length_head = nn.Linear(d, 1)
         self.guided: GuidedAttention | None = None  # set by the trainer with train.guided_attention > 0
         self.input_dropout = 0.0  # set by the trainer: train.input_dropout
         self.scheduled_sampling = 0.0  # set by the trainer: train.scheduled_sampling
@@ -179,12 +184,14 @@ class VALLE(nn.Module):
             return self.text_emb(ids[:-1]), ids[1:], "text"
         r = s.response.to(dev)
         fed = r[0] if s.ar_inputs is None else s.ar_inputs.to(dev)  # level 0's "previous frames"
+        if s.level == 0 and self.nar0:
+            masked = self.level0_mask(s)
+            inp = self.audio_emb[0](torch.where(masked, torch.full_like(r[0], self.start_id), r[0]))
+            if self.pointer:
+                inp = inp + self.frame_text(s)
+            return inp, torch.where(masked, r[0], IGNORE), 0
         if self.pointer:
             along = self.frame_text(s)
-            if s.level == 0 and self.nar0:
-                masked = self.level0_mask(s)
-                inp = torch.where(masked, torch.full_like(r[0], self.start_id), r[0])
-                return self.audio_emb[0](inp) + along, torch.where(masked, r[0], IGNORE), 0
             if s.level == 0:
                 inp = torch.cat([torch.tensor([self.start_id], device=dev), fed[:-1]])
                 return self.ar_inputs(inp) + along, r[0], 0
@@ -217,6 +224,10 @@ class VALLE(nn.Module):
     def durations(self, hidden: torch.Tensor) -> torch.Tensor:
         """Duration head: hidden states of text positions (..., D) -> frames (...,) as floats >= 0."""
         return torch.expm1(self.duration_head(hidden).squeeze(-1).float()).clamp_min(0)
+
+    def length(self, hidden: torch.Tensor) -> torch.Tensor:
+        """NAR-len's length head: the last prefix position's hidden state (..., D) -> frames (...,) >= 0."""
+        return torch.expm1(self.length_head(hidden).squeeze(-1).float()).clamp_min(0)
 
     def attention_mask(self, batch: Batch) -> torch.Tensor:
         """The additive mask of a batch: causal rows, padding, and prefix-only rows (level0 nar)."""
@@ -275,7 +286,11 @@ class VALLE(nn.Module):
             targets.append((b, len(pre), tgt, head, "response"))
             if self.nar0 and s.task == "tts" and s.level == 0:
                 prefix_only.append(len(pre))
-                targets.append((b, text_start, self.duration_targets(s), "duration", "duration"))
+                if self.pointer:
+                    targets.append((b, text_start, self.duration_targets(s), "duration", "duration"))
+                else:  # NAR-len: the frame count, at the separator before the response
+                    n = torch.tensor([math.log1p(s.response.shape[-1])], device=self.sep.device)
+                    targets.append((b, len(pre) - 1, n, "length", "length"))
             else:
                 prefix_only.append(0)
             if self.pointer and not self.nar0 and s.task == "tts" and s.level == 0 and len(tgt):
@@ -305,6 +320,8 @@ class VALLE(nn.Module):
             return self.pointer_head
         if head == "duration":
             return self.duration_head
+        if head == "length":
+            return self.length_head
         return self.heads[head]
 
     # -- training forward ---------------------------------------------------------------------------------------
@@ -380,17 +397,20 @@ class VALLE(nn.Module):
             # inputs are already shifted (START / BOS first), so target i is read at position start + i
             idx = torch.arange(len(tgt), device=h.device) + start
             logits = self.head_for(head)(h[b, idx])
-            if part == "duration":
+            if part in ("duration", "length"):
                 pred = logits.squeeze(-1).float()
                 loss = F.mse_loss(pred, tgt, reduction="sum")
                 by_part.setdefault(part, []).append(
                     torch.stack([loss, torch.tensor(float(len(tgt)), device=h.device)])
                 )
-                # "acc.dur": symbols whose predicted frame count, rounded, is exactly right
-                hits = int((torch.expm1(pred.detach()).round() == torch.expm1(tgt).round()).sum())
-                counts["dur"] = counts.get("dur", 0) + len(tgt)
-                accuracy["dur"] = accuracy.get("dur", 0.0) + hits
-                level_loss["dur"] = level_loss.get("dur", 0.0) + loss.detach()
+                frames, want = torch.expm1(pred.detach()), torch.expm1(tgt)
+                if part == "duration":  # "acc.dur": symbols whose predicted frame count, rounded, is right
+                    key, hits = "dur", int((frames.round() == want.round()).sum())
+                else:  # "acc.len": utterances whose predicted length is within 10%
+                    key, hits = "len", int(((frames - want).abs() <= 0.1 * want).sum())
+                counts[key] = counts.get(key, 0) + len(tgt)
+                accuracy[key] = accuracy.get(key, 0.0) + hits
+                level_loss[key] = level_loss.get(key, 0.0) + loss.detach()
                 continue
             scored = tgt != IGNORE  # level0 nar: only the masked frames
             n_scored = int(scored.sum())

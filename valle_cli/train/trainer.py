@@ -278,8 +278,8 @@ class Trainer:
         if any("lora_" in k for k in state):
             raise TrainingError(f"{path} holds LoRA adapters only", "point train.init_from at the base model")
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        # a pointer model's AR becoming a level0-nar one (or back): the heads that differ start afresh
-        swapped = ("pointer_head.", "duration_head.")
+        # an AR model becoming a level0-nar one (or back): the heads that differ start afresh
+        swapped = ("pointer_head.", "duration_head.", "length_head.")
         fresh = [k for k in missing if k.startswith(swapped)]
         missing = [k for k in missing if not k.startswith(swapped)]
         unexpected = [k for k in unexpected if not k.startswith(swapped)]
