@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +146,23 @@ def tiny_model(dataset, tmp_path_factory):
     )  # fmt: skip
     Trainer(cfg, run).train()
     return run
+
+
+def valle_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`valle ARGS` in a fresh interpreter, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "valle_cli.cli.app", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def train_and_export(dataset, tmp_path, *sets: str) -> tuple:
+    """`valle train tiny` on `dataset` for 3 steps with `--set`s, then `valle export`: (run folder, model file)."""
+    run = tmp_path / "run"
+    base = [f"data.paths=[{dataset}]", "data.batch_size=2", "data.val_fraction=0.2", "train.steps=3",
+            "train.warmup_steps=1", f"train.out_dir={run}"]  # fmt: skip
+    proc = valle_cli("train", "tiny", *[x for s in (*base, *sets) for x in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "m.safetensors"
+    proc = valle_cli("export", str(run), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, out

@@ -16,6 +16,7 @@ from valle_cli.config import CodecConfig, load_config
 from valle_cli.errors import CodecError, ConfigError
 
 from .conftest import needs_espeak
+from .conftest import valle_cli as valle
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +117,6 @@ def test_offline_message_names_repo_files_and_remedy(tmp_path):
         proc.stdout + proc.stderr
     )
     assert "hf download descript/dac_24khz" in proc.stdout and "codec.path" in proc.stdout
-
-
-def valle(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "valle_cli.cli.app", *args], capture_output=True, text=True, timeout=900
-    )
 
 
 @needs_espeak

@@ -304,11 +304,11 @@ class MarkovDecoder:
     def __init__(self):
         self.last: list = [None]
 
-    def logits(self):
-        return torch.tensor([self.table[t] for t in self.last]).clamp_min(1e-9).log()
+    def logits(self):  # (B, G = 1, V), as infer.engine's decoders
+        return torch.tensor([self.table[t] for t in self.last]).clamp_min(1e-9).log()[:, None]
 
-    def feed(self, tokens):
-        self.last = [int(t) for t in tokens]
+    def feed(self, tokens):  # (B, G)
+        self.last = [int(t[-1]) for t in tokens]
 
     def reorder(self, index):
         self.last = [self.last[int(i)] for i in index]
@@ -343,7 +343,7 @@ def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well(model):
         dec = ar_decoder(model, [Request(ph, prompt)])
         total = 0.0
         for t in [*tokens, model.stop_id]:
-            total += float(dec.logits()[0].float().log_softmax(-1)[t])
+            total += float(dec.logits()[0, 0].float().log_softmax(-1)[t])
             dec.feed(torch.tensor([t]))
         return total
 

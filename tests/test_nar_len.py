@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from valle_cli.errors import ValleError
 from valle_cli.infer.engine import Request, SamplingConfig, generate, generate_batch, predict_lengths
 from valle_cli.model.valle import IGNORE, VALLE, Sample
 
-from .conftest import needs_espeak
+from .conftest import needs_espeak, train_and_export, valle_cli
 
 
 @pytest.fixture(scope="module")
@@ -85,23 +83,11 @@ def test_nar_len_cannot_continue_audio_and_says_so(model):
 
 @needs_espeak
 def test_train_export_and_speak_from_the_cli(dataset, tmp_path):
-    run = tmp_path / "run"
-    sets = [f"data.paths=[{dataset}]", "data.batch_size=2", "data.val_fraction=0.2", "train.steps=3",
-            "train.warmup_steps=1", "model.level0=nar", f"train.out_dir={run}"]  # fmt: skip
-    cli = [sys.executable, "-m", "valle_cli.cli.app"]
-    proc = subprocess.run([*cli, "train", "tiny", *[x for s in sets for x in ("--set", s)]],
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run, out = train_and_export(dataset, tmp_path, "model.level0=nar")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss.length" in r for r in rows), rows[0]
-    out = tmp_path / "m.safetensors"
-    assert (
-        subprocess.run(
-            [*cli, "export", str(run), "-o", str(out)], capture_output=True, timeout=600
-        ).returncode
-        == 0
-    )
     wav = tmp_path / "a.wav"
-    proc = subprocess.run([*cli, "synth", "Hello.", "--model", str(out), "-o", str(wav), "--seed", "1",
-                           "--max-ar-steps", "60"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = valle_cli(
+        "synth", "Hello.", "--model", str(out), "-o", str(wav), "--seed", "1", "--max-ar-steps", "60"
+    )
     assert proc.returncode == 0 and wav.exists(), proc.stderr[-3000:]

@@ -5,9 +5,6 @@ own settings (`model.backbone_options`) and capability flags."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -25,13 +22,8 @@ from valle_cli.config import dump_config, load_config
 from valle_cli.errors import ConfigError
 from valle_cli.model.valle import VALLE
 
-from .conftest import needs_espeak
-
-
-def valle(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "valle_cli.cli.app", *args], capture_output=True, text=True, timeout=900
-    )
+from .conftest import needs_espeak, train_and_export
+from .conftest import valle_cli as valle
 
 
 @needs_espeak
@@ -40,15 +32,9 @@ def test_train_export_load_and_decode_from_the_cli(name, dataset, tmp_path):
     from valle_cli.infer.engine import SamplingConfig, generate
     from valle_cli.infer.load import load_model
 
-    run = tmp_path / "run"
-    sets = [f"data.paths=[{dataset}]", "data.batch_size=2", "data.val_fraction=0.2", "train.steps=3"]
-    sets += ["train.warmup_steps=1", f"model.backbone={name}", f"train.out_dir={run}"]
-    proc = valle("train", "tiny", *[x for s in sets for x in ("--set", s)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run / "config.yaml").exists() and f"backbone: {name}" in (run / "config.yaml").read_text()
-    proc = valle("export", str(run), "-o", str(tmp_path / "m.safetensors"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    loaded = load_model(tmp_path / "m.safetensors")
+    run, out = train_and_export(dataset, tmp_path, f"model.backbone={name}")
+    assert f"backbone: {name}" in (run / "config.yaml").read_text()
+    loaded = load_model(out)
     model = loaded.model
     assert type(model.backbone).name == name
     g = torch.Generator().manual_seed(0)

@@ -49,6 +49,9 @@ class ModelConfig:
     # many frames as a length head predicts (the original's NAR-len). nar has no previous frame to copy, so it
     # cannot drift from its text the way a small AR does
     level0: Literal["ar", "nar"] = "ar"
+    # VALL-E 2's grouped code modeling: each AR step reads and predicts this many level-0 codes (classic
+    # layouts: alignment none, level0 ar); G times fewer AR steps per second of audio
+    group_size: int = 1
     # auto/sdpa: torch's scaled_dot_product_attention, torch picks the kernel; math, mem_efficient, cudnn: that
     # kernel only (the last two: CUDA); eager: the written-out softmax; flash and flash_attention_2 are refused
     # (they cannot take the masks every call passes). Recurrent backbones have no attention: auto only.
@@ -62,7 +65,13 @@ class ModelConfig:
     backbone_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _positive(self, "d_model", "n_layers", "n_heads", "ffn_dim", "n_levels", "max_position")
+        _positive(self, "d_model", "n_layers", "n_heads", "ffn_dim", "n_levels", "max_position", "group_size")
+        if self.group_size > 1 and (self.alignment != "none" or self.level0 != "ar"):
+            raise ConfigError(
+                "model.group_size > 1 groups the codes of an autoregressive level 0 (VALL-E 2); this model's "
+                f"level 0 is {'parallel' if self.level0 == 'nar' else 'pointer-driven'}",
+                "use model.alignment: none and model.level0: ar, or model.group_size: 1",
+            )
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) is not divisible by model.n_heads ({self.n_heads})",
@@ -284,6 +293,17 @@ class Config:
                 "train.layer_skip trains early exits of a classic autoregressive level 0",
                 "use it with model.alignment: none and model.level0: ar, or set train.layer_skip=0",
             )
+        if self.model.group_size > 1:
+            t = self.train
+            per_frame = [k for k, v in (("train.scheduled_sampling", t.scheduled_sampling),
+                                        ("train.input_dropout", t.input_dropout), ("train.layer_skip", t.layer_skip),
+                                        ("train.loss_weights.prompt", t.loss_weights.get("prompt", 0))) if v > 0]  # fmt: skip
+            if per_frame:
+                raise ConfigError(
+                    f"{', '.join(per_frame)} act on one level-0 code per step; model.group_size is "
+                    f"{self.model.group_size}",
+                    "leave them at 0, or use model.group_size: 1",
+                )
         if self.train.layer_skip > 0 and self.train.guided_attention > 0:
             raise ConfigError(
                 "train.layer_skip and train.guided_attention each need their own pass through the layers",

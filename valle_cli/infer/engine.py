@@ -295,27 +295,36 @@ def ar_prefix(model: VALLE, req: Request) -> torch.Tensor:
     q = model.n_levels
     empty = torch.zeros(q, 0, dtype=torch.long, device=dev)
     pre, _, _ = model.prefix(Sample(req.phonemes.to(dev), req.prompt[:q].to(dev), empty, 0, req.language))
-    start = model.audio_emb[0](torch.tensor([model.start_id], device=dev))
+    g = model.group_size
+    start = model.level0_embed(torch.full((1, g), model.start_id, device=dev))
     if model.pointer:
         refuse_continuation([req])
         start = start + model.frame_text_emb(req.phonemes[:1].to(dev)) + model.held_emb.weight[:1]
     parts = [pre, start]
-    if req.prefix_frames:
-        parts.append(model.audio_emb[0](req.prefix[0].to(dev)))
+    if (
+        req.prefix_frames
+    ):  # whole groups, ending where the response begins (a partial first group is left out)
+        p0 = req.prefix[0].to(dev)
+        parts.append(model.level0_embed(p0[len(p0) % g :].view(-1, g)))
     return torch.cat(parts)
 
 
 def ar_decoder(
     model: VALLE, requests: list[Request], use_cache: bool = True, sc: SamplingConfig | None = None
 ) -> Decoder:
+    """The level-0 decoder of a batch. Classic models: `logits()` is (B, G, K + 1) for the G = group_size
+    codes of the next step, `feed` takes (B, G) tokens (or (B,) when G is 1); pointer models: `logits()` is
+    the hidden state (their two heads are applied by `_pointer_tokens`), `feed` takes (B,)."""
     use_cache = use_cache and model.backbone.supports_cache  # a plugin without a cache recomputes
-    head = (lambda h: h) if model.pointer else model.heads[0]  # pointer: ar_tokens applies both heads
+    if model.pointer:
+        head, embed = (lambda h: h), model.audio_emb[0]
+    else:
+        head = model.level0_logits
+        embed = lambda t: model.level0_embed(t if t.dim() == 2 else t[:, None])  # noqa: E731
     early = early_exit_for(model, sc)
     if early is not None and not use_cache:
         raise ValleError("--layer-skip skips layers of cached steps", "leave the cache on (no --no-cache)")
-    return Decoder(
-        model.backbone, [ar_prefix(model, r) for r in requests], model.audio_emb[0], head, use_cache, early
-    )
+    return Decoder(model.backbone, [ar_prefix(model, r) for r in requests], embed, head, use_cache, early)
 
 
 def ar_tokens(
@@ -326,7 +335,8 @@ def ar_tokens(
     symbols: list[list[int]] | None = None,
     ends: list[bool] | None = None,
 ) -> Iterator[list[int | None]]:
-    """Sample level 0 for a batch, one step at a time: yields each row's new token, None once it stopped.
+    """Sample level 0 for a batch, one frame at a time: yields each row's new token, None once it stopped (a
+    grouped model's decoder step gives G frames, yielded one by one; `max_ar_steps` counts frames).
     For pointer models, `symbols` (one list per row) receives the text symbol of every frame, and `ends`
     (one bool per row) whether the row ended by its own move past EOS (not forced, not at the step limit)."""
     if model.pointer:
@@ -335,18 +345,27 @@ def ar_tokens(
     dec = ar_decoder(model, requests, use_cache, sc)
     samplers = [TokenSampler(sc.ar, model.stop_id, sc.generator()) for _ in requests]
     done = [False] * len(requests)
-    for _ in range(sc.max_ar_steps):
-        logits = dec.logits()  # (B, K+1)
-        step: list[int | None] = []
-        for row, sampler in enumerate(samplers):
-            token = None if done[row] else sampler(logits[row])
-            if token == model.stop_id:
-                done[row], token = True, None
-            step.append(token)
-        if all(done):
-            return
-        yield step
-        dec.feed(torch.tensor([model.start_id if t is None else t for t in step]))
+    g = model.group_size
+    frames = 0
+    while frames < sc.max_ar_steps:
+        logits = dec.logits()  # (B, G, K+1): the next step's G codes (model.group_size)
+        fed = [[model.start_id] * g for _ in requests]  # finished rows (and slots after STOP) feed START
+        for slot in range(g):  # one yield per frame, so callers never see groups
+            step: list[int | None] = []
+            for row, sampler in enumerate(samplers):
+                token = None if done[row] else sampler(logits[row, slot])
+                if token == model.stop_id:
+                    done[row], token = True, None
+                if token is not None:
+                    fed[row][slot] = token
+                step.append(token)
+            if all(done):
+                return
+            yield step
+            frames += 1
+            if frames >= sc.max_ar_steps:
+                return
+        dec.feed(torch.tensor(fed))
 
 
 def _pointer_tokens(model, requests, sc, use_cache, symbols, ends) -> Iterator[list[int | None]]:

@@ -36,6 +36,15 @@ symbol embedding (only MASK or their code, and their position), and instead of p
 length head at the last prefix position (the separator before the response, which sees text and prompt
 only) predicts the response's frame count, log(1 + frames), squared error ("len": within 10%).
 
+With `model.group_size: G > 1` (VALL-E 2's grouped code modeling, arXiv 2406.05370; classic layouts only)
+one AR position reads and predicts G level-0 codes: its input is the sum of G slot embeddings (slot 0 is the
+level-0 table, slots 1..G-1 have their own, `group_emb`: the sum of per-slot tables is a linear map of the
+concatenated one-hot codes, as in the paper's concatenation) and G heads (slot 0: `heads[0]`, then
+`group_heads`) predict the next group. F frames take F // G + 1 positions: inputs START (every slot) and
+the full groups before the last; targets the frames, then STOP in the slot after the last frame, then
+ignored slots. `level0_embed` and `level0_logits` are the one place that knows the group size; the AR
+decoder, samplers and beam search go through them (infer/engine.py, infer/beam.py).
+
 Training options for autoregressive layouts: `input_dropout` (level-0 inputs zeroed at random) and `guided`
 (the guided-attention loss, `GuidedAttention`).
 
@@ -125,6 +134,10 @@ class VALLE(nn.Module):
         self.audio_emb = nn.ModuleList([nn.Embedding(k + 1, d)] + [nn.Embedding(k, d) for _ in range(q - 1)])
         self.backbone = build_backbone(cfg)
         self.heads = nn.ModuleList([nn.Linear(d, k + 1)] + [nn.Linear(d, k) for _ in range(q - 1)])
+        self.group_size = getattr(cfg, "group_size", 1)
+        if self.group_size > 1:  # VALL-E 2: level-0 slots 1..G-1 of each AR position
+            self.group_emb = nn.ModuleList(nn.Embedding(k + 1, d) for _ in range(self.group_size - 1))
+            self.group_heads = nn.ModuleList(nn.Linear(d, k + 1) for _ in range(self.group_size - 1))
         self.text_head = nn.Linear(d, n_symbols)
         self.pointer = getattr(cfg, "alignment", "none") == "pointer"
         self.nar0 = getattr(cfg, "level0", "ar") == "nar"
@@ -143,6 +156,8 @@ class VALLE(nn.Module):
             else:
                 self.pointer_head = nn.Linear(d, 2)  # 0: the next frame stays on this symbol, 1: it moves on
             extra += [self.frame_text_emb, self.held_emb]
+        if self.group_size > 1:
+            extra += list(self.group_emb)
         for emb in [self.text_emb, self.lang_emb, self.task_emb, self.level_emb, *self.audio_emb, *extra]:
             nn.init.normal_(emb.weight, std=0.02)
 
@@ -196,11 +211,38 @@ class VALLE(nn.Module):
                 inp = torch.cat([torch.tensor([self.start_id], device=dev), fed[:-1]])
                 return self.ar_inputs(inp) + along, r[0], 0
             return self.embed_audio(r, s.level) + along, r[s.level], s.level
+        if s.level == 0 and self.group_size > 1:
+            return *self.grouped_level0(r[0]), 0
         if s.level == 0:
             inp = torch.cat([torch.tensor([self.start_id], device=dev), fed])
             tgt = torch.cat([r[0], torch.tensor([self.stop_id], device=dev)])
             return self.ar_inputs(inp), tgt, 0
         return self.embed_audio(r, s.level), r[s.level], s.level
+
+    # -- grouped level 0 (model.group_size) -----------------------------------------------------------------
+
+    def grouped_level0(self, r0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (n, D) and targets (n, G) of a grouped AR level 0 for frames r0 (F,): n = F // G + 1."""
+        g, dev = self.group_size, r0.device
+        n = len(r0) // g + 1
+        tgt = torch.full((n * g,), IGNORE, dtype=torch.long, device=dev)
+        tgt[: len(r0)] = r0
+        tgt[len(r0)] = self.stop_id
+        start = torch.full((1, g), self.start_id, dtype=torch.long, device=dev)
+        inp = torch.cat([start, r0[: (n - 1) * g].view(n - 1, g)])
+        return self.level0_embed(inp), tgt.view(n, g)
+
+    def level0_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """AR level-0 inputs: tokens (..., G) -> (..., D), the slots' embeddings summed."""
+        out = self.audio_emb[0](tokens[..., 0])
+        for slot, emb in enumerate(getattr(self, "group_emb", []), 1):
+            out = out + emb(tokens[..., slot])
+        return out
+
+    def level0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """AR level-0 logits of every slot: hidden (..., D) -> (..., G, K + 1)."""
+        heads = [self.heads[0], *(self.group_heads if self.group_size > 1 else [])]
+        return torch.stack([h(hidden) for h in heads], -2)
 
     def level0_mask(self, s: Sample) -> torch.Tensor:
         """(Fr,) bool: the level-0 frames a `level0: nar` sample predicts (see the module's docstring)."""
@@ -322,6 +364,8 @@ class VALLE(nn.Module):
             return self.duration_head
         if head == "length":
             return self.length_head
+        if head == 0 and self.group_size > 1:
+            return self.level0_logits
         return self.heads[head]
 
     # -- training forward ---------------------------------------------------------------------------------------
@@ -412,7 +456,9 @@ class VALLE(nn.Module):
                 accuracy[key] = accuracy.get(key, 0.0) + hits
                 level_loss[key] = level_loss.get(key, 0.0) + loss.detach()
                 continue
-            scored = tgt != IGNORE  # level0 nar: only the masked frames
+            if logits.dim() == 3:  # grouped level 0: (n, G, V) against (n, G)
+                logits, tgt = logits.flatten(0, 1), tgt.flatten()
+            scored = tgt != IGNORE  # level0 nar: only the masked frames; grouped: slots after STOP
             n_scored = int(scored.sum())
             loss = F.cross_entropy(logits.float(), tgt, reduction="sum", ignore_index=IGNORE)
             by_part.setdefault(part, []).append(
