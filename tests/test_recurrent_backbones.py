@@ -221,3 +221,19 @@ def test_plugins_lists_the_new_backbones_and_their_options():
         assert row and "yes" in row[0], proc.stdout
     assert "model.backbone_options" in proc.stdout and "state_size: 16" in proc.stdout
     assert "n_experts: 8" in proc.stdout and "decay_start: 5.0" in proc.stdout
+
+
+def test_a_backbone_refuses_what_it_cannot_run_when_the_config_loads():
+    """`valle config` already says it (the backbone's check_config), before any model is built."""
+    proc = valle(
+        "config",
+        "tiny",
+        "--set",
+        "model.backbone=mamba",
+        "--set",
+        "model.backbone_options.bidirectional=false",
+    )
+    assert proc.returncode != 0 and "bidirectional is false" in proc.stderr and "Traceback" not in proc.stderr
+    ok = valle("config", "tiny", "--set", "model.backbone=mamba", "--set", "model.backbone_options.bidirectional=false",
+               "--set", "model.n_levels=1")  # fmt: skip
+    assert ok.returncode == 0, ok.stderr

@@ -326,6 +326,7 @@ class Config:
             "backbone", self.model.backbone, self.model.backbone_options
         )
         self.codec.options = _options_of("codec", self.codec.name, self.codec.options)
+        _check_backbone(self.model)
 
 
 def _options_of(kind: str, name: str, data: dict) -> dict:
@@ -341,6 +342,20 @@ def _options_of(kind: str, name: str, data: dict) -> dict:
             raise
         return {}  # a plugin that does not load fails where it is used, with its own message
     return plugin_options(cls, data, where)
+
+
+def _check_backbone(model: ModelConfig) -> None:
+    """The backbone's own checks of the whole model section (`check_config`), when the config loads."""
+    from valle_cli import plugins
+    from valle_cli.errors import PluginError
+
+    try:
+        cls = plugins.load("backbone", model.backbone)
+    except PluginError:
+        return  # said where it is used, with the plugin's own message
+    check = getattr(cls, "check_config", None)
+    if callable(check):
+        check(model)
 
 
 def plugin_options(cls: type, data: dict | None, where: str, typed: bool = False) -> Any:

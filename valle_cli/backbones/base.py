@@ -182,6 +182,19 @@ class Backbone(torch.nn.Module):
     def from_config(cls, cfg: ModelConfig) -> Backbone:  # pragma: no cover - every backbone overrides
         raise NotImplementedError
 
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> None:
+        """Refuse a model section this backbone cannot run (ConfigError), when the config loads. The base
+        checks the declared capabilities; a backbone whose options decide one extends it."""
+        noncausal = needs_noncausal(cfg)
+        if noncausal and not cls.supports_noncausal:
+            raise ConfigError(
+                f"the {cfg.backbone} backbone cannot run the non-causal NAR passes that {noncausal} asks for",
+                "use model.n_levels=1 with model.level0=ar (an AR-only model), or a backbone that runs "
+                "non-causal rows (`valle plugins` lists them)",
+            )
+        check_attention(cfg, cls)
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -274,14 +287,9 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     from valle_cli import plugins
 
     cls = plugins.load("backbone", cfg.backbone)
-    noncausal = needs_noncausal(cfg)
-    if noncausal and not getattr(cls, "supports_noncausal", True):
-        raise ConfigError(
-            f"the {cfg.backbone} backbone cannot run the non-causal NAR passes that {noncausal} asks for",
-            "use model.n_levels=1 with model.level0=ar (an AR-only model), or a backbone that runs non-causal "
-            "rows (`valle plugins` lists them)",
-        )
-    check_attention(cfg, cls)
+    if not (isinstance(cls, type) and issubclass(cls, Backbone)):
+        raise ConfigError(f"backbone plugin {cfg.backbone!r} is not a valle Backbone class")
+    cls.check_config(cfg)
     backbone = cls.from_config(cfg)
     if not isinstance(backbone, Backbone):
         raise ConfigError(f"backbone plugin {cfg.backbone!r} did not build a valle Backbone")

@@ -113,17 +113,21 @@ class MambaBackbone(Backbone):
         self.gradient_checkpointing = gradient_checkpointing
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> MambaBackbone:
-        from transformers import MambaConfig
-
-        opts = options(cfg)
+    def check_config(cls, cfg: ModelConfig) -> None:
+        super().check_config(cfg)
         noncausal = needs_noncausal(cfg)
-        if noncausal and not opts.bidirectional:
+        if noncausal and not options(cfg).bidirectional:
             raise ConfigError(
                 f"model.backbone_options.bidirectional is false, so mamba reads only forwards and cannot run "
                 f"the non-causal NAR passes {noncausal} asks for",
                 "set bidirectional: true, or model.n_levels=1 for an AR-only model",
             )
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> MambaBackbone:
+        from transformers import MambaConfig
+
+        opts = options(cfg)
         config = MambaConfig(
             vocab_size=1,
             hidden_size=cfg.d_model,
