@@ -275,6 +275,13 @@ def backbone_rows(args) -> list[str]:
             + " | ".join(f"{r['cached'] * 1e3:.1f}" for r in cached)
             + f" | {growth:.2f}x | {cached[0]['uncached'] * 1e3:.0f} |"
         )
+    lines += [
+        "",
+        "Mamba and retnet read a state of fixed size, so their cached step does not grow with L; the attention "
+        "backbones read a KV cache that does. Their uncached pass is the whole sequence: mamba's is slow on a CPU "
+        "because transformers' reference scan loops over time (the mamba-ssm kernels replace it on a GPU); it is "
+        "what training pays per layer, not what decoding pays per step.",
+    ]
     return lines
 
 

@@ -191,6 +191,14 @@ def test_bitnet_runs_ternary_weights_and_refuses_lora():
     xs = 127.0 / x.abs().amax(-1, keepdim=True)
     want = ((x * xs).round() / xs) @ (ternary * scale).T
     torch.testing.assert_close(layer(x), want)
+    with torch.no_grad():  # inference rounds the weight once and reuses it until the weight changes
+        torch.testing.assert_close(layer(x), want)
+        first = layer._frozen[1]
+        layer(x)
+        assert layer._frozen[1] is first
+        layer.weight.mul_(2.0)
+        torch.testing.assert_close(layer(x), want * 2, rtol=1e-4, atol=1e-4)
+        layer.weight.div_(2.0)
     assert set(ternary.unique().tolist()) <= {-1.0, 0.0, 1.0}
     layer(x).sum().backward()  # straight-through: the latent weights learn
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

@@ -77,10 +77,22 @@ class BitLinear(nn.Linear):
     """A linear layer with ternary weights and 8-bit inputs (BitNet b1.58), trained with straight-through
     gradients; `nn.Linear`'s parameters, so LoRA, checkpoints and exports treat it as one."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    _frozen: tuple | None = None  # ((version, address, dtype) of the weight, its rounding): reused without grad
+
+    def ternary(self) -> torch.Tensor:
+        """The weight as used: {-1, 0, +1} times its mean absolute value (straight-through when training)."""
         w = self.weight
-        scale = w.abs().mean().clamp_min(1e-5)
-        wq = w + ((w / scale).round().clamp(-1, 1) * scale - w).detach()
+        if torch.is_grad_enabled() and w.requires_grad:
+            scale = w.abs().mean().clamp_min(1e-5)
+            return w + ((w / scale).round().clamp(-1, 1) * scale - w).detach()
+        key = (w._version, w.data_ptr(), w.dtype)
+        if self._frozen is None or self._frozen[0] != key:
+            scale = w.abs().mean().clamp_min(1e-5)
+            self._frozen = (key, (w / scale).round().clamp(-1, 1) * scale)
+        return self._frozen[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wq = self.ternary()
         xs = 127.0 / x.abs().amax(-1, keepdim=True).clamp_min(1e-5)
         xq = x + ((x * xs).round().clamp(-128, 127) / xs - x).detach()
         return F.linear(xq, wq, self.bias)
