@@ -135,3 +135,31 @@ def test_training_with_layer_skip_logs_the_early_exit_loss(dataset, tmp_path):
     assert losses, records[:2]
     with pytest.raises(TrainingError, match="exit early, and llama cannot"):
         Trainer(config(dataset, "train.steps=1", "train.layer_skip=0.5"), tmp_path / "r2")
+
+
+@needs_espeak
+def test_train_with_layer_skip_then_synthesize_with_it_from_the_cli(dataset, tmp_path):
+    from .conftest import train_and_export, valle_cli
+
+    _, out = train_and_export(dataset, tmp_path, "model.backbone=transformer", "train.layer_skip=0.5")
+    wav = tmp_path / "a.wav"
+    proc = valle_cli("synth", "Hello.", "--model", str(out), "-o", str(wav), "--seed", "1", "--max-ar-steps", "40",
+                     "--layer-skip", "--layer-skip-exit-layer", "1", "--layer-skip-entropy", "9", "--layer-skip-varentropy", "99")  # fmt: skip
+    assert proc.returncode == 0 and wav.exists(), proc.stderr[-3000:]
+    proc = valle_cli(
+        "synth", "Hello.", "--model", str(out), "-o", str(wav), "--layer-skip", "--layer-skip-exit-layer", "2"
+    )
+    assert proc.returncode != 0 and "this model has 2 layers" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_confidence_is_entropy_and_varentropy_of_every_row():
+    from valle_cli.infer.engine import EarlyExit
+    from valle_cli.infer.sampling import entropy_varentropy
+
+    logits = torch.tensor([[6.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    (h0, v0), (h1, _) = entropy_varentropy(logits[0]), entropy_varentropy(logits[1])
+    assert h0 < 0.1 and abs(h1 - torch.log(torch.tensor(4.0))) < 1e-5
+    ex = EarlyExit(lambda h: h, 1, 1, entropy=0.2, varentropy=1.0)
+    assert ex.confident(logits[:1, None]) == (h0 < 0.2 and v0 < 1.0)
+    assert not ex.confident(logits[:, None])  # one unsure row keeps the whole batch going
+    assert not EarlyExit(lambda h: h, 1, 1, entropy=0.2, varentropy=v0 * 0.5).confident(logits[:1, None])

@@ -157,14 +157,14 @@ class EarlyExit:
     layers: list[int] = field(default_factory=list)
 
     def confident(self, hidden: torch.Tensor) -> bool:
-        from valle_cli.infer.sampling import entropy_varentropy
-
-        logits = self.head(hidden[:, -1]).float()
-        for row in logits:
-            h, v = entropy_varentropy(row)
-            if h >= self.entropy or v >= self.varentropy:
-                return False
-        return True
+        """Whether every row's level-0 distribution read from `hidden` (B, T, D) is confident enough to exit
+        (`sampling.entropy_varentropy`, for all rows at once: one check, one sync)."""
+        logp = self.head(hidden[:, -1]).float().log_softmax(-1)
+        p = logp.exp()
+        surprise = torch.where(p > 0, -logp, torch.zeros_like(logp))
+        h = (p * surprise).sum(-1)
+        v = (p * (surprise - h[:, None]) ** 2).sum(-1)
+        return bool(((h < self.entropy) & (v < self.varentropy)).all())
 
 
 def early_exit_for(model: VALLE, sc: SamplingConfig | None) -> EarlyExit | None:
