@@ -113,9 +113,17 @@ def test_recurrent_backbones_have_no_attention_to_choose():
 
 @pytest.mark.parametrize("kind", ["mem_efficient", "cudnn"])
 def test_gpu_kernels_say_so_on_a_cpu(kind):
+    torch.manual_seed(0)
     bb = build_backbone(load_config("tiny", ["model.backbone=transformer", f"model.attention={kind}"]).model)
+    x = torch.randn(1, 4, 64)
     with pytest.raises(ConfigError, match=f"model.attention={kind} is one of torch's CUDA kernels"):
-        run(bb, torch.randn(1, 4, 64), torch.tensor([4]), True)
+        run(bb.train(), x, torch.tensor([4]), True)  # training on a CPU with it: said
+    torch.manual_seed(0)
+    auto = build_backbone(load_config("tiny", ["model.backbone=transformer"]).model).eval()
+    with torch.no_grad():  # a model trained with it still runs off a GPU: the same function, torch's kernel
+        torch.testing.assert_close(
+            run(bb.eval(), x, torch.tensor([4]), True).hidden, run(auto, x, torch.tensor([4]), True).hidden
+        )
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral", "transformer", "bitnet"])

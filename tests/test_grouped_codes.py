@@ -155,7 +155,7 @@ def test_what_acts_per_frame_is_refused():
     with pytest.raises(ConfigError, match="groups the codes of an autoregressive level 0"):
         load_config("tiny", ["model.group_size=2", "model.level0=nar"])
     for extra in ("train.scheduled_sampling=0.2", "train.input_dropout=0.1", "train.loss_weights.prompt=1"):
-        with pytest.raises(ConfigError, match="act on one level-0 code per step"):
+        with pytest.raises(ConfigError, match="acts? on one level-0 code per step"):
             load_config("tiny", ["model.group_size=2", extra])
     with pytest.raises(ConfigError, match="model.group_size must be positive"):
         load_config("tiny", ["model.group_size=0"])

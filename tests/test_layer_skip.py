@@ -99,6 +99,10 @@ def test_what_cannot_skip_layers_says_so():
         generate(model(), ph, prompt, sampling=sc, use_cache=False)
     with pytest.raises(ConfigError, match="classic autoregressive level 0"):
         load_config("tiny", ["train.layer_skip=0.5", "model.alignment=pointer"])
+    with pytest.raises(ValleError, match="add --layer-skip"):
+        SamplingConfig(layer_skip_entropy=2.0)
+    with pytest.raises(ConfigError, match="model.n_layers is 1"):
+        load_config("tiny", ["train.layer_skip=0.5", "model.backbone=transformer", "model.n_layers=1"])
     with pytest.raises(ConfigError, match="use one of them"):
         load_config("tiny", ["train.layer_skip=0.5", "train.guided_attention=1.0"])
 
@@ -122,7 +126,7 @@ def test_synth_refuses_layer_skip_for_a_model_that_cannot(tmp_path):
 def test_training_with_layer_skip_logs_the_early_exit_loss(dataset, tmp_path):
     import json
 
-    from valle_cli.train.trainer import Trainer, TrainingError
+    from valle_cli.train.trainer import Trainer
 
     from .test_train import config
 
@@ -133,7 +137,7 @@ def test_training_with_layer_skip_logs_the_early_exit_loss(dataset, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in records if any("early_exit" in k for k in r)]
     assert losses, records[:2]
-    with pytest.raises(TrainingError, match="exit early, and llama cannot"):
+    with pytest.raises(ConfigError, match="exit early, and llama cannot"):  # said when the config loads
         Trainer(config(dataset, "train.steps=1", "train.layer_skip=0.5"), tmp_path / "r2")
 
 

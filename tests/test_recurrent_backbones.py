@@ -210,9 +210,33 @@ def test_lora_on_mamba_names_its_layers():
     from valle_cli.model.lora import apply_lora
 
     model = VALLE(load_config("tiny", ["model.backbone=mamba"]).model, 623)
-    with pytest.raises(ConfigError, match="in_proj.*out_proj"):
+    with pytest.raises(ConfigError, match=r"some of \['in_proj'\]"):
         apply_lora(model, 4, 8.0, 0.0, ["q_proj"])
-    assert apply_lora(model, 4, 8.0, 0.0, ["in_proj", "out_proj"])
+    with pytest.raises(ConfigError, match="reads the weights of x_proj, dt_proj and out_proj directly"):
+        apply_lora(model, 4, 8.0, 0.0, ["in_proj", "out_proj"])
+    assert apply_lora(model, 4, 8.0, 0.0, ["in_proj"])
+    # and the config says so when it loads, before any training
+    sets = [
+        "model.backbone=mamba",
+        "train.lora.rank=4",
+        "train.init_from=x",
+        "train.lora.targets=[in_proj,out_proj]",
+    ]
+    with pytest.raises(ConfigError, match="cannot be adapted in the mamba backbone"):
+        load_config("tiny", sets)
+    with pytest.raises(ConfigError, match="LoRA cannot adapt the bitnet backbone"):
+        load_config("tiny", ["model.backbone=bitnet", "train.lora.rank=4", "train.init_from=x"])
+
+
+def test_training_options_the_backbone_cannot_serve_are_refused_when_the_config_loads():
+    with pytest.raises(ConfigError, match="exit early, and llama cannot"):
+        load_config("tiny", ["train.layer_skip=0.5"])
+    with pytest.raises(ConfigError, match="retnet does not report it"):
+        load_config("tiny", ["model.backbone=retnet", "train.guided_attention=1.0"])
+    with pytest.raises(ConfigError, match="more codes per step than makes sense"):
+        load_config("tiny", ["model.group_size=100000"])
+    with pytest.raises(ConfigError, match="did you mean 'sdpa'"):
+        load_config("tiny", ["model.attention=SDPA"])
 
 
 def test_alignment_plots_say_a_recurrent_backbone_has_no_attention(tmp_path):

@@ -33,11 +33,25 @@ class AlignmentMaps:
         return self.maps.max(-1).mean(-1)
 
 
+def check_reports_attention(model) -> None:
+    """Refuse a model whose backbone has no attention to draw (mamba, retnet), before any work."""
+    from valle_cli.backbones.base import Backbone
+
+    kind = type(model.backbone)
+    if (
+        not hasattr(model.backbone, "attention_maps")
+        or kind.forward_with_attention is Backbone.forward_with_attention
+    ):
+        raise ValleError(
+            f"the {model.backbone.name} backbone does not report its attention, so there is no alignment plot",
+            "alignment plots need an attention backbone (llama, mixtral, transformer, bitnet)",
+        )
+
+
 @torch.no_grad()
 def alignment_maps(model, sample, symbols: list[str]) -> AlignmentMaps:
     """Attention of the response positions over the text symbols of one AR (level-0) sample."""
-    if not hasattr(model.backbone, "attention_maps"):
-        raise ValleError(f"the {model.backbone.name} backbone does not report attention: no alignment plot")
+    check_reports_attention(model)
     was_training = model.training
     model.eval()
     try:
@@ -46,7 +60,7 @@ def alignment_maps(model, sample, symbols: list[str]) -> AlignmentMaps:
         try:
             layers = model.backbone.attention_maps(batch.inputs_embeds, mask, batch.position_ids)
         except NotImplementedError as exc:
-            raise ValleError(f"{exc}: no alignment plot") from None
+            raise ValleError(f"{exc}, so there is no alignment plot") from None
     finally:
         model.train(was_training)
     start = next(s for b, s, _, _, part in batch.targets if part == "response")

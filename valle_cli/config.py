@@ -66,6 +66,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         _positive(self, "d_model", "n_layers", "n_heads", "ffn_dim", "n_levels", "max_position", "group_size")
+        if self.group_size > 16:
+            raise ConfigError(
+                f"model.group_size {self.group_size} is more codes per step than makes sense (VALL-E 2 uses 2-8)",
+                "use a group size from 1 to 16",
+            )
         if self.group_size > 1 and (self.alignment != "none" or self.level0 != "ar"):
             raise ConfigError(
                 "model.group_size > 1 groups the codes of an autoregressive level 0 (VALL-E 2); this model's "
@@ -300,10 +305,16 @@ class Config:
                                         ("train.loss_weights.prompt", t.loss_weights.get("prompt", 0))) if v > 0]  # fmt: skip
             if per_frame:
                 raise ConfigError(
-                    f"{', '.join(per_frame)} act on one level-0 code per step; model.group_size is "
+                    f"{', '.join(per_frame)} {'acts' if len(per_frame) == 1 else 'act'} on one level-0 code per "
+                    "step; model.group_size is "
                     f"{self.model.group_size}",
                     "leave them at 0, or use model.group_size: 1",
                 )
+        if self.train.layer_skip > 0 and self.model.n_layers < 2:
+            raise ConfigError(
+                "train.layer_skip teaches earlier layers to exit, and model.n_layers is 1",
+                "use 2 layers or more",
+            )
         if self.train.layer_skip > 0 and self.train.guided_attention > 0:
             raise ConfigError(
                 "train.layer_skip and train.guided_attention each need their own pass through the layers",
@@ -327,6 +338,7 @@ class Config:
         )
         self.codec.options = _options_of("codec", self.codec.name, self.codec.options)
         _check_backbone(self.model)
+        _check_training_with(self)
 
 
 def _options_of(kind: str, name: str, data: dict) -> dict:
@@ -356,6 +368,48 @@ def _check_backbone(model: ModelConfig) -> None:
     check = getattr(cls, "check_config", None)
     if callable(check):
         check(model)
+
+
+def _check_training_with(cfg: Config) -> None:
+    """Training options that need something of the backbone, said when the config loads (not at step 0)."""
+    from valle_cli import plugins
+    from valle_cli.errors import PluginError
+
+    try:
+        cls = plugins.load("backbone", cfg.model.backbone)
+    except PluginError:
+        return
+    t, name = cfg.train, cfg.model.backbone
+    if t.layer_skip > 0 and not getattr(cls, "supports_early_exit", False):
+        raise ConfigError(
+            f"train.layer_skip needs a backbone that can exit early, and {name} cannot",
+            "use model.backbone=transformer or bitnet, or set train.layer_skip=0",
+        )
+    if t.guided_attention > 0 and not hasattr(cls, "attention_maps"):
+        raise ConfigError(f"train.guided_attention needs attention, and the {name} backbone has none")
+    from valle_cli.backbones.base import Backbone
+
+    if (
+        t.guided_attention > 0
+        and getattr(cls, "forward_with_attention", None) is Backbone.forward_with_attention
+    ):
+        raise ConfigError(
+            f"train.guided_attention needs the backbone's attention, and {name} does not report it",
+            "set train.guided_attention=0, or use model.backbone=llama, mixtral, transformer or bitnet",
+        )
+    lora = getattr(cls, "lora_targets", None)
+    if t.lora.rank > 0 and lora is not None:
+        wrong = [x for x in t.lora.targets if x not in lora]
+        if not lora:
+            raise ConfigError(
+                f"LoRA cannot adapt the {name} backbone: {cls.lora_refusal}",
+                "fine-tune it fully (train.lora.rank=0), or use another backbone",
+            )
+        if wrong:
+            raise ConfigError(
+                f"train.lora.targets {wrong} cannot be adapted in the {name} backbone: {cls.lora_refusal}",
+                f"set train.lora.targets to some of {list(lora)}",
+            )
 
 
 def plugin_options(cls: type, data: dict | None, where: str, typed: bool = False) -> Any:
@@ -501,7 +555,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
     if origin is Literal:
         if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            by_case = [str(a) for a in args if str(a).lower() == str(value).lower()]
+            close = by_case or difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(
                 f"{where} must be one of {', '.join(map(str, args))}; got {value!r}",

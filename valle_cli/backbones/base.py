@@ -152,6 +152,9 @@ class Backbone(torch.nn.Module):
     needs_layout: ClassVar[bool] = False
     supports_early_exit: ClassVar[bool] = False  # forward_layers and forward_exit (layer skip)
     Options: ClassVar[type | None] = None
+    # layers LoRA may adapt (names as in train.lora.targets); None: any linear layer; (): none, and why not
+    lora_targets: ClassVar[tuple[str, ...] | None] = None
+    lora_refusal: ClassVar[str] = ""
     # the model.attention values it honours ("auto" alone: it has no attention to choose a kernel for)
     attention_kinds: ClassVar[tuple[str, ...]] = ("auto",)
     attention: str = "auto"  # model.attention, set by build_backbone
@@ -159,21 +162,24 @@ class Backbone(torch.nn.Module):
     def __call__(self, *args, **kwargs):
         if not self.needs_layout:
             kwargs.pop("layout", None)
-        if self.attention in GPU_KERNELS:
+        kind = self.attention
+        if kind in GPU_KERNELS:
             x = args[0] if args else kwargs.get("inputs_embeds")
             if x is not None and x.device.type != "cuda":
-                raise ConfigError(
-                    f"model.attention={self.attention} is one of torch's CUDA kernels; this model runs on "
-                    f"{x.device.type}",
-                    "use model.attention=auto (or math) off a GPU",
-                )
-        with sdpa_context(self.attention):
+                if self.training:
+                    raise ConfigError(
+                        f"model.attention={kind} is one of torch's CUDA kernels; this model trains on "
+                        f"{x.device.type}",
+                        "use model.attention=auto (or math) off a GPU",
+                    )
+                kind = "auto"  # inference off a GPU: the same function with the kernel torch has
+        with sdpa_context(kind):
             try:
                 return super().__call__(*args, **kwargs)
             except RuntimeError as exc:
-                if self.attention in GPU_KERNELS and "No available kernel" in str(exc):
+                if kind in GPU_KERNELS and "No available kernel" in str(exc):
                     raise ConfigError(
-                        f"torch's {self.attention} attention kernel cannot run this call ({exc})",
+                        f"torch's {kind} attention kernel cannot run this call ({exc})",
                         "it needs fp16/bf16 and a GPU that supports it; use model.attention=auto",
                     ) from None
                 raise

@@ -95,6 +95,11 @@ class MambaBackbone(Backbone):
     needs_layout = True
     supports_noncausal = True  # through the backward mixers (refused when options.bidirectional is false)
     Options = MambaOptions
+    lora_targets = ("in_proj",)
+    lora_refusal = (
+        "transformers' Mamba reads the weights of x_proj, dt_proj and out_proj directly, so an adapter there "
+        "would be bypassed; in_proj is called as a layer"
+    )
 
     def __init__(self, config, bidirectional: bool = True, gradient_checkpointing: bool = False):
         super().__init__()
@@ -120,7 +125,7 @@ class MambaBackbone(Backbone):
             raise ConfigError(
                 f"model.backbone_options.bidirectional is false, so mamba reads only forwards and cannot run "
                 f"the non-causal NAR passes {noncausal} asks for",
-                "set bidirectional: true, or model.n_levels=1 for an AR-only model",
+                "set bidirectional: true, or make the model AR-only (model.n_levels=1, model.level0=ar)",
             )
 
     @classmethod

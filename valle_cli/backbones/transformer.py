@@ -77,7 +77,9 @@ class BitLinear(nn.Linear):
     """A linear layer with ternary weights and 8-bit inputs (BitNet b1.58), trained with straight-through
     gradients; `nn.Linear`'s parameters, so LoRA, checkpoints and exports treat it as one."""
 
-    _frozen: tuple | None = None  # ((version, address, dtype) of the weight, its rounding): reused without grad
+    _frozen: tuple | None = (
+        None  # ((version, address, dtype) of the weight, its rounding): reused without grad
+    )
 
     def ternary(self) -> torch.Tensor:
         """The weight as used: {-1, 0, +1} times its mean absolute value (straight-through when training)."""
@@ -269,3 +271,5 @@ class BitNetBackbone(TransformerBackbone):
 
     name = "bitnet"
     linear = BitLinear
+    lora_targets = ()
+    lora_refusal = "its weights are ternary, and an adapter merged into them for export would be rounded away"

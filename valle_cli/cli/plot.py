@@ -100,7 +100,7 @@ def _alignment(
 ) -> None:
     from rich.console import Console
 
-    from valle_cli.alignment import alignment_maps, render_alignment
+    from valle_cli.alignment import alignment_maps, check_reports_attention, render_alignment
     from valle_cli.errors import ValleError
     from valle_cli.infer.engine import SamplingConfig, generate_batch
     from valle_cli.infer.load import load_model
@@ -111,6 +111,7 @@ def _alignment(
         raise ValleError("--alignment needs --text: what the model should say", 'add --text "Hello there."')
     con = Console(stderr=True, soft_wrap=True, highlight=False)
     loaded = load_model(source)
+    check_reports_attention(loaded.model)
     sp = _Speaker(loaded, refs, SynthOptions(), "cpu")
     req = sp.request(Segment(text.strip(), 0, 0.0))
     con.print(f"generating {text.strip()!r} with {source} ...", markup=False)

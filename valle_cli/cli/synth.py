@@ -89,7 +89,9 @@ def synth(
         0.1, help="Layer skip: exit when the entropy (nats) is below this..."
     ),
     layer_skip_varentropy: float = typer.Option(0.1, help="...and the varentropy is below this."),
-    max_ar_steps: int = typer.Option(1500, help="Longest output per segment, in frames (75 per second)."),
+    max_ar_steps: int = typer.Option(
+        1500, help="Longest output per segment, in codec frames (75 per second for encodec, vocos, mel)."
+    ),
     level0_steps: int = typer.Option(
         8, help="Models with a parallel level 0 (level0: nar): unmasking passes (1 = one shot)."
     ),

@@ -82,6 +82,11 @@ def fetch_dac_folder(model_type: str, path: str | None = None) -> Path:
     repo = repo_id(model_type)
     if path:
         folder = Path(path)
+        if not folder.is_dir():
+            raise CodecError(
+                f"DAC folder {folder} (codec.path) does not exist",
+                f"point codec.path at a folder with config.json and model.safetensors from {repo}",
+            )
         missing = [name for name in FILES if not (folder / name).exists()]
         if missing:
             raise CodecError(

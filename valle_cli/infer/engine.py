@@ -89,6 +89,14 @@ class SamplingConfig:
     ):
         if level0_steps < 1:
             raise ValleError(f"level0_steps must be at least 1, got {level0_steps}")
+        tuned = (layer_skip_exit_layer, layer_skip_min_layer, layer_skip_entropy, layer_skip_varentropy) != (
+            0,
+            1,
+            0.1,
+            0.1,
+        )
+        if tuned and not layer_skip:
+            raise ValleError("the --layer-skip-* settings tune layer skip, which is off", "add --layer-skip")
         if layer_skip_exit_layer < 0 or layer_skip_entropy < 0 or layer_skip_varentropy < 0:
             raise ValleError(
                 "--layer-skip-exit-layer, --layer-skip-entropy and --layer-skip-varentropy cannot be negative"

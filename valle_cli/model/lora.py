@@ -42,13 +42,14 @@ class LoRALinear(nn.Module):
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> list[str]:
     """Wrap the targeted linear layers of `model.backbone`; freeze everything else. Returns wrapped names."""
-    from valle_cli.backbones.transformer import BitLinear
-
-    if any(isinstance(m, BitLinear) for m in model.backbone.modules()):
+    allowed = getattr(model.backbone, "lora_targets", None)
+    if allowed is not None and (not allowed or any(t not in allowed for t in targets)):
+        refusal = getattr(model.backbone, "lora_refusal", "")
         raise ConfigError(
-            f"LoRA cannot adapt the {model.cfg.backbone} backbone: its weights are ternary, and an adapter "
-            "merged into them for export would be rounded away",
-            "fine-tune it fully (train.lora.rank=0), or use a full-precision backbone",
+            f"LoRA cannot adapt {'the ' + model.cfg.backbone + ' backbone' if not allowed else targets}: {refusal}",
+            f"set train.lora.targets to some of {list(allowed)}"
+            if allowed
+            else "fine-tune it fully (train.lora.rank=0)",
         )
     wrapped = []
     for name, module in list(model.backbone.named_modules()):

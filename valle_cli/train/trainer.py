@@ -583,7 +583,7 @@ class Trainer:
                 am, self.run / "alignment" / f"step-{self.step:08d}.png", f"{item['uid']}, step {self.step}"
             )
         except (ValleError, OSError) as exc:
-            self._event("warn", {"message": f"no alignment plot: {exc}"})
+            self._event("warn", {"message": str(exc)})
             return
         self._event("info", {"message": f"alignment plot {path}"})
 
