@@ -31,12 +31,11 @@ per second of audio (75 / G) and the measured time to make 4 s of level 0.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
-from report import command, write_section  # bench/ is on sys.path when run as a script
+from report import command, machine, write_section  # bench/ is on sys.path when run as a script
 
 PHONEMES = torch.tensor([1, *range(10, 60), 2])  # ~50 phonemes: a sentence
 PROMPT_FRAMES = 225  # 3 s
@@ -195,11 +194,9 @@ def main() -> None:
     if args.write and groups:
         write_section("Grouped codes (VALL-E 2): AR steps per second of audio", groups)
     if args.write and rows:
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
         lines = [
             f"Command: `{command('decode.py')}`  ",
-            f"Machine: {platform.machine()}, {device}, torch {torch.__version__}, {torch.get_num_threads()} "
-            "threads, fp32, random weights, batch 1, greedy. L = tokens before the step (text + prompt + "
+            machine() + "fp32, random weights, batch 1, greedy. L = tokens before the step (text + prompt + "
             "response so far). Cached = one engine step (KV-cached backbone + head + sampler + bookkeeping); "
             "bare = the backbone alone on one token with the same cache; uncached = the whole sequence again, "
             "as the original does every step. Medians.",
@@ -255,11 +252,10 @@ def backbone_rows(args) -> list[str]:
         )
         table.append((name, cached, growth))
         del model
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     lines = [
         f"Command: `{command('decode.py')}`  ",
-        f"Machine: {platform.machine()}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"fp32, random weights, the `{args.backbone_preset}` shape (d_model, layers, heads) with each backbone, "
+        machine()
+        + f"fp32, random weights, the `{args.backbone_preset}` shape (d_model, layers, heads) with each backbone, "
         "batch 1, greedy. Cached = one engine step with L tokens already read (a KV cache for attention "
         "backbones, a fixed-size state for mamba and retnet); growth = the step at the longest L over the step "
         "at the shortest. Medians.",
@@ -316,11 +312,10 @@ def layer_skip_rows(args) -> list[str]:
     print(
         f"layer skip on, never confident: {never:.1f} ms/step ({never / full:.2f}x the full step)", flush=True
     )
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     lines = [
         f"Command: `{command('decode.py')}`  ",
-        f"Machine: {platform.machine()}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"fp32, random weights, the `{args.layer_skip_preset}` shape with the transformer backbone, batch 1, "
+        machine()
+        + f"fp32, random weights, the `{args.layer_skip_preset}` shape with the transformer backbone, batch 1, "
         f"L = {args.layer_skip_length}. Every step forced to exit after layer k (confidence thresholds set "
         "out of reach), against the plain cached step; 'never confident' pays the exit checks and never exits. "
         "Medians.",
@@ -376,12 +371,11 @@ def group_rows(args) -> list[str]:
         )
     if not rows:
         return []
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     base = rows[0][2]
     lines = [
         f"Command: `{command('decode.py')}`  ",
-        f"Machine: {platform.machine()}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"fp32, random weights, the `{preset}` shape, batch 1, greedy, 4 s of level 0 (300 frames) after a "
+        machine()
+        + f"fp32, random weights, the `{preset}` shape, batch 1, greedy, 4 s of level 0 (300 frames) after a "
         "300-token prefix. Medians of 3.",
         "",
         "| group size G | AR steps per second of audio | AR steps for 4 s | level 0 for 4 s, s | speed-up |",

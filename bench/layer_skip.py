@@ -14,11 +14,10 @@ Usage:  python bench/layer_skip.py --model RUN_OR_EXPORT --dataset DATASET [--ut
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
-from report import command, write_section  # bench/ is on sys.path when run as a script
+from report import command, machine, write_section  # bench/ is on sys.path when run as a script
 
 
 def requests(ds, n: int, max_prompt: int = 225):
@@ -100,11 +99,10 @@ def main() -> None:
               "before the first difference", flush=True)  # fmt: skip
     if not args.write:
         return
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     lines = [
         f"Command: `{command('layer_skip.py')}`  ",
-        f"Machine: {platform.machine()}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"fp32, greedy, {len(reqs)} utterances ({frames} frames), {n_layers}-layer model trained with "
+        machine()
+        + f"fp32, greedy, {len(reqs)} utterances ({frames} frames), {n_layers}-layer model trained with "
         "`train.layer_skip`. Varentropy threshold = 4 x the entropy threshold.",
         "",
         "| exit when entropy < | layers per step | steps exiting early | level 0 s | full model s | "

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import time
 from pathlib import Path
 
 import torch
-from report import ROOT, command, write_section  # bench/ is on sys.path when run as a script
+from report import ROOT, command, machine, write_section  # bench/ is on sys.path when run as a script
 
 PHONEMES = torch.tensor([1, *range(10, 60), 2])  # ~50 phonemes
 PROMPT_FRAMES = 225  # 3 s at 75 frames/s
@@ -93,11 +92,10 @@ def main() -> None:
     figure = ROOT / "docs" / "nar-len-speed.png"
     fig.savefig(figure)
     print(f"wrote {figure}")
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     lines = [
         f"Command: `{command('nar_len.py')}`  ",
-        f"Machine: {platform.machine()}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"fp32, random weights, the `{args.preset}` shape, batch 1, greedy, ~50 phonemes and a 3 s prompt. "
+        machine()
+        + f"fp32, random weights, the `{args.preset}` shape, batch 1, greedy, ~50 phonemes and a 3 s prompt. "
         "Time to make RVQ level 0 only (the NAR levels and the codec cost the same for both). Medians of "
         f"{args.repeats}.",
         "",

@@ -15,6 +15,16 @@ def command(script: str) -> str:
     return " ".join([f"python bench/{script}", *(a for a in sys.argv[1:] if a != "--write"), "--write"])
 
 
+def machine() -> str:
+    """ "Machine: arch, device, torch version, threads, " - the start of every section's second line."""
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return f"Machine: {platform.machine()}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+
+
 def write_section(heading: str, body: list[str]) -> Path:
     section = "\n".join([f"## {heading}", "", *body, ""])
     path = ROOT / "docs" / "benchmarks.md"
