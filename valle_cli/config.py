@@ -385,8 +385,6 @@ def _check_training_with(cfg: Config) -> None:
             f"train.layer_skip needs a backbone that can exit early, and {name} cannot",
             "use model.backbone=transformer or bitnet, or set train.layer_skip=0",
         )
-    if t.guided_attention > 0 and not hasattr(cls, "attention_maps"):
-        raise ConfigError(f"train.guided_attention needs attention, and the {name} backbone has none")
     from valle_cli.backbones.base import Backbone
 
     if (

@@ -226,7 +226,6 @@ class Backbone(torch.nn.Module):
         return self.forward_with_attention(inputs_embeds, attention_mask, position_ids)[1]
 
 
-ATTENTION_KINDS = ("auto", "sdpa", "math", "mem_efficient", "flash", "cudnn", "eager", "flash_attention_2")
 GPU_KERNELS = ("mem_efficient", "cudnn")  # torch's fused kernels that exist only on CUDA
 SDPA_KINDS = ("auto", "sdpa", "math", "mem_efficient", "cudnn", "eager")  # what attention backbones honour
 # every call passes an explicit mask (padding; causal and non-causal rows side by side): kernels that cannot
