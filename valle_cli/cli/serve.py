@@ -47,6 +47,10 @@ def serve(
     from valle_cli.serve.settings import Limits, ServeSettings, default_home
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if str(resolve_device(device)) == "cpu":
+        from valle_cli import threads
+
+        threads.apply()  # the cores other programs leave free when the server starts (valle_cli/threads.py)
     key = api_key or os.environ.get(API_KEY_ENV) or None
     for name, value in (("--queue-size", queue_size), ("--max-text-chars", max_text_chars)):
         if value < 1:

@@ -220,6 +220,10 @@ def _load(model: str | None, device: str, dtype: str, compile: bool, err):
     if dtype not in DTYPES:
         raise ValleError(f"unknown --dtype {dtype!r}", "use fp32, fp16 or bf16")
     dev = str(resolve_device(device))
+    if dev == "cpu":
+        from valle_cli import threads
+
+        threads.apply()  # the cores other programs leave free (valle_cli/threads.py)
     source = model
     if source is None:
         source, why = default_model()
