@@ -265,8 +265,11 @@ class Decoder:
             out = self.backbone(self.x, mask, self.positions, layout=self._layout(t))
         return self.head(out.hidden[:, -1])
 
-    def _layout(self, t: int) -> Layout:
-        """The last `t` positions, every row causal (for recurrent backbones)."""
+    def _layout(self, t: int) -> Layout | None:
+        """The last `t` positions, every row causal: for recurrent backbones only (None for the others, so the
+        per-step path of attention backbones builds nothing it would drop)."""
+        if not getattr(self.backbone, "needs_layout", False):
+            return None
         return Layout(self.valid[:, -t:], torch.ones(len(self.valid), dtype=torch.bool, device=self.x.device))
 
     def feed(self, tokens: torch.Tensor, extra: torch.Tensor | None = None) -> None:

@@ -151,13 +151,7 @@ class Trainer:
         self.model = VALLE(cfg.model, len(self.symbols), int(codec["codebook_size"]), t.loss_weights)
         self.model.input_dropout = t.input_dropout
         self.model.scheduled_sampling = t.scheduled_sampling
-        if t.layer_skip > 0:
-            if not getattr(self.model.backbone, "supports_early_exit", False):
-                raise TrainingError(
-                    f"train.layer_skip needs a backbone that can exit early, and {cfg.model.backbone} cannot",
-                    "use model.backbone=transformer or bitnet, or set train.layer_skip=0",
-                )
-            self.model.layer_skip = t.layer_skip
+        self.model.layer_skip = t.layer_skip  # the config refused backbones that cannot exit early
         if t.guided_attention > 0:
             from valle_cli.backbones.base import Backbone
             from valle_cli.model.valle import GuidedAttention
