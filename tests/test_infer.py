@@ -15,10 +15,24 @@ from valle_cli.infer.sampling import filter_logits, pick
 from valle_cli.model.valle import VALLE
 
 
-@pytest.fixture(params=["llama", "mixtral", "transformer", "mamba", "retnet", "bitnet"])
+@pytest.fixture(
+    params=[
+        "llama",
+        "mixtral",
+        "transformer",
+        "mamba",
+        "retnet",
+        "bitnet",
+        "llama+shared",
+        "transformer+shared",
+    ]
+)
 def model(request):
+    """A tiny random model per backbone; "+shared": with `model.prefix: shared` (text and prompt run once)."""
     torch.manual_seed(0)
-    cfg = load_config("tiny", [f"model.backbone={request.param}"]).model
+    backbone, _, shared = request.param.partition("+")
+    extra = ["model.prefix=shared"] if shared else []
+    cfg = load_config("tiny", [f"model.backbone={backbone}", *extra]).model
     m = VALLE(cfg, n_symbols=623).eval()
     with torch.no_grad():
         m.heads[0].bias[m.stop_id] = -1e4  # a random model may stop at once; make it run to max steps
@@ -323,7 +337,11 @@ def test_beam_search_finds_the_likelier_sequence():
     assert greedy[0] == 1  # width 1 is greedy: it takes the locally best token
 
 
-def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well(model):
+def test_beam_of_one_is_greedy_and_wider_beams_decode_alike_with_and_without_cache(model):
+    """Beam search's plumbing on a real model (row reordering of the cache, or of the shared prefix's rows):
+    width 1 is greedy, and wider beams find the same sequence with and without the cache, directly and
+    through generate_batch. (That a wider beam scores at least as well as greedy is not a property of beam
+    search: greedy's path can be pruned early; the algorithm is tested on a toy decoder above.)"""
     from valle_cli.infer.beam import beam_search
     from valle_cli.infer.engine import ar_decoder
 
@@ -338,23 +356,16 @@ def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well(model):
         out = generate(model, ph, prompt, sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=40))
         if out.stopped and out.ar_steps >= 2:
             break
-
-    def logprob(tokens: list[int]) -> float:
-        dec = ar_decoder(model, [Request(ph, prompt)])
-        total = 0.0
-        for t in [*tokens, model.stop_id]:
-            total += float(dec.logits()[0, 0].float().log_softmax(-1)[t])
-            dec.feed(torch.tensor([t]))
-        return total
-
     with torch.inference_mode():
-        g, g_stop = beam_search(ar_decoder(model, [Request(ph, prompt)]), 1, 40, model.stop_id, 0.0)
-        b, b_stop = beam_search(ar_decoder(model, [Request(ph, prompt)]), 4, 40, model.stop_id, 0.0)
-        assert g_stop and b_stop
-        assert logprob(b) >= logprob(g) - 1e-4
-        sc = SamplingConfig(beam_width=4, max_ar_steps=40, beam_length_norm=0.0)  # as beam_search above
-        out = generate_batch(model, [Request(ph, prompt)], sc)[0]
-        assert out.stopped and out.codes[0].tolist() == b
+        for width in (2, 4):
+            b, b_stop = beam_search(ar_decoder(model, [Request(ph, prompt)]), width, 40, model.stop_id, 0.0)
+            dec = ar_decoder(model, [Request(ph, prompt)], use_cache=False)
+            assert (b, b_stop) == beam_search(dec, width, 40, model.stop_id, 0.0)
+            sc = SamplingConfig(
+                beam_width=width, max_ar_steps=40, beam_length_norm=0.0
+            )  # as beam_search above
+            out = generate_batch(model, [Request(ph, prompt)], sc)[0]
+            assert out.stopped == b_stop and out.codes[0].tolist() == b
 
 
 @pytest.mark.parametrize("kind", ["classic", "pointer", "level0-nar"])

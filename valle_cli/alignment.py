@@ -64,7 +64,7 @@ def alignment_maps(model, sample, symbols: list[str]) -> AlignmentMaps:
     finally:
         model.train(was_training)
     start = next(s for b, s, _, _, part in batch.targets if part == "response")
-    text_start = 4  # language, task, level, separator (VALLE.header)
+    text_start = model.text_start
     n_text = len(sample.phonemes)
     maps = []
     for att in layers:

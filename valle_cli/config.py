@@ -52,6 +52,11 @@ class ModelConfig:
     # VALL-E 2's grouped code modeling: each AR step reads and predicts this many level-0 codes (classic
     # layouts: alignment none, level0 ar); G times fewer AR steps per second of audio
     group_size: int = 1
+    # what the AR and NAR passes share: classic = the original's layout, the RVQ level marker sits before the
+    # text, so every pass recomputes text and prompt; shared = the marker sits after them and the text and
+    # prompt attend only to themselves, so their keys and values are computed once per request and reused by
+    # the AR and every NAR pass (each NAR pass then costs only the response). Attention backbones only
+    prefix: Literal["classic", "shared"] = "classic"
     # auto/sdpa: torch's scaled_dot_product_attention, torch picks the kernel; math, mem_efficient, cudnn: that
     # kernel only (the last two: CUDA); eager: the written-out softmax; flash and flash_attention_2 are refused
     # (they cannot take the masks every call passes). Recurrent backbones have no attention: auto only.
@@ -320,6 +325,16 @@ class Config:
                 "train.layer_skip and train.guided_attention each need their own pass through the layers",
                 "use one of them",
             )
+        if self.model.prefix == "shared":
+            inside = [
+                f"train.loss_weights.{k}" for k in ("text", "prompt") if self.train.loss_weights.get(k, 0) > 0
+            ]
+            if inside:
+                raise ConfigError(
+                    f"{', '.join(inside)} predict the next token inside the text and prompt; with "
+                    "model.prefix: shared they attend to each other both ways, so there is nothing to predict",
+                    "leave them at 0, or use model.prefix: classic",
+                )
         if self.model.level0 == "nar":
             t = self.train
             useless = [k for k, v in (("train.scheduled_sampling", t.scheduled_sampling),

@@ -18,6 +18,11 @@ What a backbone declares (class attributes; the model and the decoders read them
 - `supports_noncausal`: it can run rows that are not causal (every NAR pass, level0 nar). Without it the
   model refuses any configuration with NAR levels (`model.n_levels > 1` or `model.level0: nar`): a NAR
   pass run causally would silently see half its context.
+- `supports_shared_prefix`: `model.prefix: shared` works with it. It reads arbitrary masks (the text and
+  prompt attend both ways among themselves while the response after them is causal or not), caches, and its
+  `fork_cache(cache)` returns a cache that starts with the same keys and values and grows on its own
+  (sharing the tensors is fine if growing replaces them): the decoders compute the prefix once and fork
+  it for the AR and for every NAR pass. Others refuse `model.prefix: shared` when the config loads.
 - `has_aux_loss`: it may return `aux_loss` (e.g. mixture-of-experts routing), added to the training loss.
   A backbone without it returning one is an error.
 - `forward_with_attention` (optional): attention probabilities of every layer, for alignment plots and the
@@ -148,6 +153,7 @@ class Backbone(torch.nn.Module):
     name: ClassVar[str] = "backbone"
     supports_cache: ClassVar[bool] = True
     supports_noncausal: ClassVar[bool] = True
+    supports_shared_prefix: ClassVar[bool] = False  # model.prefix: shared (needs fork_cache)
     has_aux_loss: ClassVar[bool] = False
     needs_layout: ClassVar[bool] = False
     supports_early_exit: ClassVar[bool] = False  # forward_layers and forward_exit (layer skip)
@@ -200,6 +206,16 @@ class Backbone(torch.nn.Module):
                 "non-causal rows (`valle plugins` lists them)",
             )
         check_attention(cfg, cls)
+        if getattr(cfg, "prefix", "classic") == "shared" and not cls.supports_shared_prefix:
+            raise ConfigError(
+                f"model.prefix: shared computes the text and prompt once and reuses their cache in every pass; "
+                f"the {cfg.backbone} backbone cannot (it needs an attention mask and a cache it can fork)",
+                "use model.prefix: classic, or an attention backbone (llama, mixtral, transformer, bitnet)",
+            )
+
+    def fork_cache(self, cache: Any) -> Any:
+        """A cache holding what `cache` holds, whose growth leaves `cache` as it is (`supports_shared_prefix`)."""
+        raise NotImplementedError(f"the {self.name} backbone cannot fork its cache")
 
     def forward(
         self,

@@ -13,6 +13,7 @@ a vocabulary of one row.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,7 @@ class HFBackbone(Backbone):
     """Common driver for transformers decoder stacks."""
 
     attention_kinds = SDPA_KINDS
+    supports_shared_prefix = True
 
     def __init__(self, model: torch.nn.Module, gradient_checkpointing: bool = False):
         super().__init__()
@@ -73,6 +75,13 @@ class HFBackbone(Backbone):
             **extra,
         )
         return out, (cache if use_cache else None)
+
+    def fork_cache(self, cache):
+        """A DynamicCache with its own layer objects over the same tensors: its layers grow by concatenation,
+        which replaces their tensors and leaves the original's as they were."""
+        fork = copy.copy(cache)
+        fork.layers = [copy.copy(layer) for layer in cache.layers]
+        return fork
 
     def forward_with_attention(self, inputs_embeds, attention_mask, position_ids, **extra):
         """`forward` plus every layer's attention probabilities (B, H, T, T), computed with the eager kernel
@@ -156,6 +165,13 @@ class MixtralBackbone(HFBackbone):
             inputs_embeds, attention_mask, position_ids, cache, use_cache, output_router_logits=self.training
         )
         return BackboneOutput(out.last_hidden_state, cache, self._aux(out))
+
+    def fork_cache(self, cache):
+        """A DynamicCache with its own layer objects over the same tensors: its layers grow by concatenation,
+        which replaces their tensors and leaves the original's as they were."""
+        fork = copy.copy(cache)
+        fork.layers = [copy.copy(layer) for layer in cache.layers]
+        return fork
 
     def forward_with_attention(self, inputs_embeds, attention_mask, position_ids, **extra):
         return super().forward_with_attention(

@@ -47,6 +47,10 @@ class KVCache:
             self.values[layer] = torch.cat([self.values[layer], v], dim=2)
         return self.keys[layer], self.values[layer]
 
+    def fork(self) -> KVCache:
+        """The same keys and values, growing on its own (`update` replaces the tensors, never writes them)."""
+        return KVCache(list(self.keys), list(self.values))
+
     def reorder_cache(self, index: torch.Tensor) -> None:
         """Keep/duplicate batch rows (beam search); named like transformers' `Cache.reorder_cache`."""
         self.keys = [k.index_select(0, index) for k in self.keys]
@@ -175,6 +179,7 @@ class TransformerBackbone(Backbone):
     name = "transformer"
     attention_kinds = SDPA_KINDS
     supports_early_exit = True
+    supports_shared_prefix = True
     linear: type[nn.Linear] = nn.Linear
 
     def __init__(
@@ -215,6 +220,9 @@ class TransformerBackbone(Backbone):
                     x, attention_mask, position_ids, cache if use_cache or cache is not None else None, i
                 )
         return BackboneOutput(self.norm(x), cache if use_cache else None)
+
+    def fork_cache(self, cache: KVCache) -> KVCache:
+        return cache.fork()
 
     def forward_layers(self, inputs_embeds, attention_mask, position_ids) -> tuple[BackboneOutput, list]:
         """`forward` (no cache) plus every earlier layer's output through the final norm, [(B, T, D)] for

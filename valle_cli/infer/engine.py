@@ -221,10 +221,15 @@ class Decoder:
     head: Callable[[torch.Tensor], torch.Tensor]
     use_cache: bool = True
     early_exit: EarlyExit | None = None  # layer skip (cached steps after the prefill only)
+    # shared-prefix models: text and prompt already run (`SharedPrefix`); `prefixes` are what follows them
+    past: SharedPrefix | None = None
     cache: object = None
     x: torch.Tensor = field(init=False)  # (B, L, D): inputs the backbone has not seen (with a cache), or all
     valid: torch.Tensor = field(init=False)  # (B, S) bool: real keys
     positions: torch.Tensor = field(init=False)  # (B, S) long
+    past_rows: torch.Tensor | None = field(
+        init=False, default=None
+    )  # row i continues past's row past_rows[i]
 
     def __post_init__(self) -> None:
         first = self.prefixes[0]
@@ -232,13 +237,26 @@ class Decoder:
         self.x = first.new_zeros(b, n, first.shape[-1])
         self.valid = torch.zeros(b, n, dtype=torch.bool, device=first.device)
         self.positions = torch.zeros(b, n, dtype=torch.long, device=first.device)
+        before = [0] * b if self.past is None else self.past.lengths
         for row, p in enumerate(self.prefixes):
             self.x[row, n - len(p) :] = p
             self.valid[row, n - len(p) :] = True
-            self.positions[row, n - len(p) :] = torch.arange(len(p), device=first.device)
+            self.positions[row, n - len(p) :] = torch.arange(len(p), device=first.device) + before[row]
+        if self.past is not None:
+            self.valid = torch.cat([self.past.valid, self.valid], 1)
+            self.positions = torch.cat([self.past.positions, self.positions], 1)
+            self.past_rows = torch.arange(b, device=first.device)
+            if self.use_cache:
+                self.cache = self.past.fork(self.backbone)
 
     def logits(self) -> torch.Tensor:
         """Next-token logits (B, V) after everything fed so far."""
+        if not self.use_cache and self.past is not None:  # everything after the shared prefix, again
+            t = self.x.shape[1]
+            mask = padded_mask(self.valid, t, dtype=self.x.dtype)
+            cache = self.past.fork(self.backbone, self.past_rows)
+            out = self.backbone(self.x, mask, self.positions[:, -t:], cache=cache, use_cache=True)
+            return self.head(out.hidden[:, -1])
         if self.use_cache:
             t = self.x.shape[1]
             mask = padded_mask(self.valid, t, dtype=self.x.dtype)
@@ -285,6 +303,8 @@ class Decoder:
         """Keep/duplicate rows (beam search): row i becomes old row index[i]."""
         index = index.to(self.x.device)
         self.x, self.valid, self.positions = self.x[index], self.valid[index], self.positions[index]
+        if self.past_rows is not None:
+            self.past_rows = self.past_rows[index]
         if self.cache is not None:
             self.cache.reorder_cache(index)
 
@@ -300,18 +320,75 @@ def refuse_continuation(requests: list[Request], what: str = "pointer models") -
         )
 
 
-def ar_prefix(model: VALLE, req: Request) -> torch.Tensor:
-    """Input embeddings (L, D) of the AR pass up to the first step: header, text, prompt, START, prefix codes."""
+def request_prefix(model: VALLE, req: Request) -> tuple[torch.Tensor, int]:
+    """(the prefix's input embeddings (L, D): header, text, prompt, separators; where its text starts)."""
     dev = model.sep.device
     q = model.n_levels
     empty = torch.zeros(q, 0, dtype=torch.long, device=dev)
-    pre, _, _ = model.prefix(Sample(req.phonemes.to(dev), req.prompt[:q].to(dev), empty, 0, req.language))
+    pre, text_start, _ = model.prefix(
+        Sample(req.phonemes.to(dev), req.prompt[:q].to(dev), empty, 0, req.language)
+    )
+    return pre, text_start
+
+
+@dataclass
+class SharedPrefix:
+    """Shared-prefix models (`model.prefix: shared`): every request's prefix run once, left-padded to a
+    common length P and attending only to itself, as in training. The AR and every NAR pass fork its cache and
+    run only their own positions after it."""
+
+    cache: object  # the backbone's cache of the P prefix positions (never grown: passes fork it)
+    valid: torch.Tensor  # (B, P) bool: real positions (padding on the left)
+    positions: torch.Tensor  # (B, P) long: each row counts its real positions from 0
+    hidden: torch.Tensor  # (B, P, D): the prefix's output (durations, lengths of level0-nar models)
+    lengths: list[int]  # real prefix length per row
+    text_starts: list[int]  # where each row's text starts within its own prefix
+
+    def fork(self, backbone, rows: torch.Tensor | list[int] | None = None):
+        """A cache of the prefix for a pass over `rows` of it (all, in order, when None)."""
+        cache = backbone.fork_cache(self.cache)
+        if rows is not None:
+            index = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
+            if len(index) != len(self.lengths) or bool(
+                (index != torch.arange(len(index), device=index.device)).any()
+            ):
+                cache.reorder_cache(index)
+        return cache
+
+    def hidden_at(self, row: int, start: int, n: int) -> torch.Tensor:
+        """(n, D): the prefix outputs of row's own positions start .. start + n - 1."""
+        pad = self.valid.shape[1] - self.lengths[row]
+        return self.hidden[row, pad + start : pad + start + n]
+
+
+def shared_prefix(model: VALLE, requests: list[Request]) -> SharedPrefix:
+    """Run every request's prefix once (see `SharedPrefix`)."""
+    pres = [request_prefix(model, r) for r in requests]
+    first = pres[0][0]
+    b, n, dev = len(pres), max(len(p) for p, _ in pres), first.device
+    x = first.new_zeros(b, n, first.shape[-1])
+    valid = torch.zeros(b, n, dtype=torch.bool, device=dev)
+    positions = torch.zeros(b, n, dtype=torch.long, device=dev)
+    for row, (p, _) in enumerate(pres):
+        x[row, n - len(p) :] = p
+        valid[row, n - len(p) :] = True
+        positions[row, n - len(p) :] = torch.arange(len(p), device=dev)
+    out = model.backbone(x, padded_mask(valid, n, causal=False, dtype=x.dtype), positions, use_cache=True)
+    return SharedPrefix(
+        out.cache, valid, positions, out.hidden, [len(p) for p, _ in pres], [t for _, t in pres]
+    )
+
+
+def ar_opening(model: VALLE, req: Request) -> torch.Tensor:
+    """Input embeddings (L, D) of the AR pass after the prefix up to the first step: (the level marker of
+    shared-prefix models,) START, the continuation's codes."""
+    dev = model.sep.device
     g = model.group_size
     start = model.level0_embed(torch.full((1, g), model.start_id, device=dev))
     if model.pointer:
         refuse_continuation([req])
         start = start + model.frame_text_emb(req.phonemes[:1].to(dev)) + model.held_emb.weight[:1]
-    parts = [pre, start]
+    parts = [model.marker(0), start] if model.shared else [start]
     if (
         req.prefix_frames
     ):  # whole groups, ending where the response begins (a partial first group is left out)
@@ -320,12 +397,22 @@ def ar_prefix(model: VALLE, req: Request) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def ar_prefix(model: VALLE, req: Request) -> torch.Tensor:
+    """Input embeddings (L, D) of the whole AR pass up to the first step: the prefix, then `ar_opening`."""
+    return torch.cat([request_prefix(model, req)[0], ar_opening(model, req)])
+
+
 def ar_decoder(
-    model: VALLE, requests: list[Request], use_cache: bool = True, sc: SamplingConfig | None = None
+    model: VALLE,
+    requests: list[Request],
+    use_cache: bool = True,
+    sc: SamplingConfig | None = None,
+    past: SharedPrefix | None = None,
 ) -> Decoder:
     """The level-0 decoder of a batch. Classic models: `logits()` is (B, G, K + 1) for the G = group_size
     codes of the next step, `feed` takes (B, G) tokens (or (B,) when G is 1); pointer models: `logits()` is
-    the hidden state (their two heads are applied by `_pointer_tokens`), `feed` takes (B,)."""
+    the hidden state (their two heads are applied by `_pointer_tokens`), `feed` takes (B,). Shared-prefix
+    models continue from `past` (run here when not given)."""
     use_cache = use_cache and model.backbone.supports_cache  # a plugin without a cache recomputes
     if model.pointer:
         head, embed = (lambda h: h), model.audio_emb[0]
@@ -335,6 +422,10 @@ def ar_decoder(
     early = early_exit_for(model, sc)
     if early is not None and not use_cache:
         raise ValleError("--layer-skip skips layers of cached steps", "leave the cache on (no --no-cache)")
+    if model.shared:
+        past = past if past is not None else shared_prefix(model, requests)
+        openings = [ar_opening(model, r) for r in requests]
+        return Decoder(model.backbone, openings, embed, head, use_cache, early, past)
     return Decoder(model.backbone, [ar_prefix(model, r) for r in requests], embed, head, use_cache, early)
 
 
@@ -345,15 +436,17 @@ def ar_tokens(
     use_cache: bool = True,
     symbols: list[list[int]] | None = None,
     ends: list[bool] | None = None,
+    past: SharedPrefix | None = None,
 ) -> Iterator[list[int | None]]:
     """Sample level 0 for a batch, one frame at a time: yields each row's new token, None once it stopped (a
     grouped model's decoder step gives G frames, yielded one by one; `max_ar_steps` counts frames).
     For pointer models, `symbols` (one list per row) receives the text symbol of every frame, and `ends`
-    (one bool per row) whether the row ended by its own move past EOS (not forced, not at the step limit)."""
+    (one bool per row) whether the row ended by its own move past EOS (not forced, not at the step limit).
+    `past`: shared-prefix models' prefix, when the caller ran it (for the NAR passes too)."""
     if model.pointer:
-        yield from _pointer_tokens(model, requests, sc, use_cache, symbols, ends)
+        yield from _pointer_tokens(model, requests, sc, use_cache, symbols, ends, past)
         return
-    dec = ar_decoder(model, requests, use_cache, sc)
+    dec = ar_decoder(model, requests, use_cache, sc, past)
     samplers = [TokenSampler(sc.ar, model.stop_id, sc.generator()) for _ in requests]
     done = [False] * len(requests)
     g = model.group_size
@@ -379,8 +472,8 @@ def ar_tokens(
         dec.feed(torch.tensor(fed))
 
 
-def _pointer_tokens(model, requests, sc, use_cache, symbols, ends) -> Iterator[list[int | None]]:
-    dec = ar_decoder(model, requests, use_cache)
+def _pointer_tokens(model, requests, sc, use_cache, symbols, ends, past) -> Iterator[list[int | None]]:
+    dec = ar_decoder(model, requests, use_cache, past=past)
     samplers = [TokenSampler(sc.ar, model.stop_id, sc.generator()) for _ in requests]
     gens = [sc.generator() for _ in requests]
     phonemes = [r.phonemes.to(model.sep.device) for r in requests]
@@ -432,15 +525,7 @@ def _prefix_pass(model: VALLE, requests: list[Request]) -> tuple[torch.Tensor, l
     (hidden (B, T, D), where each text starts, each prefix's length). What a level0-nar model's text
     positions and last separator see while training, too (the prefix does not see the response)."""
     dev = model.sep.device
-    q = model.n_levels
-    pres, starts = [], []
-    for r in requests:
-        empty = torch.zeros(q, 0, dtype=torch.long, device=dev)
-        pre, text_start, _ = model.prefix(
-            Sample(r.phonemes.to(dev), r.prompt[:q].to(dev), empty, 0, r.language)
-        )
-        pres.append(pre)
-        starts.append(text_start)
+    pres, starts = zip(*(request_prefix(model, r) for r in requests), strict=True)
     lengths = torch.tensor([len(p) for p in pres], device=dev)
     x = pres[0].new_zeros(len(pres), int(lengths.max()), pres[0].shape[-1])
     for b, p in enumerate(pres):
@@ -448,36 +533,53 @@ def _prefix_pass(model: VALLE, requests: list[Request]) -> tuple[torch.Tensor, l
     pos = torch.arange(x.shape[1], device=dev)[None].expand(len(pres), -1)
     mask = attention_mask(lengths, False, x.shape[1], dtype=x.dtype)
     hidden = model.backbone(x, mask, pos, layout=layout(lengths, False, x.shape[1])).hidden
-    return hidden, starts, [len(p) for p in pres]
+    return hidden, list(starts), [len(p) for p in pres]
 
 
-def predict_durations(model: VALLE, requests: list[Request]) -> list[torch.Tensor]:
+def _prefix_outputs(model: VALLE, requests: list[Request], past: SharedPrefix | None):
+    """(row, start, n) -> the prefix outputs (n, D) of a row's own positions: from `past` when the model
+    shares its prefix, else from one pass over the prefixes; and each row's text start and prefix length."""
+    if past is not None:
+        return past.hidden_at, past.text_starts, past.lengths
+    hidden, starts, ends = _prefix_pass(model, requests)
+    return (lambda row, start, n: hidden[row, start : start + n]), starts, ends
+
+
+def predict_durations(
+    model: VALLE, requests: list[Request], past: SharedPrefix | None = None
+) -> list[torch.Tensor]:
     """Level0-nar pointer models: frames per text symbol (Lt,) long, at least 1, for every request."""
-    hidden, starts, _ = _prefix_pass(model, requests)
+    at, starts, _ = _prefix_outputs(model, requests, past)
     out = []
     for b, r in enumerate(requests):
-        frames = model.durations(hidden[b, starts[b] : starts[b] + len(r.phonemes)])
+        frames = model.durations(at(b, starts[b], len(r.phonemes)))
         out.append(frames.round().long().clamp(1, MAX_SYMBOL_FRAMES).cpu())
     return out
 
 
-def predict_lengths(model: VALLE, requests: list[Request]) -> list[int]:
+def predict_lengths(model: VALLE, requests: list[Request], past: SharedPrefix | None = None) -> list[int]:
     """NAR-len models (level0 nar without the pointer): the response's frame count for every request, at
     least one frame per text symbol, read at the separator before the response."""
-    hidden, _, ends = _prefix_pass(model, requests)
-    frames = model.length(torch.stack([hidden[b, n - 1] for b, n in enumerate(ends)]))
+    at, _, ends = _prefix_outputs(model, requests, past)
+    frames = model.length(torch.cat([at(b, n - 1, 1) for b, n in enumerate(ends)]))
     return [max(round(float(f)), len(r.phonemes)) for f, r in zip(frames, requests, strict=True)]
 
 
-def _laid_out(model: VALLE, requests: list[Request], sc: SamplingConfig) -> tuple[list, list[bool]]:
+def _laid_out(
+    model: VALLE, requests: list[Request], sc: SamplingConfig, past: SharedPrefix | None = None
+) -> tuple[list, list[bool]]:
     """Pointer level0-nar models: each request's frame-to-symbol map (its forced durations or predicted
     ones) and whether it fit in `max_ar_steps` frames (else it is squeezed, every symbol keeping a frame)."""
     dev = model.sep.device
     forced = [r.durations for r in requests]
     need = [i for i, d in enumerate(forced) if d is None]
-    predicted = dict(
-        zip(need, predict_durations(model, [requests[i] for i in need]) if need else [], strict=True)
-    )
+    if past is not None:  # the durations of every row come with the shared prefix: read those needed
+        every = predict_durations(model, requests, past)
+        predicted = {i: every[i] for i in need}
+    else:
+        predicted = dict(
+            zip(need, predict_durations(model, [requests[i] for i in need]) if need else [], strict=True)
+        )
     fs, complete = [], []
     for i in range(len(requests)):
         d = torch.as_tensor(forced[i] if forced[i] is not None else predicted[i], dtype=torch.long).cpu()
@@ -489,19 +591,54 @@ def _laid_out(model: VALLE, requests: list[Request], sc: SamplingConfig) -> tupl
     return fs, complete
 
 
+def _nar_pass(
+    model: VALLE, samples: list[Sample], past: SharedPrefix | None = None, rows: list[int] | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """One batched non-causal pass (a NAR level, or a masked level-0 pass): (hidden (B, T, D), where each
+    row's targets start). Shared-prefix models run only the responses, after rows `rows` of `past`."""
+    if past is None:
+        batch = model.assemble(samples)
+        hidden = model.backbone(
+            batch.inputs_embeds, model.attention_mask(batch), batch.position_ids, layout=model.layout(batch)
+        ).hidden
+        return hidden, [start for _, start, _, _, part in batch.targets if part == "response"]
+    rows = list(range(len(samples))) if rows is None else rows
+    parts = [model.response_part(s) for s in samples]
+    dev = model.sep.device
+    n = max(len(p[0]) for p in parts)
+    x = parts[0][0].new_zeros(len(parts), n, parts[0][0].shape[-1])
+    own = torch.zeros(len(parts), n, dtype=torch.bool, device=dev)
+    for i, p in enumerate(parts):
+        x[i, : len(p[0])] = p[0]
+        own[i, : len(p[0])] = True
+    index = torch.tensor(rows, dtype=torch.long, device=dev)
+    valid = torch.cat([past.valid[index], own], 1)
+    before = torch.tensor([past.lengths[r] for r in rows], device=dev)
+    positions = before[:, None] + torch.arange(n, device=dev)[None]
+    mask = padded_mask(valid, n, causal=False, dtype=x.dtype)
+    out = model.backbone(x, mask, positions, cache=past.fork(model.backbone, rows), use_cache=True)
+    return out.hidden, [p[3] for p in parts]
+
+
 def nar_level0(
-    model: VALLE, requests: list[Request], sc: SamplingConfig, progress: StepProgress | None = None
+    model: VALLE,
+    requests: list[Request],
+    sc: SamplingConfig,
+    progress: StepProgress | None = None,
+    past: SharedPrefix | None = None,
 ) -> list[tuple[list[int], bool, torch.Tensor]]:
     """Level 0 of level0-nar models: (tokens, complete, frame symbols or None) per request. Pointer models lay
     frames out by durations (the request's own or predicted), NAR-len ones by a predicted length; `complete`
     is False when the frames had to be cut to `max_ar_steps`."""
     dev = model.sep.device
     k = model.codebook_size
+    if model.shared and past is None:
+        past = shared_prefix(model, requests)
     if model.pointer:
-        fs, complete = _laid_out(model, requests, sc)
+        fs, complete = _laid_out(model, requests, sc, past)
         sizes = [len(f) for f in fs]
     else:  # NAR-len: only a length, cut to the step limit
-        sizes = predict_lengths(model, requests)
+        sizes = predict_lengths(model, requests, past)
         complete = [n <= sc.max_ar_steps for n in sizes]
         sizes = [min(n, sc.max_ar_steps) for n in sizes]
         fs = [None] * len(requests)
@@ -514,12 +651,7 @@ def nar_level0(
             Sample(r.phonemes, r.prompt, c, 0, r.language, frame_symbols=f, masked=m)
             for r, c, f, m in zip(requests, codes, fs, masked, strict=True)
         ]
-        batch = model.assemble(samples)
-        mask = model.attention_mask(batch)
-        hidden = model.backbone(
-            batch.inputs_embeds, mask, batch.position_ids, layout=model.layout(batch)
-        ).hidden
-        starts = {b: start for b, start, _, _, part in batch.targets if part == "response"}
+        hidden, starts = _nar_pass(model, samples, past)
         for b in range(len(requests)):
             m = masked[b]
             if not bool(m.any()):
@@ -570,11 +702,16 @@ def nar_fill(
     sc: SamplingConfig,
     generators: list | None = None,
     progress: StepProgress | None = None,
+    past: SharedPrefix | None = None,
 ) -> list[torch.Tensor]:
-    """Fill levels 1..Q-1 of every item's frames from `fixed` on; one batched non-causal pass per level."""
+    """Fill levels 1..Q-1 of every item's frames from `fixed` on; one batched non-causal pass per level.
+    Shared-prefix models run each pass over the responses only, after `past` (one row per item; run here
+    when not given)."""
     live = [i for i, it in enumerate(items) if it.codes.shape[1] > it.fixed]
     out = [it.codes.clone() for it in items]
     gens = generators or [sc.generator() for _ in items]
+    if model.shared and past is None and live:
+        past = shared_prefix(model, [it.request for it in items])
     for level in range(1, model.n_levels):
         if not live:
             break
@@ -590,13 +727,7 @@ def nar_fill(
             )
             for i in live
         ]
-        batch = model.assemble(samples)
-        t = batch.inputs_embeds.shape[1]
-        mask = attention_mask(batch.lengths, False, t, dtype=batch.inputs_embeds.dtype)
-        hidden = model.backbone(
-            batch.inputs_embeds, mask, batch.position_ids, layout=layout(batch.lengths, False, t)
-        ).hidden  # (B, T, D)
-        starts = {b: start for b, start, _, _, part in batch.targets if part == "response"}
+        hidden, starts = _nar_pass(model, samples, past, live)  # (B, T, D)
         for b, i in enumerate(live):
             fixed, n = items[i].fixed, out[i].shape[1]
             logits = model.heads[level](hidden[b, starts[b] + fixed : starts[b] + n])  # (n - fixed, K)
@@ -661,18 +792,20 @@ def generate_batch(
                 "leave --beam-width out",
             )
         refuse_continuation(requests, "pointer models" if model.pointer else "models with a parallel level 0")
-        made = nar_level0(model, requests, sc, say)
+        past = shared_prefix(model, requests) if model.shared else None
+        made = nar_level0(model, requests, sc, say, past)
         items = [
             NarItem(r, response_codes(model, r, toks), 0, f)
             for r, (toks, _, f) in zip(requests, made, strict=True)
         ]
-        filled = nar_fill(model, items, sc, progress=say)
+        filled = nar_fill(model, items, sc, progress=say, past=past)
         return [
             Generated(codes.cpu(), ok, sc.level0_steps, f)
             for codes, (_, ok, f) in zip(filled, made, strict=True)
         ]
     symbols: list[list[int]] = [[] for _ in requests]
     ends = [False] * len(requests)
+    past = None
     if sc.beam_width > 1:
         if model.pointer:
             raise ValleError(
@@ -684,7 +817,8 @@ def generate_batch(
     else:
         level0 = [([], False) for _ in requests]
         texts = sum(len(r.phonemes) for r in requests)
-        for n, step in enumerate(ar_tokens(model, requests, sc, use_cache, symbols, ends), 1):
+        past = shared_prefix(model, requests) if model.shared else None  # for the AR and the NAR passes
+        for n, step in enumerate(ar_tokens(model, requests, sc, use_cache, symbols, ends, past), 1):
             for row, token in enumerate(step):
                 if token is not None:
                     level0[row][0].append(token)
@@ -703,7 +837,7 @@ def generate_batch(
         NarItem(r, response_codes(model, r, toks), r.prefix_frames, f)
         for r, (toks, _), f in zip(requests, level0, fs, strict=True)
     ]
-    filled = nar_fill(model, items, sc, progress=say)
+    filled = nar_fill(model, items, sc, progress=say, past=past)
     return [
         Generated(codes[:, r.prefix_frames :].cpu(), stopped, len(toks), f)
         for r, codes, (toks, stopped), f in zip(requests, filled, level0, fs, strict=True)

@@ -33,6 +33,7 @@ from valle_cli.infer.engine import (
     generate_batch,
     nar_fill,
     response_codes,
+    shared_prefix,
 )
 from valle_cli.model.valle import held_counts
 
@@ -79,6 +80,7 @@ def stream_codes(
     codes = response_codes(model, req, [])  # (Q, Fc): grows as the AR runs
     done = fc  # frames (prefix included) whose every level is final
     nar_gen = [sc.generator()]
+    past = shared_prefix(model, [req]) if model.shared else None  # the prefix, once for every pass
     symbols: list[list[int]] = [[]]  # pointer models: the text symbol of every frame (no prefix there)
 
     def fill(upto_final: int) -> torch.Tensor:
@@ -92,7 +94,7 @@ def stream_codes(
         if model.pointer:  # the window's frame map, with held counts from the whole response
             whole = torch.tensor(symbols[0], dtype=torch.long)
             fs, held = whole[w0:], held_counts(whole)[w0:]
-        window = nar_fill(model, [NarItem(req, full[:, w0:], done - w0, fs, held)], sc, nar_gen)[0]
+        window = nar_fill(model, [NarItem(req, full[:, w0:], done - w0, fs, held)], sc, nar_gen, past=past)[0]
         full[:, done:] = window[:, done - w0 :]
         codes = full
         released = full[:, done:upto_final].cpu()
@@ -100,7 +102,7 @@ def stream_codes(
         return released
 
     size = float(st.chunk_frames)
-    for step in ar_tokens(model, [req], sc, symbols=symbols):
+    for step in ar_tokens(model, [req], sc, symbols=symbols, past=past):
         tokens.append(step[0])
         n = fc + len(tokens)
         if n - st.lookahead - done >= int(size):

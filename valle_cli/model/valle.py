@@ -45,6 +45,15 @@ the full groups before the last; targets the frames, then STOP in the slot after
 ignored slots. `level0_embed` and `level0_logits` are the one place that knows the group size; the AR
 decoder, samplers and beam search go through them (infer/engine.py, infer/beam.py).
 
+With `model.prefix: shared` the level marker moves from the header to the start of the response, and the
+prefix (header, text, prompt, the separators) attends only to itself, both ways, in every row:
+
+    [language] [task] <sep0> text... <sep1> prompt... <sep2> | [level] response...
+
+The response rows are causal (AR) or not (NAR) as before and see the whole prefix. The prefix is then the
+same in the AR and in every NAR pass, so inference computes its keys and values once per request and each
+pass runs only the response (infer/engine.py: `SharedPrefix`). `classic` is the original's layout above.
+
 Training options for autoregressive layouts: `input_dropout` (level-0 inputs zeroed at random) and `guided`
 (the guided-attention loss, `GuidedAttention`).
 
@@ -141,6 +150,7 @@ class VALLE(nn.Module):
         self.text_head = nn.Linear(d, n_symbols)
         self.pointer = getattr(cfg, "alignment", "none") == "pointer"
         self.nar0 = getattr(cfg, "level0", "ar") == "nar"
+        self.shared = getattr(cfg, "prefix", "classic") == "shared"
         if self.nar0 and not self.pointer:  # NAR-len: frames per utterance, read at the last prefix position
             self.length_head = nn.Linear(d, 1)
         self.guided: GuidedAttention | None = None  # set by the trainer with train.guided_attention > 0
@@ -168,15 +178,29 @@ class VALLE(nn.Module):
         return torch.stack([self.audio_emb[q](codes[q]) for q in range(levels)], 0).sum(0)
 
     def header(self, language: int, task: str, level: int, device) -> torch.Tensor:
+        """(4, D): language, task, level, sep0; (3, D) without the level for shared-prefix models."""
         ids = lambda v: torch.tensor([v], device=device)  # noqa: E731
+        level_part = [] if self.shared else [self.level_emb(ids(level))]
         return torch.cat(
-            [
-                self.lang_emb(ids(language)),
-                self.task_emb(ids(TASKS[task])),
-                self.level_emb(ids(level)),
-                self.sep[:1],
-            ]
-        )  # (4, D)
+            [self.lang_emb(ids(language)), self.task_emb(ids(TASKS[task])), *level_part, self.sep[:1]]
+        )
+
+    @property
+    def text_start(self) -> int:
+        """Where a tts row's text begins: after language, task, (level,) sep0."""
+        return 3 if self.shared else 4
+
+    def marker(self, level: int) -> torch.Tensor:
+        """(1, D): the level marker that opens a shared-prefix model's response."""
+        return self.level_emb.weight[level : level + 1]
+
+    def response_part(self, s: Sample) -> tuple[torch.Tensor, torch.Tensor, int | str, int]:
+        """`response_in` as laid out after the prefix: (embeddings, targets, head, offset of the first
+        target's position): shared-prefix models open a tts response with its level marker."""
+        resp, tgt, head = self.response_in(s)
+        if self.shared and s.task == "tts":
+            return torch.cat([self.marker(s.level), resp]), tgt, head, 1
+        return resp, tgt, head, 0
 
     def prefix(self, s: Sample) -> tuple[torch.Tensor, int, int]:
         """Embeddings of everything before the response/text-in, with the start of the text and prompt parts."""
@@ -280,6 +304,9 @@ class VALLE(nn.Module):
             n = batch.prefix_only[:, None, None]  # (B, 1, 1)
             hide = (pos[None, :, None] < n) & (pos[None, None, :] >= n)  # prefix query, response key
             mask = mask.masked_fill(hide[:, None], torch.finfo(mask.dtype).min)
+            if self.shared:  # ... and sees all of itself, in causal rows too
+                both = (pos[None, :, None] < n) & (pos[None, None, :] < n)
+                mask = mask.masked_fill(both[:, None], 0.0)
         return mask
 
     def layout(self, batch: Batch) -> Layout:
@@ -323,20 +350,21 @@ class VALLE(nn.Module):
             if not 0 <= s.level < self.n_levels:
                 raise ValueError(f"level {s.level} outside 0..{self.n_levels - 1}")
             pre, text_start, prompt_start = self.prefix(s)
-            resp, tgt, head = self.response_in(s)
+            resp, tgt, head, offset = self.response_part(s)
             causal = s.task == "stt" or (s.level == 0 and not self.nar0)
-            targets.append((b, len(pre), tgt, head, "response"))
+            targets.append((b, len(pre) + offset, tgt, head, "response"))
+            # the prefix sees only itself: shared-prefix tts rows, and level0-nar rows (so one pass over it
+            # gives the durations / length at inference)
+            own = s.task == "tts" and (self.shared or (self.nar0 and s.level == 0))
+            prefix_only.append(len(pre) if own else 0)
             if self.nar0 and s.task == "tts" and s.level == 0:
-                prefix_only.append(len(pre))
                 if self.pointer:
                     targets.append((b, text_start, self.duration_targets(s), "duration", "duration"))
                 else:  # NAR-len: the frame count, at the separator before the response
                     n = torch.tensor([math.log1p(s.response.shape[-1])], device=self.sep.device)
                     targets.append((b, len(pre) - 1, n, "length", "length"))
-            else:
-                prefix_only.append(0)
             if self.pointer and not self.nar0 and s.task == "tts" and s.level == 0 and len(tgt):
-                targets.append((b, len(pre), self.pointer_targets(s), "pointer", "pointer"))
+                targets.append((b, len(pre) + offset, self.pointer_targets(s), "pointer", "pointer"))
             if causal and s.task == "tts":
                 # next-token prediction inside text and prompt (weights default 0: skipped)
                 if weights.get("text", 0) > 0:
@@ -480,7 +508,7 @@ class VALLE(nn.Module):
             losses[part] = float(mean.detach())
             total = total + self.loss_weights.get(part, 1.0) * mean
         if guided is not None:
-            g = guided.loss(maps, rows)
+            g = guided.loss(maps, rows, self.text_start)
             losses["guided"] = float(g.detach())
             total = total + guided.weight * g
         if early:
@@ -516,8 +544,9 @@ class GuidedAttention:
     layers: tuple[int, ...] = (2, 3)
     heads: int = 2
 
-    def loss(self, maps: list[torch.Tensor], rows: list[tuple[int, int, int, int]]) -> torch.Tensor:
-        text_start = 4  # language, task, level, separator
+    def loss(
+        self, maps: list[torch.Tensor], rows: list[tuple[int, int, int, int]], text_start: int = 4
+    ) -> torch.Tensor:
         parts = []
         for b, start, f, n in rows:
             dev = maps[0].device
