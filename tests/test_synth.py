@@ -59,6 +59,18 @@ def test_synth_speaks_the_memorized_sentence(trained, tmp_path):
     np.testing.assert_allclose(both[: len(wav)], wav, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+def test_lighter_weights_speak_the_memorized_sentence_too(trained, tmp_path, dtype):
+    out, report = trained
+    ref = out / "voices" / "try-me" / "speaker" / "utterance.wav"
+    wav_path = tmp_path / "a.wav"
+    proc = synth(TEXT, "--ref", str(ref), "--model", str(out / "run"), "--ar-temp", "0", "--dtype", dtype,
+                 "-o", str(wav_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    wav, sr = sf.read(wav_path)
+    assert abs(len(wav) / sr - report.frames / 75) < 0.05  # stopped where the fp32 model stops
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -40,3 +40,29 @@ def test_the_user_decides_when_they_say(env, want):
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(want), str(want)]
+
+
+def test_the_server_reads_the_free_cores_before_every_job_on_its_worker():
+    import asyncio
+    import threading
+
+    from valle_cli.serve.jobs import JobQueue
+
+    seen = []
+    queue = JobQueue(size=2, timeout=60, before_job=lambda: seen.append(threading.current_thread().name))
+
+    async def two_jobs():
+        a = await queue.run(lambda job: threading.current_thread().name)
+        b = await queue.run(lambda job: threading.current_thread().name)
+        return a, b
+
+    a, b = asyncio.run(two_jobs())
+    assert seen == [a, b] and a.startswith("valle-generate")
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        n = threads.per_job()
+        assert 1 <= n <= threads.cores() and torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)

@@ -5,8 +5,8 @@ machine that is the worst choice: with one of two cores taken by another program
 generation 3.2x slower and burnt 2.4x the CPU, while one thread lost nothing (docs/benchmarks.md, "Speech on a
 busy machine"). So `valle synth`, `stt` and `serve` count the runnable tasks of the machine when they start
 (`/proc/loadavg`'s instantaneous count, sampled a few times; the 1-minute load average elsewhere) and use one
-thread per core that is not busy, at least one. `VALLE_THREADS=N` (or torch's `OMP_NUM_THREADS`) decides
-instead.
+thread per core that is not busy, at least one; `valle serve` reads it again before every job (`per_job`).
+`VALLE_THREADS=N` (or torch's `OMP_NUM_THREADS`) decides instead.
 """
 
 from __future__ import annotations
@@ -46,6 +46,18 @@ def choose(n_cores: int | None = None, busy: float | None = None) -> int:
     n = n_cores or cores()
     taken = busy_cores() if busy is None else busy
     return max(1, min(n, int(n - taken + 0.5)))
+
+
+def per_job() -> int:
+    """`apply` for a server's worker before each job: the free cores now (three quick reads, about 10 ms)."""
+    if os.environ.get("VALLE_THREADS", "").strip() or os.environ.get("OMP_NUM_THREADS", "").strip():
+        return apply()
+    import torch
+
+    n = choose(busy=busy_cores(samples=3, interval=0.005))
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n
 
 
 def apply() -> int:

@@ -41,8 +41,11 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self, size: int, timeout: float):
-        self.size, self.timeout = size, timeout
+    """`before_job`, when given, runs on the worker thread before each job (the thread count of a CPU
+    server: valle_cli/threads.py, read again per job since other programs come and go)."""
+
+    def __init__(self, size: int, timeout: float, before_job: Callable[[], Any] | None = None):
+        self.size, self.timeout, self.before_job = size, timeout, before_job
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="valle-generate")
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -72,6 +75,8 @@ class JobQueue:
         def run():
             try:
                 job.check()  # timed out or abandoned while waiting: skip
+                if self.before_job is not None:
+                    self.before_job()
                 return fn(job)
             finally:
                 self._release()

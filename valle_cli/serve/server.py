@@ -6,6 +6,7 @@ import logging
 import shutil
 import socket
 
+from valle_cli.codecs.base import resolve_device
 from valle_cli.serve.api import create_app
 from valle_cli.serve.jobs import JobQueue
 from valle_cli.serve.models import Registry, parse_models
@@ -21,7 +22,12 @@ def build(settings: ServeSettings):
     for stale in (home / "tmp").iterdir():  # uploads left by a killed server (and the UI's upload cache)
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     registry = Registry(parse_models(settings.models), settings.device)
-    queue = JobQueue(settings.limits.queue_size, settings.limits.timeout_seconds)
+    before_job = None
+    if str(resolve_device(settings.device)) == "cpu":
+        from valle_cli import threads
+
+        before_job = threads.per_job  # the cores free now, read before every job
+    queue = JobQueue(settings.limits.queue_size, settings.limits.timeout_seconds, before_job)
     voices = VoiceStore(home / "voices", home / "tmp", settings.limits.max_reference_seconds,
                         settings.limits.max_voices)  # fmt: skip
     app = create_app(settings, registry, voices, queue)
