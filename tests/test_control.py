@@ -8,8 +8,10 @@ import json
 import os
 import socket
 import stat
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -216,13 +218,25 @@ def test_a_crafted_control_json_cannot_delete_files(tmp_path):
     other_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     other_socket.bind(str(elsewhere / "control.sock"))  # a socket, but not where a run puts its own
     other_socket.close()  # stale: nothing listens
+    # a private-looking temp folder that is a link to another folder holding a dead socket
+    fake = Path(tempfile.gettempdir()) / f"valle-control-crafted-{os.getpid()}"
+    fake.unlink(missing_ok=True)
+    fake.symlink_to(elsewhere, target_is_directory=True)
+    try:
+        for target in (victim, elsewhere / "control.sock", fake / "control.sock"):
+            (run / "control.json").write_text(json.dumps({"protocol": 1, "socket": str(target), "pid": 1}))
+            ControlServer(run, Commands()).close()
+            assert victim.read_text() == "precious" and (elsewhere / "control.sock").exists()
+    finally:
+        fake.unlink()
+    # the run's own socket path made a link to the victim: refused and named, the link kept
     link = run / "control.sock"
-    for target in (victim, elsewhere / "control.sock", link):
-        if target == link:
-            link.symlink_to(victim)  # the run's own socket path, made a link to the victim
-        (run / "control.json").write_text(json.dumps({"protocol": 1, "socket": str(target), "pid": 1}))
-        ControlServer(run, Commands()).close()
-        assert victim.read_text() == "precious" and (elsewhere / "control.sock").exists()
+    link.symlink_to(victim)
+    (run / "control.json").write_text(json.dumps({"protocol": 1, "socket": str(link), "pid": 1}))
+    with pytest.raises(ControlError, match="in the way .*a link"):
+        ControlServer(run, Commands())
+    assert link.is_symlink() and victim.read_text() == "precious"
+    link.unlink()
     # a stale socket of this run's own (a killed trainer) is still cleaned up and replaced
     (run / "control.json").write_text(
         json.dumps({"protocol": 1, "socket": str(run / "control.sock"), "pid": 1})

@@ -67,6 +67,17 @@ def test_unreadable_entries_are_skipped_with_their_reason(tmp_path):
     (spk / "tab" / "t2.txt").write_bytes("Caf\xe9".encode("latin-1"))
     (spk / "tab" / "metadata.csv").write_text("t2|From the table.\n", encoding="utf-8")
     (spk / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    _wav(spk / "lost.wav")  # transcripts that are a broken link, a FIFO, a folder, or binary
+    (spk / "lost.txt").symlink_to(tmp_path / "nowhere.txt")
+    _wav(spk / "piped.wav")
+    os.mkfifo(spk / "piped.txt")
+    _wav(spk / "boxed.wav")
+    (spk / "boxed.txt").mkdir()
+    _wav(spk / "nul.wav")
+    (spk / "nul.txt").write_bytes(b"A loud\x00 bell rang.")
+    _wav(spk / "rows" / "r1.wav")
+    _wav(spk / "rows" / "r2.wav")
+    (spk / "rows" / "metadata.csv").write_bytes(b"r1|Fine text.\nr2|Bell\x07 rang.\n")  # one bad row only
     os.mkfifo(spk / "pipe.flac")
     (spk / "folder.wav").mkdir()
     _wav(spk / "folder.wav" / "inner.wav")
@@ -74,7 +85,7 @@ def test_unreadable_entries_are_skipped_with_their_reason(tmp_path):
     srcs = list(discover(tmp_path, skipped=skipped))
     assert {s.uid: s.text for s in srcs} == {
         "g/s/good": "Café au lait.", "g/s/folder.wav__inner": None, "g/s/bom": "With a BOM.",
-        "g/s/wide": "Windows Unicode.", "g/s/tab__t2": "From the table.",
+        "g/s/wide": "Windows Unicode.", "g/s/tab__t2": "From the table.", "g/s/rows__r1": "Fine text.",
     }  # fmt: skip
     why = {os.path.relpath(p, spk): reason for p, reason in skipped}
     assert "latin.txt is not UTF-8 (byte 0xe9" in why["latin.wav"] and "iconv" in why["latin.wav"]
@@ -82,7 +93,12 @@ def test_unreadable_entries_are_skipped_with_their_reason(tmp_path):
     assert "broken symbolic link" in why["gone.wav"]
     assert "FIFO" in why["pipe.flac"]
     assert "folder named like an audio file" in why["folder.wav"]
-    assert len(why) == 5
+    assert "lost.txt is a broken link" in why["lost.wav"]
+    assert "piped.txt is not a regular file" in why["piped.wav"]
+    assert "boxed.txt is not a regular file" in why["boxed.wav"]
+    assert "nul.txt holds a control character (0x00" in why["nul.wav"]
+    assert "metadata.csv holds a control character (0x07" in why["rows/r2.wav"]
+    assert len(why) == 10
 
 
 def test_discover_errors(tmp_path):

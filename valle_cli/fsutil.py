@@ -80,9 +80,7 @@ def atomic_path(target: str | os.PathLike, error: type[ValleError] = ValleError)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise error(
-            f"cannot write {p}: {exc.strerror or exc}", "check the folder's permissions and free space"
-        ) from None
+        raise _cannot_write(p, folder, exc.strerror or str(exc), error) from None
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
@@ -97,10 +95,19 @@ def atomic_path(target: str | os.PathLike, error: type[ValleError] = ValleError)
         reason = write_failure(exc)
         if reason is None:
             raise
-        raise error(f"cannot write {p}: {reason}", "check free disk space and permissions") from None
+        raise _cannot_write(p, folder, reason, error) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _cannot_write(p: Path, folder: Path, reason: str, error: type[ValleError]) -> ValleError:
+    """The error of a failed small write; a full disk says how much is free where."""
+    if "No space left" in reason or "disk full" in reason:
+        free = free_bytes(folder)
+        where = f"{free / 2**20:.1f} MB free in {folder}" if free is not None else f"in {folder}"
+        return error(f"cannot write {p}: {reason} ({where})", f"free disk space in {folder}, then rerun")
+    return error(f"cannot write {p}: {reason}", "check the folder's permissions and free space")
 
 
 def lock_folder(folder: str | os.PathLike, what: str, error: type[ValleError] = ValleError):

@@ -10,13 +10,37 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import types
 
-import typer
 
-from valle_cli import __version__
-from valle_cli.cli import (
+def _early_interrupt(signum, frame) -> None:
+    """Ctrl-C before `main` runs (while the command's modules import): nothing has started, so say so and
+    leave with the usual status instead of a traceback from inside an import."""
+    name = signal.Signals(signum).name
+    os.write(2, f"interrupted ({name}) while starting; nothing was done\n".encode())
+    os._exit(128 + signum)
+
+
+def _started_as_valle() -> bool:
+    """Whether this process is the `valle` command (its script, `python -m valle_cli` or `... .cli.app`), not a
+    program that imports the package."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if getattr(spec, "name", None) in ("valle_cli.__main__", "valle_cli.cli.app"):
+        return True
+    return os.path.basename(getattr(main, "__file__", "") or "") == "valle"
+
+
+if _started_as_valle() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, _early_interrupt)
+
+import typer  # noqa: E402
+
+from valle_cli import __version__  # noqa: E402
+from valle_cli.cli import (  # noqa: E402
     codec,
     config,
     dataset,
@@ -259,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     on_interrupt(None)
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+            if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler, _early_interrupt):
                 signal.signal(s, _interrupt)
     try:
         # standalone_mode=False: errors reach the handlers below. Typer then returns what would have been the

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-GENERIC = "what was finished is kept, and prepare and train resume when rerun"
+GENERIC = "nothing half-written was left behind; run the command again to redo it"
 _kept: list[Callable[[], str] | None] = [None]
 
 

@@ -89,7 +89,7 @@ def serve(
             f"(set --api-key or ${API_KEY_ENV})",
             style="bold yellow", markup=False,
         )  # fmt: skip
-    server = uvicorn_server(app)
+    server = uvicorn_server(app, on_exit=queue.close)  # a stop cancels the jobs at once
     from valle_cli.cli.interrupt import on_interrupt
 
     on_interrupt(lambda: "the server stopped; its voices and uploads stay in its folder")

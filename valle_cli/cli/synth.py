@@ -396,10 +396,15 @@ def _run_batch(loaded, batch, refs, opts, sampling, dev, output, err) -> None:
         )
     seconds = 0.0
     width = max(4, len(str(len(lines))))
+    from valle_cli.cli.interrupt import on_interrupt
+
+    written = [0]
+    on_interrupt(lambda: f"{written[0]} of {len(lines)} files were written to {output}")
     for i, audio in enumerate(audios, 1):
         if audio.size:
             save_audio(output / f"{i:0{width}d}.wav", audio, sr)
             seconds += audio.size / sr
+        written[0] = i
     empty = sum(a.size == 0 for a in audios)
     capped = [i for i, ok in enumerate(stopped, 1) if not ok]
     _summary(

@@ -93,6 +93,7 @@ def train(
     commands = Commands()
     commands.read_stdin(reply)
     trainer = Trainer(cfg, run or Path(cfg.train.out_dir), events, commands, control=True)
+    trainer.quiet_after_signal = True  # after a signal's save the command only says so and exits
     bar.update(task, completed=trainer.step)
     from valle_cli.train import distributed
 

@@ -24,6 +24,9 @@ from valle_cli.fsutil import atomic_path
 Progress = Callable[[str, int, int], None]
 
 
+WINDOW_SECONDS = 60.0  # extract_frames: audio per spectrogram
+
+
 def _nothing(stage: str, done: int, total: int) -> None:
     pass
 
@@ -31,13 +34,17 @@ def _nothing(stage: str, done: int, total: int) -> None:
 def extract_frames(
     wavs: Iterable[np.ndarray], template: MelCodec, progress: Progress = _nothing, total: int = 0
 ) -> torch.Tensor:
-    """Raw (unstandardized) log-mel frames of 24 kHz mono waveforms -> (N, D)."""
+    """Raw (unstandardized) log-mel frames of 24 kHz mono waveforms -> (N, D). A long waveform is read in
+    windows of `WINDOW_SECONDS` (its spectrogram would otherwise take gigabytes for an hour of audio)."""
     frames = []
+    window = int(WINDOW_SECONDS * 24_000) // template.hop_length * template.hop_length
     for i, wav in enumerate(wavs):
-        t = torch.from_numpy(np.asarray(wav, dtype=np.float32))
-        n = template.n_frames(t.numel()) * template.hop_length
-        t = torch.nn.functional.pad(t, (0, n - t.numel()))[None, None]
-        frames.append(template.log_mel(t)[0])
+        whole = torch.from_numpy(np.asarray(wav, dtype=np.float32))
+        for start in range(0, max(1, whole.numel()), window):
+            t = whole[start : start + window]
+            n = template.n_frames(t.numel()) * template.hop_length
+            t = torch.nn.functional.pad(t, (0, n - t.numel()))[None, None]
+            frames.append(template.log_mel(t)[0])
         progress("features", i + 1, total)
     if not frames:
         raise CodecError(

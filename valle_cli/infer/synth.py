@@ -200,6 +200,12 @@ class _Speaker:
         context = (
             self.model.cfg.max_position / 2 / self.codec.frame_rate
         )  # half the context for the reference
+        if opts.prompt_seconds is not None and opts.prompt_seconds > context:
+            raise ValleError(
+                f"--input-prompt-length {opts.prompt_seconds:g} s is more than this model's context holds for "
+                f"a reference ({context:.1f} s of {self.model.cfg.max_position} positions)",
+                f"give at most {int(context)} seconds (3-6 s is what models train on)",
+            )
         wav = (
             reference_audio(self.codec, refs, cap=context)
             if continuing

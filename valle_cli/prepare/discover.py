@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +68,27 @@ def _decode(path: Path, data: bytes) -> str:
         raise _not_utf8(path, exc) from None
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # C0 controls other than whitespace, and DEL
+
+
+def _clean(path: Path, text: str) -> str:
+    """Whitespace runs made one space; a control character (a NUL: binary data, not a transcript) refuses
+    the file."""
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        raise BadTranscript(
+            f"its transcript {path.name} holds a control character (0x{ord(bad.group()):02x} at character "
+            f"{bad.start()}): not plain text; fix or remove it"
+        )
+    return " ".join(text.split())
+
+
 def _read_text(path: Path) -> str:
-    return " ".join(_decode(path, path.read_bytes()).split())
+    return _clean(path, _decode(path, path.read_bytes()))
 
 
 @functools.lru_cache(maxsize=4096)
-def _table(path: Path) -> dict[str, str] | BadTranscript:
+def _table(path: Path) -> dict[str, str | BadTranscript] | BadTranscript:
     """Transcripts from metadata.csv (LJSpeech) or transcripts.tsv, keyed by file stem (or why it is unreadable,
     cached like the table)."""
     try:
@@ -81,21 +97,29 @@ def _table(path: Path) -> dict[str, str] | BadTranscript:
         return exc
 
 
-def _read_table(path: Path) -> dict[str, str]:
+def _read_table(path: Path) -> dict[str, str | BadTranscript]:
+    """Rows by file stem; a row whose text is not plain text holds the reason instead."""
     import io
 
-    out: dict[str, str] = {}
+    out: dict[str, str | BadTranscript] = {}
+
+    def clean(text: str) -> str | BadTranscript:
+        try:
+            return _clean(path, text)
+        except BadTranscript as exc:
+            return exc
+
     with io.StringIO(_decode(path, path.read_bytes()), newline="") as f:
         if path.name == "metadata.csv":
             for row in csv.reader(f, delimiter="|", quoting=csv.QUOTE_NONE):
                 if len(row) >= 2 and row[0].strip():
                     text = row[2] if len(row) >= 3 and row[2].strip() else row[1]
-                    out[Path(row[0].strip()).stem] = " ".join(text.split())
+                    out[Path(row[0].strip()).stem] = clean(text)
         else:
             for line in f:
                 name, sep, text = line.rstrip("\n").partition("\t")
                 if sep and name.strip():
-                    out[Path(name.strip()).stem] = " ".join(text.split())
+                    out[Path(name.strip()).stem] = clean(text)
     return out
 
 
@@ -110,6 +134,9 @@ def find_transcript(audio: Path, speaker_dir: Path) -> tuple[str | None, str]:
                 return _read_text(side), label
             except BadTranscript as exc:
                 bad = bad or exc
+        elif os.path.lexists(side):  # a broken link, a FIFO, a folder: not silently passed over
+            what = "a broken link" if side.is_symlink() and not side.exists() else "not a regular file"
+            bad = bad or BadTranscript(f"its transcript {side.name} is {what}; fix or remove it")
     folder = audio.parent
     while True:
         for name in ("metadata.csv", "transcripts.tsv"):
@@ -120,7 +147,9 @@ def find_transcript(audio: Path, speaker_dir: Path) -> tuple[str | None, str]:
                     bad = bad or rows
                     continue
                 text = rows.get(audio.stem)
-                if text is not None:
+                if isinstance(text, BadTranscript):
+                    bad = bad or text
+                elif text is not None:
                     return text, name
         if folder == speaker_dir or speaker_dir not in folder.parents:
             break

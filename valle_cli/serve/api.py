@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from valle_cli import __version__
 from valle_cli.errors import ValleError
 from valle_cli.serve import formats
-from valle_cli.serve.jobs import Job, JobQueue, QueueClosed, QueueFull
+from valle_cli.serve.jobs import Cancelled, Job, JobQueue, QueueClosed, QueueFull, Stopping
 from valle_cli.serve.models import Registry, UnknownModel
 from valle_cli.serve.settings import ServeSettings
 from valle_cli.serve.voices import RANDOM, VoiceStore
@@ -203,6 +203,12 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
     async def _closed(request, exc):
         return error_response(503, "the server is shutting down", "server_error", code="shutting_down")
 
+    @app.exception_handler(Cancelled)
+    async def _cancelled(request, exc):  # a whole-file job cancelled by the server's stop
+        if queue.closed:
+            return error_response(503, "the server is shutting down", "server_error", code="shutting_down")
+        return error_response(503, "the generation was cancelled", "server_error", code="cancelled")
+
     @app.exception_handler(TimeoutError)
     async def _timeout(request, exc):
         return error_response(
@@ -212,6 +218,10 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
 
     @app.exception_handler(Exception)
     async def _internal(request, exc):
+        if isinstance(
+            exc, Stopping
+        ):  # a stream cut by the server's stop (its response has started): expected
+            return error_response(503, "the server is shutting down", "server_error", code="shutting_down")
         log.exception("internal error on %s %s", request.method, request.url.path)
         return error_response(500, "internal error (details are in the server's log)", "server_error")
 

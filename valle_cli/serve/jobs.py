@@ -30,6 +30,11 @@ class Cancelled(Exception):
     """Raised inside a job when its client left or its time ran out."""
 
 
+class Stopping(Exception):
+    """Raised to a streamed response whose job was cancelled because the server is stopping: the response is
+    cut (the client sees an unfinished body), and the server's log says so in one line (server.py)."""
+
+
 class Job:
     def __init__(self):
         self.cancelled = threading.Event()
@@ -50,12 +55,17 @@ class JobQueue:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._closed = False
+        self._jobs: set[Job] = set()  # claimed and not yet released: cancelled all at once by close()
         self.served = 0
         self.rejected = 0
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _claim(self) -> Job:
         with self._lock:
@@ -65,11 +75,14 @@ class JobQueue:
                 self.rejected += 1
                 raise QueueFull()
             self._in_flight += 1
-        return Job()
+            job = Job()
+            self._jobs.add(job)
+        return job
 
-    def _release(self) -> None:
+    def _release(self, job: Job) -> None:
         with self._lock:
             self._in_flight -= 1
+            self._jobs.discard(job)
 
     def _wrap(self, job: Job, fn: Callable[[Job], Any]) -> Callable[[], Any]:
         def run():
@@ -79,7 +92,7 @@ class JobQueue:
                     self.before_job()
                 return fn(job)
             finally:
-                self._release()
+                self._release(job)
 
         return run
 
@@ -128,14 +141,21 @@ class JobQueue:
                     self.served += 1
                     return
                 if kind == "error":
+                    if isinstance(value, Cancelled) and self._closed:
+                        raise Stopping() from None
                     raise value
                 yield value
         finally:
             job.cancelled.set()  # a no-op when it finished; otherwise the worker stops at its next check
 
     def close(self) -> None:
+        """Refuse new jobs and cancel every job waiting or running (each stops at its next check), so a
+        stopping server does not wait for long generations."""
         with self._lock:
             self._closed = True
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancelled.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -191,9 +191,37 @@ def guarded_h11(request_seconds: float = REQUEST_SECONDS, min_rate: float = MIN_
     return GuardedH11
 
 
-def uvicorn_server(app, log_level: str = "info", request_seconds: float = REQUEST_SECONDS):
+class _CutByStop(logging.Filter):
+    """uvicorn logs a response cut by the server's stop (`jobs.Stopping`) as an error with a traceback; it is
+    expected then: one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from valle_cli.serve.jobs import Stopping
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, Stopping):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "a streamed response was cut: the server is stopping",
+                (),
+                None,
+                None,
+            )
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def uvicorn_server(app, log_level: str = "info", request_seconds: float = REQUEST_SECONDS, on_exit=None):
+    """The uvicorn server; `on_exit()` runs as soon as a stop is asked for (Ctrl-C, SIGTERM), before uvicorn
+    waits for open responses: the CLI cancels the generation jobs there, so responses end at once."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            if on_exit is not None:
+                on_exit()
+
+    logging.getLogger("uvicorn.error").addFilter(_CutByStop())
     config = uvicorn.Config(
         InFlightLimit(app),
         http=guarded_h11(request_seconds),
@@ -202,7 +230,7 @@ def uvicorn_server(app, log_level: str = "info", request_seconds: float = REQUES
         timeout_graceful_shutdown=10,
         server_header=False,
     )
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 logging.getLogger("valle.serve").setLevel(logging.INFO)

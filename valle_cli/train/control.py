@@ -68,7 +68,13 @@ def _ours(path: Path, run: Path) -> bool:
     if path.parent == run.resolve():
         return True
     temp = Path(tempfile.gettempdir()).resolve()
-    return path.parent.parent == temp and path.parent.name.startswith("valle-control-")
+    if not (path.parent.parent == temp and path.parent.name.startswith("valle-control-")):
+        return False
+    try:  # the private folder mkdtemp made: a real folder (not a link to one elsewhere), ours, 0700
+        folder = path.parent.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(folder.st_mode) and folder.st_uid == os.getuid() and not folder.st_mode & 0o077
 
 
 def _alive(path: Path) -> bool:
@@ -122,9 +128,17 @@ class ControlServer:
         info = {"protocol": PROTOCOL, "socket": str(self.path), "pid": os.getpid()}
         from valle_cli.fsutil import atomic_path
 
-        with atomic_path(self.info_path, ControlError) as tmp:
-            Path(tmp).write_text(json.dumps(info))
-            os.chmod(tmp, 0o600)
+        try:
+            with atomic_path(self.info_path, ControlError) as tmp:
+                Path(tmp).write_text(json.dumps(info))
+                os.chmod(tmp, 0o600)
+        except BaseException:  # (a full disk): no socket left behind that nothing serves
+            self.sock.close()
+            self.path.unlink(missing_ok=True)
+            if self._private is not None:
+                with contextlib.suppress(OSError):
+                    self._private.rmdir()
+            raise
         self._thread = threading.Thread(target=self._accept, name="valle-control", daemon=True)
         self._thread.start()
 
@@ -148,12 +162,13 @@ class ControlServer:
             mode = path.lstat().st_mode
             if path.exists() and _alive(path):
                 raise ControlError(f"another valle train is already running on {self.run}", "stop it first")
-            if not (stat.S_ISSOCK(mode) or stat.S_ISLNK(mode)):  # never remove what valle did not make
+            if not stat.S_ISSOCK(mode):  # never remove what valle did not make (a link included)
+                kind = "a link" if stat.S_ISLNK(mode) else "not a socket"
                 raise ControlError(
-                    f"{path} is in the way of the run's control socket and is not one",
+                    f"{path} is in the way of the run's control socket ({kind})",
                     "move or rename it, then start again",
                 )
-            path.unlink()  # a dead socket (a killed run) or a link: the link goes, never what it points to
+            path.unlink()  # a dead socket (a killed run)
         return path, private
 
     def _accept(self) -> None:

@@ -231,6 +231,7 @@ class Trainer:
         self.stop_requested = False
         self._signalled = False
         self._signal: str | None = None  # the first signal's name
+        self.quiet_after_signal = False  # `valle train`: ignore signals once a signal's stop has saved
         self.resumed_from: Path | None = None
 
     # -- run folder, checkpoints ------------------------------------------------------------------------------
@@ -933,7 +934,9 @@ class Trainer:
             distributed.check_in_sync(self.model, self.dist)
         finally:
             for s, h in old.items():
-                signal.signal(s, h)
+                # stopped by a signal and saved: the command exits now, so later signals (a user pressing
+                # Ctrl-C again) must not break the cleanup with a second, contradicting interrupt
+                signal.signal(s, signal.SIG_IGN if self._signal and self.quiet_after_signal else h)
         self._event("done", {"step": self.step})
         return RunInfo(self.run, self.step, self.resumed_from, self._signal)
 
