@@ -125,7 +125,7 @@ def main() -> None:
         lines = [
             f"Command: `{command('realtime.py')}`  ",
             machine()
-            + f"fp32, random weights, batch 1, greedy, {args.seconds:g} s of audio after a 3 s prompt "
+            + f"fp32 unless a row says dtype (int8: `valle synth --dtype int8`), random weights, batch 1, greedy, {args.seconds:g} s of audio after a 3 s prompt "
             f"and ~50 phonemes, {args.codec} codec. RTF = (AR + NAR + codec) / audio seconds (one `generate` call "
             "plus the codec decode); first audio: streaming with default settings (36-frame first chunk, 8 "
             f"frames of lookahead). Medians of {args.repeats} after a warm-up.",

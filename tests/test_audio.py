@@ -159,3 +159,23 @@ def test_save_over_a_folder(tmp_path):
     (tmp_path / "d.wav").mkdir()
     with pytest.raises(AudioError, match="it is a folder"):
         save_audio(tmp_path / "d.wav", tone(440.0, 24_000), 24_000)
+
+
+@pytest.mark.skipif(__import__("shutil").which("sox") is None, reason="sox not installed")
+def test_a_file_whose_header_has_no_length_is_refused_with_the_remedy(tmp_path):
+    """A FLAC written to a pipe has total_samples 0: libsndfile then reports about 2**63 frames and cannot
+    seek. Every reader refuses it by name (not "384307168202282 s long", not a seek error)."""
+    import subprocess
+
+    from valle_cli.audio.io import audio_seconds
+
+    path = tmp_path / "piped.flac"
+    with open(path, "wb") as out:
+        sox = subprocess.Popen(["sox", "-n", "-r", "24000", "-c", "1", "-t", "flac", "-", "synth", "2", "sine", "440"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+        out.write(sox.stdout.read())
+        assert sox.wait(timeout=60) == 0
+    for read in (lambda: audio_seconds(path), lambda: load_audio(path, 24_000, end=1.0)):
+        with pytest.raises(AudioError, match="does not say how long it is") as exc:
+            read()
+        assert "sox piped.flac fixed.flac" in exc.value.remedy

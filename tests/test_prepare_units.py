@@ -78,6 +78,8 @@ def test_unreadable_entries_are_skipped_with_their_reason(tmp_path):
     _wav(spk / "rows" / "r1.wav")
     _wav(spk / "rows" / "r2.wav")
     (spk / "rows" / "metadata.csv").write_bytes(b"r1|Fine text.\nr2|Bell\x07 rang.\n")  # one bad row only
+    _wav(spk / "linked" / "l1.wav")  # a table that is a broken link
+    (spk / "linked" / "metadata.csv").symlink_to(tmp_path / "nowhere.csv")
     os.mkfifo(spk / "pipe.flac")
     (spk / "folder.wav").mkdir()
     _wav(spk / "folder.wav" / "inner.wav")
@@ -98,7 +100,8 @@ def test_unreadable_entries_are_skipped_with_their_reason(tmp_path):
     assert "boxed.txt is not a regular file" in why["boxed.wav"]
     assert "nul.txt holds a control character (0x00" in why["nul.wav"]
     assert "metadata.csv holds a control character (0x07" in why["rows/r2.wav"]
-    assert len(why) == 10
+    assert "metadata.csv is a broken link" in why["linked/l1.wav"]
+    assert len(why) == 11
 
 
 def test_discover_errors(tmp_path):

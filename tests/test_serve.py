@@ -464,6 +464,44 @@ def test_job_queue_bounds_and_timeouts():
     asyncio.run(main())
 
 
+def test_closing_the_queue_ends_running_and_waiting_jobs_at_once():
+    """What a server's stop does: the running stream is cut (Stopping), a waiting stream too, a waiting
+    whole-file job is refused (Cancelled, a 503), and every slot is freed, without waiting for timeouts."""
+    from valle_cli.serve.jobs import Cancelled, Stopping
+
+    async def main():
+        queue = JobQueue(size=3, timeout=300)
+
+        def counting(job):
+            for i in range(100_000):
+                job.check()
+                time.sleep(0.01)
+                yield i
+
+        running = queue.stream(counting)
+        first = await anext(running)  # the worker is busy with it
+        waiting = queue.stream(counting)
+        whole = asyncio.ensure_future(queue.run(lambda job: "never"))
+        await asyncio.sleep(0)
+        assert first == 0 and queue.in_flight == 3
+        t0 = time.monotonic()
+        queue.close()
+        with pytest.raises(Stopping):
+            async for _ in running:
+                pass
+        with pytest.raises(Stopping):
+            async for _ in waiting:
+                pass
+        with pytest.raises(Cancelled):
+            await whole
+        deadline = time.monotonic() + 120  # hang-only
+        while queue.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert queue.in_flight == 0 and time.monotonic() - t0 < 120
+
+    asyncio.run(main())
+
+
 def test_valle_serve_command_warns_when_public_and_stops_cleanly(model, tmp_path):
     import re
     import signal

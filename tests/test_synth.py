@@ -79,6 +79,7 @@ def test_lighter_weights_speak_the_memorized_sentence_too(trained, tmp_path, dty
         (["!!! ...", "--ref", "REF"], "no pronounceable words"),
         (["Hello", "--ref", "REF", "--stream", "-o", "OUT.mp3"], "unknown audio format"),
         (["Hello", "--ref", "REF", "--input-prompt-length", "0"], "must be positive"),
+        (["Hello", "--ref", "REF", "--input-prompt-length", "nan"], "must be positive"),
         (["Hello", "--ref", "REF", "--input-prompt-length", "7200"], "more than this model's context holds"),
         (["Hello", "--prompt-text", "Hi."], "needs a reference clip"),
         (["Hello", "--ref", "REF", "--stream", "--beam-width", "2"], "cannot use beam search"),

@@ -103,9 +103,12 @@ def atomic_path(target: str | os.PathLike, error: type[ValleError] = ValleError)
 
 def _cannot_write(p: Path, folder: Path, reason: str, error: type[ValleError]) -> ValleError:
     """The error of a failed small write; a full disk says how much is free where."""
-    if "No space left" in reason or "disk full" in reason:
+    if "No space left" in reason or "disk full" in reason or "quota" in reason.lower():
         free = free_bytes(folder)
         where = f"{free / 2**20:.1f} MB free in {folder}" if free is not None else f"in {folder}"
+        with contextlib.suppress(OSError, AttributeError):
+            if free and os.statvfs(folder).f_favail == 0:  # space, but no inodes (many small files)
+                where = f"no free inodes in {folder}, though {free / 2**20:.1f} MB are free"
         return error(f"cannot write {p}: {reason} ({where})", f"free disk space in {folder}, then rerun")
     return error(f"cannot write {p}: {reason}", "check the folder's permissions and free space")
 

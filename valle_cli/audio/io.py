@@ -57,7 +57,7 @@ def _open_info(p: Path):
     if p.stat().st_size == 0:
         raise AudioError(f"audio file {p} is empty (0 bytes)", "re-record or re-export it, or remove it")
     try:
-        return sf.info(str(p))
+        info = sf.info(str(p))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         if p.suffix.lower() == ".mp3" and ".mp3" not in supported_extensions():
             raise AudioError(
@@ -68,6 +68,15 @@ def _open_info(p: Path):
             f"cannot read {p}: {exc}".rstrip(),
             f"the file is corrupt or not a supported format ({', '.join(supported_extensions())})",
         ) from None
+    if info.frames >= UNKNOWN_LENGTH:  # a stream's header (FLAC total_samples 0): no length, no seeking
+        raise AudioError(
+            f"{p} does not say how long it is (its header was written by a stream, e.g. a pipe)",
+            f"re-encode it so the header holds its length, e.g. `sox {p.name} fixed{p.suffix}`",
+        )
+    return info
+
+
+UNKNOWN_LENGTH = 2**40  # frames: libsndfile reports about 2**63 for a file whose header has no length
 
 
 def load_audio(

@@ -129,7 +129,8 @@ def synth(
         or beam_width < 1
         or max_ar_steps < 1
         or level0_steps < 1
-        or (input_prompt_length is not None and input_prompt_length <= 0)
+        or (input_prompt_length is not None and not input_prompt_length > 0)  # (nan too)
+        or (input_prompt_length is not None and input_prompt_length == float("inf"))
     ):
         raise ValleError(
             "--batch-size, --beam-width, --max-ar-steps, --level0-steps and --input-prompt-length must be positive"

@@ -35,16 +35,21 @@ def extract_frames(
     wavs: Iterable[np.ndarray], template: MelCodec, progress: Progress = _nothing, total: int = 0
 ) -> torch.Tensor:
     """Raw (unstandardized) log-mel frames of 24 kHz mono waveforms -> (N, D). A long waveform is read in
-    windows of `WINDOW_SECONDS` (its spectrogram would otherwise take gigabytes for an hour of audio)."""
+    windows of `WINDOW_SECONDS` (its spectrogram would otherwise take gigabytes for an hour of audio), each
+    with an FFT's worth of audio on both sides, so the frames are those of the whole waveform."""
     frames = []
-    window = int(WINDOW_SECONDS * 24_000) // template.hop_length * template.hop_length
+    hop = template.hop_length
+    window = max(1, int(WINDOW_SECONDS * template.sample_rate) // hop) * hop
+    context = -(-template.n_fft // hop) * hop  # a frame reads n_fft samples around its centre
     for i, wav in enumerate(wavs):
-        whole = torch.from_numpy(np.asarray(wav, dtype=np.float32))
-        for start in range(0, max(1, whole.numel()), window):
-            t = whole[start : start + window]
-            n = template.n_frames(t.numel()) * template.hop_length
-            t = torch.nn.functional.pad(t, (0, n - t.numel()))[None, None]
-            frames.append(template.log_mel(t)[0])
+        t = torch.from_numpy(np.asarray(wav, dtype=np.float32))
+        n = template.n_frames(t.numel()) * hop
+        whole = torch.nn.functional.pad(t, (0, n - t.numel()))
+        for start in range(0, max(n, hop), window):
+            lo, hi = max(0, start - context), min(n, start + window + context)
+            made = template.log_mel(whole[lo:hi][None, None])[0]
+            skip = (start - lo) // hop
+            frames.append(made[skip : skip + (min(n, start + window) - start) // hop])
         progress("features", i + 1, total)
     if not frames:
         raise CodecError(

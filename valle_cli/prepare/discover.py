@@ -141,6 +141,10 @@ def find_transcript(audio: Path, speaker_dir: Path) -> tuple[str | None, str]:
     while True:
         for name in ("metadata.csv", "transcripts.tsv"):
             table = folder / name
+            if not table.is_file() and os.path.lexists(table):  # a broken link, a FIFO, a folder
+                what = "a broken link" if table.is_symlink() and not table.exists() else "not a regular file"
+                bad = bad or BadTranscript(f"its transcript table {table} is {what}; fix or remove it")
+                continue
             if table.is_file():
                 rows = _table(table)
                 if isinstance(rows, BadTranscript):  # another table (or an outer one) may still have it

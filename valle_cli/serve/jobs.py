@@ -80,9 +80,11 @@ class JobQueue:
         return job
 
     def _release(self, job: Job) -> None:
+        """Free a job's slot (once: the worker's end and a cancelled-before-start callback may both call)."""
         with self._lock:
-            self._in_flight -= 1
-            self._jobs.discard(job)
+            if job in self._jobs:
+                self._jobs.discard(job)
+                self._in_flight -= 1
 
     def _wrap(self, job: Job, fn: Callable[[Job], Any]) -> Callable[[], Any]:
         def run():
@@ -105,6 +107,9 @@ class JobQueue:
             result = await asyncio.wait_for(asyncio.shield(future), self.timeout)
         except BaseException:  # timeout, or the request itself was cancelled (client gone)
             job.cancelled.set()
+            if future.cancelled():  # never started: close() dropped it from the worker's queue
+                self._release(job)
+                raise Cancelled() from None
             raise
         self.served += 1
         return result
@@ -126,7 +131,14 @@ class JobQueue:
             except BaseException as exc:  # delivered to the consumer, raised there
                 loop.call_soon_threadsafe(items.put_nowait, ("error", exc))
 
-        loop.run_in_executor(self._executor, self._wrap(job, produce)).add_done_callback(_retrieve)
+        def dropped(future) -> None:  # never started: close() dropped it from the worker's queue
+            if future.cancelled():
+                self._release(job)
+                items.put_nowait(("error", Cancelled()))
+
+        future = loop.run_in_executor(self._executor, self._wrap(job, produce))
+        future.add_done_callback(_retrieve)
+        future.add_done_callback(dropped)
         return self._consume(job, items, loop.time() + self.timeout)
 
     async def _consume(self, job: Job, items: asyncio.Queue, deadline: float):

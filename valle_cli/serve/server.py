@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import socket
@@ -216,10 +217,18 @@ def uvicorn_server(app, log_level: str = "info", request_seconds: float = REQUES
     import uvicorn
 
     class Server(uvicorn.Server):
+        loop = None
+
+        async def startup(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
+
         def handle_exit(self, sig, frame) -> None:
             super().handle_exit(sig, frame)
-            if on_exit is not None:
-                on_exit()
+            if on_exit is not None and self.loop is not None:
+                # a signal handler runs between two bytecodes of the loop's thread, maybe inside a lock the
+                # queue takes: hand the work to the loop instead of doing it here
+                self.loop.call_soon_threadsafe(on_exit)
 
     logging.getLogger("uvicorn.error").addFilter(_CutByStop())
     config = uvicorn.Config(

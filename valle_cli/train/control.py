@@ -115,26 +115,28 @@ class ControlServer:
         self.path, self._private = self._claim()
         if claimed is not None:
             claimed()
-        old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
-        try:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._closed = threading.Event()
-        info = {"protocol": PROTOCOL, "socket": str(self.path), "pid": os.getpid()}
         from valle_cli.fsutil import atomic_path
 
         try:
+            old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
+            try:
+                self.sock.bind(str(self.path))
+            finally:
+                os.umask(old)
+            os.chmod(self.path, 0o600)
+            self.sock.listen(8)
+            self.sock.settimeout(0.2)
+            info = {"protocol": PROTOCOL, "socket": str(self.path), "pid": os.getpid()}
             with atomic_path(self.info_path, ControlError) as tmp:
                 Path(tmp).write_text(json.dumps(info))
                 os.chmod(tmp, 0o600)
-        except BaseException:  # (a full disk): no socket left behind that nothing serves
+        except BaseException:  # (a full disk): no socket or private folder left behind that nothing serves
             self.sock.close()
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(self.path.lstat().st_mode):
+                    self.path.unlink()
             if self._private is not None:
                 with contextlib.suppress(OSError):
                     self._private.rmdir()

@@ -231,7 +231,9 @@ class Trainer:
         self.stop_requested = False
         self._signalled = False
         self._signal: str | None = None  # the first signal's name
-        self.quiet_after_signal = False  # `valle train`: ignore signals once a signal's stop has saved
+        self.quiet_after_signal = (
+            False  # `valle train`: a signal after a signal's save exits at once (_again)
+        )
         self.resumed_from: Path | None = None
 
     # -- run folder, checkpoints ------------------------------------------------------------------------------
@@ -786,6 +788,10 @@ class Trainer:
                 cmd.reply(ok=False, error=str(exc))
                 self._event("warn", {"message": str(exc)})
 
+    def _again(self, signum, frame) -> None:
+        os.write(2, f"\ninterrupted again: step {self.step} is saved; exiting now\n".encode())
+        os._exit(128 + signum)
+
     def _on_signal(self, signum, frame) -> None:
         self._signalled = True  # acted on at the next step boundary, on every rank together
         self._signal = self._signal or signal.Signals(signum).name
@@ -934,9 +940,9 @@ class Trainer:
             distributed.check_in_sync(self.model, self.dist)
         finally:
             for s, h in old.items():
-                # stopped by a signal and saved: the command exits now, so later signals (a user pressing
-                # Ctrl-C again) must not break the cleanup with a second, contradicting interrupt
-                signal.signal(s, signal.SIG_IGN if self._signal and self.quiet_after_signal else h)
+                # stopped by a signal and saved: the command exits now, so a later signal (a user pressing
+                # Ctrl-C again) exits at once with one line, not a traceback from the cleanup it interrupts
+                signal.signal(s, self._again if self._signal and self.quiet_after_signal else h)
         self._event("done", {"step": self.step})
         return RunInfo(self.run, self.step, self.resumed_from, self._signal)
 
