@@ -45,19 +45,10 @@ def build(config: str):
     with torch.no_grad():
         for head in [model.heads[0], *getattr(model, "group_heads", [])]:
             head.bias[model.stop_id] = -1e4
-    cast(model, dtype)
+    from valle_cli.model.quant import set_dtype
+
+    set_dtype(model, dtype)
     return model
-
-
-def cast(model, dtype: str) -> None:
-    """What `valle synth --dtype` does to the model."""
-    from valle_cli.infer.load import DTYPES
-    from valle_cli.model.quant import quantize_int8
-
-    if dtype == "int8":
-        quantize_int8(model)
-    elif dtype != "fp32":
-        model.to(DTYPES[dtype])
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

@@ -14,24 +14,19 @@ Usage:  python bench/weights.py [--model valle-default] --data DATASET [--n 40] 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
-from report import command, machine, write_section  # bench/ is on sys.path when run as a script
+from realtime import timed  # bench/ is on sys.path when run as a script
+from report import command, machine, write_section
 
 DTYPES = ("fp32", "bf16", "int8")
 
 
 def cast(model, dtype: str):
-    from valle_cli.infer.load import DTYPES as CASTS
-    from valle_cli.model.quant import quantize_int8
+    from valle_cli.model.quant import set_dtype
 
-    if dtype == "int8":
-        quantize_int8(model)
-    elif dtype != "fp32":
-        model.to(CASTS[dtype])
+    set_dtype(model, dtype)
     return model
 
 
@@ -96,16 +91,6 @@ def quality(model, items: list) -> dict:
     return {"loss": {k: float(np.mean(v)) for k, v in losses.items()}, "argmax": argmax}
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @torch.inference_mode()
 def speed(model) -> dict:
     from valle_cli.infer.engine import NarItem, Request, SamplingConfig, ar_tokens, nar_fill
@@ -122,7 +107,7 @@ def speed(model) -> dict:
         gen = ar_tokens(model, [req], SamplingConfig(ar_temp=0.0, max_ar_steps=10_000))
         for _ in range(4):
             next(gen)
-        step = timed(lambda: next(gen), 30)
+        step, _ = timed(lambda: next(gen), 30)
         with torch.no_grad():
             model.heads[0].bias[model.stop_id] = bias
     codes = torch.zeros(q, 300, dtype=torch.long)
@@ -131,7 +116,7 @@ def speed(model) -> dict:
         from valle_cli.model.valle import frame_symbols, stretch_durations
 
         fs = frame_symbols(stretch_durations(torch.ones(len(req.phonemes), dtype=torch.long), 300))
-    nar = timed(lambda: nar_fill(model, [NarItem(req, codes, 0, fs)], SamplingConfig(ar_temp=0.0)), 2)
+    nar, _ = timed(lambda: nar_fill(model, [NarItem(req, codes, 0, fs)], SamplingConfig(ar_temp=0.0)), 2)
     return {"step": step, "nar": nar}
 
 

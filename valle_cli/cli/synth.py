@@ -234,12 +234,9 @@ def _load(model: str | None, device: str, dtype: str, compile: bool, err):
         source, why = default_model()
         err.print(why, markup=False)
     loaded = load_model(source, dev)
-    if dtype == "int8":
-        from valle_cli.model.quant import quantize_int8
+    from valle_cli.model.quant import set_dtype
 
-        quantize_int8(loaded.model)  # weight-only int8 linears, bf16 activations (model/quant.py)
-    elif dtype != "fp32":
-        loaded.model.to(DTYPES[dtype])
+    set_dtype(loaded.model, dtype)  # int8: weight-only int8 linears, bf16 activations (model/quant.py)
     if compile:
         loaded.model.backbone.compile(dynamic=True)
     torch.set_grad_enabled(False)

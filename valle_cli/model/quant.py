@@ -65,3 +65,13 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, Int8Linear(child, dtype))
     return len(swaps)
+
+
+def set_dtype(model: nn.Module, dtype: str) -> None:
+    """What `valle synth --dtype` does: fp32 (nothing), fp16 or bf16 (a cast), or int8 (`quantize_int8`)."""
+    from valle_cli.infer.load import DTYPES
+
+    if dtype == "int8":
+        quantize_int8(model)
+    elif dtype != "fp32":
+        model.to(DTYPES[dtype])
