@@ -50,17 +50,10 @@ def choose(n_cores: int | None = None, busy: float | None = None) -> int:
 
 def per_job() -> int:
     """`apply` for a server's worker before each job: the free cores now (three quick reads, about 10 ms)."""
-    if os.environ.get("VALLE_THREADS", "").strip() or os.environ.get("OMP_NUM_THREADS", "").strip():
-        return apply()
-    import torch
-
-    n = choose(busy=busy_cores(samples=3, interval=0.005))
-    if n != torch.get_num_threads():
-        torch.set_num_threads(n)
-    return n
+    return apply(samples=3, interval=0.005)
 
 
-def apply() -> int:
+def apply(samples: int = 5, interval: float = 0.02) -> int:
     """Set torch's intra-op threads for an inference command (see the module); returns how many."""
     import torch
 
@@ -71,6 +64,7 @@ def apply() -> int:
     elif os.environ.get("OMP_NUM_THREADS", "").strip():
         return torch.get_num_threads()
     else:
-        n = choose()
-    torch.set_num_threads(n)
+        n = choose(busy=busy_cores(samples, interval))
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
     return n

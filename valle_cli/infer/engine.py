@@ -207,6 +207,25 @@ def early_exit_for(model: VALLE, sc: SamplingConfig | None) -> EarlyExit | None:
     )
 
 
+def left_padded(
+    rows: list[torch.Tensor], before: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings of several rows (L_b, D), padded on the left to a common length: (x (B, L, D), which
+    positions are real (B, L), positions (B, L) counting each row's real ones from `before[b]` (default 0))."""
+    first = rows[0]
+    b, n = len(rows), max(len(r) for r in rows)
+    x = first.new_zeros(b, n, first.shape[-1])
+    valid = torch.zeros(b, n, dtype=torch.bool, device=first.device)
+    positions = torch.zeros(b, n, dtype=torch.long, device=first.device)
+    for row, r in enumerate(rows):
+        x[row, n - len(r) :] = r
+        valid[row, n - len(r) :] = True
+        positions[row, n - len(r) :] = torch.arange(len(r), device=first.device) + (
+            before[row] if before else 0
+        )
+    return x, valid, positions
+
+
 @dataclass
 class Decoder:
     """Token-by-token causal decoding of a batch of rows over the backbone, with or without a KV cache.
@@ -232,20 +251,13 @@ class Decoder:
     )  # row i continues past's row past_rows[i]
 
     def __post_init__(self) -> None:
-        first = self.prefixes[0]
-        b, n = len(self.prefixes), max(len(p) for p in self.prefixes)
-        self.x = first.new_zeros(b, n, first.shape[-1])
-        self.valid = torch.zeros(b, n, dtype=torch.bool, device=first.device)
-        self.positions = torch.zeros(b, n, dtype=torch.long, device=first.device)
-        before = [0] * b if self.past is None else self.past.lengths
-        for row, p in enumerate(self.prefixes):
-            self.x[row, n - len(p) :] = p
-            self.valid[row, n - len(p) :] = True
-            self.positions[row, n - len(p) :] = torch.arange(len(p), device=first.device) + before[row]
+        before = None if self.past is None else self.past.lengths
+        self.x, self.valid, self.positions = left_padded(self.prefixes, before)
+        b = len(self.prefixes)
         if self.past is not None:
             self.valid = torch.cat([self.past.valid, self.valid], 1)
             self.positions = torch.cat([self.past.positions, self.positions], 1)
-            self.past_rows = torch.arange(b, device=first.device)
+            self.past_rows = torch.arange(b, device=self.x.device)
             if self.use_cache:
                 self.cache = self.past.fork(self.backbone)
 
@@ -347,12 +359,8 @@ class SharedPrefix:
     def fork(self, backbone, rows: torch.Tensor | list[int] | None = None):
         """A cache of the prefix for a pass over `rows` of it (all, in order, when None)."""
         cache = backbone.fork_cache(self.cache)
-        if rows is not None:
-            index = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
-            if len(index) != len(self.lengths) or bool(
-                (index != torch.arange(len(index), device=index.device)).any()
-            ):
-                cache.reorder_cache(index)
+        if rows is not None and [int(r) for r in rows] != list(range(len(self.lengths))):
+            cache.reorder_cache(torch.as_tensor(rows, dtype=torch.long, device=self.valid.device))
         return cache
 
     def hidden_at(self, row: int, start: int, n: int) -> torch.Tensor:
@@ -364,16 +372,9 @@ class SharedPrefix:
 def shared_prefix(model: VALLE, requests: list[Request]) -> SharedPrefix:
     """Run every request's prefix once (see `SharedPrefix`)."""
     pres = [request_prefix(model, r) for r in requests]
-    first = pres[0][0]
-    b, n, dev = len(pres), max(len(p) for p, _ in pres), first.device
-    x = first.new_zeros(b, n, first.shape[-1])
-    valid = torch.zeros(b, n, dtype=torch.bool, device=dev)
-    positions = torch.zeros(b, n, dtype=torch.long, device=dev)
-    for row, (p, _) in enumerate(pres):
-        x[row, n - len(p) :] = p
-        valid[row, n - len(p) :] = True
-        positions[row, n - len(p) :] = torch.arange(len(p), device=dev)
-    out = model.backbone(x, padded_mask(valid, n, causal=False, dtype=x.dtype), positions, use_cache=True)
+    x, valid, positions = left_padded([p for p, _ in pres])
+    mask = padded_mask(valid, x.shape[1], causal=False, dtype=x.dtype)
+    out = model.backbone(x, mask, positions, use_cache=True)
     return SharedPrefix(
         out.cache, valid, positions, out.hidden, [len(p) for p, _ in pres], [t for _, t in pres]
     )

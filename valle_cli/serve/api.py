@@ -204,10 +204,8 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
         return error_response(503, "the server is shutting down", "server_error", code="shutting_down")
 
     @app.exception_handler(Cancelled)
-    async def _cancelled(request, exc):  # a whole-file job cancelled by the server's stop
-        if queue.closed:
-            return error_response(503, "the server is shutting down", "server_error", code="shutting_down")
-        return error_response(503, "the generation was cancelled", "server_error", code="cancelled")
+    async def _cancelled(request, exc):  # a waiting whole-file job dropped by the server's stop
+        return error_response(503, "the server is shutting down", "server_error", code="shutting_down")
 
     @app.exception_handler(TimeoutError)
     async def _timeout(request, exc):
@@ -218,9 +216,7 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
 
     @app.exception_handler(Exception)
     async def _internal(request, exc):
-        if isinstance(
-            exc, Stopping
-        ):  # a stream cut by the server's stop (its response has started): expected
+        if isinstance(exc, Stopping):  # a stream cut by the server's stop, its response started: expected
             return error_response(503, "the server is shutting down", "server_error", code="shutting_down")
         log.exception("internal error on %s %s", request.method, request.url.path)
         return error_response(500, "internal error (details are in the server's log)", "server_error")

@@ -230,7 +230,6 @@ def uvicorn_server(app, log_level: str = "info", request_seconds: float = REQUES
                 # queue takes: hand the work to the loop instead of doing it here
                 self.loop.call_soon_threadsafe(on_exit)
 
-    logging.getLogger("uvicorn.error").addFilter(_CutByStop())
     config = uvicorn.Config(
         InFlightLimit(app),
         http=guarded_h11(request_seconds),
@@ -243,3 +242,4 @@ def uvicorn_server(app, log_level: str = "info", request_seconds: float = REQUES
 
 
 logging.getLogger("valle.serve").setLevel(logging.INFO)
+logging.getLogger("uvicorn.error").addFilter(_CutByStop())
