@@ -214,3 +214,51 @@ def test_sdpa_kernel_choice_is_applied():
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
     assert seen and all(seen), SDPBackend.MATH  # only the math kernel was allowed inside the backbone
+
+
+def test_growing_kv_cache_equals_concatenation_through_growth_forks_and_reorders(monkeypatch):
+    """The buffer cache (`GrowingLayer`) gives the same hidden states as transformers' concatenating
+    DynamicCache while it grows past its room; forks of a filled cache never write into the shared buffer
+    (the original and a sibling stay as they were); a reordered (beam search) cache keeps decoding right."""
+    from transformers import DynamicCache
+
+    from valle_cli.backbones import hf
+
+    torch.manual_seed(0)
+    bb = build_backbone(load_config("tiny").model).eval()
+    monkeypatch.setattr(hf.growing_layer_class(), "ROOM", 2)  # regrow every few steps
+    x = torch.randn(2, 7, bb.model.config.hidden_size)
+    steps = torch.randn(2, 9, bb.model.config.hidden_size)
+
+    def run(cache, xs, start=7):
+        outs = []
+        for k in range(xs.shape[1]):
+            pos = torch.full((xs.shape[0], 1), start + k)
+            out = bb(xs[:, k : k + 1], None, pos, cache=cache, use_cache=True)
+            cache = out.cache
+            outs.append(out.hidden)
+        return torch.cat(outs, 1), cache
+
+    pos = torch.arange(7)[None].expand(2, 7)
+    with torch.no_grad():
+        plain = bb(x, None, pos, cache=DynamicCache(config=bb.model.config), use_cache=True).cache
+        want, _ = run(plain, steps)
+        grown = bb(x, None, pos, use_cache=True).cache
+        assert isinstance(grown.layers[0], hf.growing_layer_class())
+        before = [layer.keys.clone() for layer in grown.layers]
+        a, _ = run(bb.fork_cache(grown), steps)
+        b, _ = run(bb.fork_cache(grown), steps.flip(1))  # a sibling with other tokens
+        again, _ = run(bb.fork_cache(grown), steps)
+        torch.testing.assert_close(a, want)
+        torch.testing.assert_close(again, want)  # the sibling did not touch the shared tensors
+        assert not torch.allclose(a, b)
+        assert all(torch.equal(layer.keys, k) for layer, k in zip(grown.layers, before, strict=True))
+        # beam search: rows swapped mid-way
+        _, cache = run(bb.fork_cache(grown), steps[:, :4])
+        cache.reorder_cache(torch.tensor([1, 0]))
+        rest, _ = run(cache, steps[:, 4:].flip(0), start=11)
+        plain = bb(x, None, pos, cache=DynamicCache(config=bb.model.config), use_cache=True).cache
+        _, plain = run(plain, steps[:, :4])
+        plain.reorder_cache(torch.tensor([1, 0]))
+        want_rest, _ = run(plain, steps[:, 4:].flip(0), start=11)
+        torch.testing.assert_close(rest, want_rest)

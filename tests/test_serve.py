@@ -502,6 +502,120 @@ def test_closing_the_queue_ends_running_and_waiting_jobs_at_once():
     asyncio.run(main())
 
 
+def test_batched_jobs_run_together_by_key_and_each_gets_its_own_answer():
+    """Jobs with one key that wait together go to one call (at most max_batch); another key waits for its own
+    call; an item's own error reaches only its request; an abandoned waiting job is never run; a stop answers
+    the jobs still waiting; every slot is freed."""
+    from valle_cli.serve.jobs import Cancelled
+
+    async def main():
+        queue = JobQueue(size=12, timeout=300, max_batch=3)
+        gate = threading.Event()
+        calls: list[tuple[str, list]] = []
+
+        def work(jobs, items):
+            calls.append((items[0][0], list(items)))
+            return [ValueError(f"bad {i}") if i == "a2" else f"did {i}" for i in items]
+
+        blocker = asyncio.ensure_future(queue.run(lambda job: gate.wait(60) and "free"))
+        await asyncio.sleep(0.05)  # the worker is busy: what follows waits together
+        names = ["a0", "b0", "a1", "a2", "a3", "b1"]
+        tasks = {n: asyncio.ensure_future(queue.run_batched(n[0], n, work)) for n in names}
+        gone = asyncio.ensure_future(queue.run_batched("a", "a4", work))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # its client left while it waited
+        await asyncio.sleep(0.05)
+        assert queue.in_flight == 7  # the blocker and six waiting
+        gate.set()
+        assert await blocker == "free"
+        got = {}
+        for n, t in tasks.items():
+            try:
+                got[n] = await t
+            except ValueError as exc:
+                got[n] = str(exc)
+        assert got == {"a0": "did a0", "a1": "did a1", "a2": "bad a2", "a3": "did a3", "b0": "did b0",
+                       "b1": "did b1"}  # fmt: skip
+        # oldest first: a0's key takes three (max_batch), then b's, then the a left over; a4 never ran
+        assert [items for _, items in calls] == [["a0", "a1", "a2"], ["b0", "b1"], ["a3"]]
+        assert queue.batches[-3:] == [3, 2, 1] and queue.in_flight == 0
+
+        gate.clear()
+        blocker = asyncio.ensure_future(queue.run(lambda job: gate.wait(60) and "free"))
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(queue.run_batched("a", f"late{i}", work)) for i in range(2)]
+        await asyncio.sleep(0.05)
+        queue.close()  # the server stops: the waiting ones are answered now, not after the blocker
+        for t in waiting:
+            with pytest.raises(Cancelled):
+                await t
+        gate.set()
+        assert await blocker == "free"  # a running job that never checks finishes; nothing else ran
+        assert len(calls) == 3 and queue.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_speech_requests_that_wait_together_are_generated_as_one_batch(model, tmp_path, monkeypatch):
+    """Four whole-file requests queued behind a busy worker run as one batch; each gets its own text's audio,
+    and a seeded one is the same audio as that request alone; a bad text fails only its own request."""
+    srv = start(model, tmp_path, queue_size=8)
+    try:
+        queue, first = srv.queue, threading.Event()
+
+        def hold_first_batch():  # the worker's first batch waits until the others have queued
+            if not first.is_set():
+                first.set()
+                deadline = time.monotonic() + 120  # hang-only
+                while queue.in_flight < 5 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+
+        queue.before_job = hold_first_batch
+        texts = ["The first sentence is short.", "A second one, a little longer than the first.",
+                 "The first sentence is short.", "Number four.", "..."]  # fmt: skip
+
+        def call(text):
+            body = {"input": text, "response_format": "wav", "stream": False, "seed": 7}
+            return httpx.post(srv.url + "/v1/audio/speech", json=body, timeout=300)
+
+        with ThreadPoolExecutor(5) as pool:
+            replies = list(pool.map(call, texts))
+        queue.before_job = None
+        assert max(queue.batches) >= 3, queue.batches  # the four behind the first went together
+        assert_error(replies[-1], 400, "no pronounceable words")
+        audio = [sf.read(io.BytesIO(r.content))[0] for r in replies[:4]]
+        assert all(r.status_code == 200 for r in replies[:4])
+        np.testing.assert_allclose(audio[0], audio[2], atol=1e-4)  # one text, one seed: one audio
+        alone = sf.read(io.BytesIO(call(texts[1]).content))[0]
+        assert queue.batches[-1] == 1
+        np.testing.assert_allclose(alone, audio[1], atol=1e-4)  # the same in a batch as alone
+        assert not np.allclose(audio[1][:8000], audio[3][:8000], atol=1e-3)  # each got its own text
+
+        # a batch that fails as a whole (say one long request's padding ran out of memory): each runs alone
+        from valle_cli.infer import synth
+
+        real = synth.synthesize_many
+
+        def picky(loaded, items, *args, **kw):
+            if len(items) > 1:
+                raise RuntimeError("out of memory")
+            if items[0][0] == texts[3]:
+                raise RuntimeError("this one fails alone too")
+            return real(loaded, items, *args, **kw)
+
+        monkeypatch.setattr(synth, "synthesize_many", picky)
+        first.clear()
+        queue.before_job = hold_first_batch
+        with ThreadPoolExecutor(5) as pool:
+            replies = list(pool.map(call, [*texts[:4], texts[1]]))
+        queue.before_job = None
+        assert [r.status_code for r in replies] == [200, 200, 200, 500, 200], [r.text for r in replies]
+        assert max(queue.batches[-3:]) >= 3
+        np.testing.assert_allclose(sf.read(io.BytesIO(replies[1].content))[0], alone, atol=1e-4)
+    finally:
+        srv.stop()
+
+
 def test_valle_serve_command_warns_when_public_and_stops_cleanly(model, tmp_path):
     import re
     import signal

@@ -73,6 +73,48 @@ def test_trains_logs_and_keeps_the_last_checkpoints(dataset, tmp_path):
     assert meta["codec"]["name"] == "mel"
 
 
+def test_precision_means_autocast_where_the_hardware_computes_it(monkeypatch):
+    from valle_cli.train import trainer
+
+    cpu = torch.device("cpu")
+    assert trainer.autocast_dtype("fp32", cpu) == (None, None)
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
+    assert trainer.autocast_dtype("bf16", cpu) == (torch.bfloat16, None)
+    assert trainer.autocast_dtype("auto", cpu) == (torch.bfloat16, None)
+    dtype, note = trainer.autocast_dtype("fp16", cpu)
+    assert dtype is None and "needs a GPU" in note
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
+    dtype, note = trainer.autocast_dtype("bf16", cpu)
+    assert dtype is None and "no bf16 instructions" in note and "fp32" in note
+    assert trainer.autocast_dtype("auto", cpu) == (None, None)
+
+
+def test_bf16_training_on_the_cpu_runs_under_autocast(dataset, tmp_path, monkeypatch):
+    """On this CPU if it has bf16 instructions (else the fp32 fallback says so): the loss is finite, the
+    weights stay fp32, the checkpoint resumes."""
+    from valle_cli.train import trainer
+
+    cfg = config(dataset, "train.steps=3", "train.precision=bf16", "train.save_every=3")
+    seen, events = [], []
+    real = torch.autocast
+
+    def watching(device_type, dtype=None, **kw):
+        seen.append((device_type, dtype))
+        return real(device_type, dtype=dtype, **kw)
+
+    monkeypatch.setattr(torch, "autocast", watching)
+    t = Trainer(cfg, tmp_path / "run", lambda k, p: events.append((k, p)))
+    t.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if r["kind"] == "train")
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
+    notes = [p.get("message", "") for k, p in events if k == "info"]
+    if trainer.cpu_has_bf16():
+        assert ("cpu", torch.bfloat16) in seen and not any("bf16 instructions" in n for n in notes)
+    else:
+        assert not seen and any("no bf16 instructions" in n for n in notes)
+
+
 def test_ar_only_steps_train_level_zero_first(dataset, tmp_path):
     """The curriculum: every sample trains the AR until train.ar_only_steps, then levels follow the weights."""
     cfg = config(dataset, "train.steps=8", "train.ar_only_steps=4", "data.batch_size=4")

@@ -162,7 +162,7 @@ class TrainConfig:
 
     backend: Literal["local", "ddp", "deepspeed"] = "local"
     device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     steps: int = 100_000
     lr: float = 1.0e-4
     optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = "adamw"

@@ -30,7 +30,12 @@ def serve(
     max_text_chars: int = typer.Option(4096, help="Longest text per request."),
     max_upload_mb: float = typer.Option(25.0, help="Largest upload (voice clips, audio to transcribe)."),
     max_output_seconds: float = typer.Option(30.0, help="Longest audio per sentence."),
-    queue_size: int = typer.Option(4, help="Generations waiting or running at once; more get HTTP 429."),
+    queue_size: int = typer.Option(16, help="Generations waiting or running at once; more get HTTP 429."),
+    max_batch: int = typer.Option(
+        8,
+        help="Whole-file speech requests with the same settings that wait together run as one batch of at "
+        "most this many (1: one at a time).",
+    ),
     timeout: float = typer.Option(300.0, help="Seconds a generation may take before it is stopped (503)."),
     dataset: list[Path] = typer.Option(
         None, "--dataset", help="A prepared dataset the UI may browse (repeatable)."
@@ -52,7 +57,11 @@ def serve(
 
         threads.apply()  # the cores other programs leave free when the server starts (valle_cli/threads.py)
     key = api_key or os.environ.get(API_KEY_ENV) or None
-    for name, value in (("--queue-size", queue_size), ("--max-text-chars", max_text_chars)):
+    for name, value in (
+        ("--queue-size", queue_size),
+        ("--max-batch", max_batch),
+        ("--max-text-chars", max_text_chars),
+    ):
         if value < 1:
             raise ValleError(f"{name} must be at least 1, got {value}")
     limits = Limits(
@@ -60,6 +69,7 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_output_seconds=max_output_seconds,
         queue_size=queue_size,
+        max_batch=max_batch,
         timeout_seconds=timeout,
     )
     if not model:

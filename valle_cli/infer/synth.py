@@ -301,7 +301,58 @@ def synthesize(
     opts = options or SynthOptions()
     segs = segments(text, opts.split_sentences, opts.gap_seconds)
     sp = _speaker(loaded, refs, opts, device, segs)
-    outs = _generate(sp, segs, sampling, progress, steps)
+    return _joined(sp, segs, _generate(sp, segs, sampling, progress, steps), t0)
+
+
+def synthesize_many(
+    loaded: Loaded,
+    texts: list[tuple[str, list[Path]]],
+    options: SynthOptions | None = None,
+    sampling: SamplingConfig | None = None,
+    device: str = "cpu",
+    steps: StepProgress | None = None,
+) -> list[SynthResult | ValleError]:
+    """Several texts, each in its own voice (text, reference clips), generated together: the segments of all of
+    them share padded batches of `batch_size` rows, as one text's segments do (what `valle serve` does with
+    requests that wait together). One result per text, or the `ValleError` its own text or reference met (the
+    others still run). Not with `rolling_context` (each segment waits for the one before)."""
+    opts = options or SynthOptions()
+    if opts.rolling_context:
+        raise ValueError("synthesize_many cannot use rolling_context: segments depend on each other")
+    t0 = time.time()
+    prepared: list[tuple[_Speaker, list[Segment]] | ValleError] = []
+    rows: list[tuple[int, Request]] = []  # (text, request) in order
+    for k, (text, refs) in enumerate(texts):
+        try:
+            segs = segments(text, opts.split_sentences, opts.gap_seconds)
+            sp = _speaker(loaded, refs, opts, device, segs)
+            rows.extend((k, sp.request(seg, first=i == 0)) for i, seg in enumerate(segs))
+        except ValleError as exc:
+            prepared.append(exc)
+            continue
+        prepared.append((sp, segs))
+    outs: list[list[Generated]] = [[] for _ in texts]
+    model = loaded.model
+    size = max(1, opts.batch_size)
+    for i in range(0, len(rows), size):
+        chunk = rows[i : i + size]
+        made = generate_batch(model, [r for _, r in chunk], sampling, progress=steps)
+        for (k, _), out in zip(chunk, made, strict=True):
+            outs[k].append(out)
+    results: list[SynthResult | ValleError] = []
+    for got, made in zip(prepared, outs, strict=True):
+        if isinstance(got, ValleError):
+            results.append(got)
+            continue
+        try:
+            results.append(_joined(*got, made, t0))
+        except ValleError as exc:
+            results.append(exc)
+    return results
+
+
+def _joined(sp: _Speaker, segs: list[Segment], outs: list[Generated], t0: float) -> SynthResult:
+    """The segments' codes decoded and joined with their gaps into one waveform."""
     sr = sp.codec.sample_rate
     pieces, frames = [], 0
     for seg, out in zip(segs, outs, strict=True):

@@ -234,6 +234,8 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
                 "size": queue.size,
                 "served": queue.served,
                 "rejected": queue.rejected,
+                "batches": queue.batch_calls,
+                "batched_jobs": queue.batched_jobs,
             },
             "formats": available,
         }
@@ -301,7 +303,14 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
         ):
             return await stream_speech(req, model_id, text, refs)  # OpenAI streams audio by default
         t0 = time.time()
-        audio, sr = await queue.run(lambda job: _synthesize(job, registry, model_id, text, refs, req, limits))
+        # requests that wait together with the same settings run as one batch (each row samples from its own
+        # generator: a seeded request makes the same random draws in a batch as alone)
+        key = ("speech", model_id, *(getattr(req, k) for k in BATCH_KEY))
+        audio, sr = await queue.run_batched(
+            key,
+            (text, refs, req),
+            lambda jobs, items: _synthesize_batch(jobs, registry, model_id, items, limits),
+        )
         body = await asyncio.to_thread(formats.encode, audio, sr, req.response_format)  # never on the loop
         seconds = len(audio) / sr
         return Response(
@@ -482,6 +491,53 @@ def _synthesize(
             loaded, text, refs, options, sampling, registry.device, progress=segment_done, steps=step
         )
     return result.audio, result.sample_rate
+
+
+# the request fields a batch must share (with the model): they set the options and the sampling of all its rows
+BATCH_KEY = ("language", "split_sentences", "seed", "ar_temp", "nar_temp", "top_k", "top_p", "min_p",
+             "top_nsigma", "repetition_penalty")  # fmt: skip
+
+
+def _synthesize_batch(jobs: list[Job], registry: Registry, model_id: str, items, limits) -> list:
+    """Whole waveforms for requests that waited together (same model and `BATCH_KEY` fields): their
+    segments share the model's padded batches. One (audio, sample rate) or error per request; if the shared call
+    fails, each request runs again alone, so one request's failure stays its own; the batch stops early only
+    when every one of its requests was abandoned."""
+    from valle_cli.infer.synth import synthesize_many
+
+    loaded = registry.get(model_id)
+    options, sampling = _options(items[0][2], loaded, limits)
+
+    def step(phase: str, done: int, total: int | None) -> None:
+        if all(job.cancelled.is_set() for job in jobs):
+            raise Cancelled()
+
+    def run(some) -> list:
+        with torch.inference_mode():  # on the worker thread: the grad mode is per thread
+            return synthesize_many(
+                loaded,
+                [(text, refs) for text, refs, _ in some],
+                options,
+                sampling,
+                registry.device,
+                steps=step,
+            )
+
+    try:
+        results = run(items)
+    except Cancelled:
+        raise
+    except Exception:  # the shared call failed (one request's padding ran out of memory, ...): each alone
+        if len(items) == 1:
+            raise
+        results = []
+        for job, item in zip(jobs, items, strict=True):
+            try:
+                job.check()
+                results.append(run([item])[0])
+            except Exception as exc:  # Cancelled included: it answers only that request
+                results.append(exc)
+    return [r if isinstance(r, Exception) else (r.audio, r.sample_rate) for r in results]
 
 
 def _synthesize_stream(job: Job, registry: Registry, model_id: str, text, refs, req, limits):

@@ -28,7 +28,8 @@ def build(settings: ServeSettings):
         from valle_cli import threads
 
         before_job = threads.per_job  # the cores free now, read before every job
-    queue = JobQueue(settings.limits.queue_size, settings.limits.timeout_seconds, before_job)
+    queue = JobQueue(settings.limits.queue_size, settings.limits.timeout_seconds, before_job,
+                     settings.limits.max_batch)  # fmt: skip
     voices = VoiceStore(home / "voices", home / "tmp", settings.limits.max_reference_seconds,
                         settings.limits.max_voices)  # fmt: skip
     app = create_app(settings, registry, voices, queue)

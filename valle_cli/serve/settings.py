@@ -27,7 +27,8 @@ class Limits:
     max_transcribe_seconds: float = 120.0  # audio sent for transcription
     max_output_seconds: float = 30.0  # per text segment (bounds the AR steps)
     max_json_bytes: int = 1024 * 1024
-    queue_size: int = 4  # generation jobs waiting or running; one more gets 429
+    queue_size: int = 16  # generation jobs waiting or running; one more gets 429
+    max_batch: int = 8  # whole-file speech jobs run together at most (serve/jobs.py)
     timeout_seconds: float = 300.0  # a job not finished by then is cancelled (503)
     max_voices: int = 200
 

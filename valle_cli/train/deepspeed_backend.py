@@ -36,8 +36,12 @@ def deepspeed_config(cfg) -> dict:
     }
     import torch
 
-    if torch.cuda.is_available() and t.precision in ("bf16", "fp16"):
-        ours["bf16" if t.precision == "bf16" else "fp16"] = {"enabled": True}
+    if torch.cuda.is_available():
+        from valle_cli.train.trainer import autocast_dtype
+
+        dtype, _ = autocast_dtype(t.precision, torch.device("cuda"))
+        if dtype is not None:
+            ours["bf16" if dtype == torch.bfloat16 else "fp16"] = {"enabled": True}
     if t.deepspeed_config:
         path = Path(t.deepspeed_config)
         try:

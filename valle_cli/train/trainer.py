@@ -80,6 +80,45 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively: AVX512-BF16 or AMX on x86 (oneDNN's own check says yes for
+    any AVX-512, where bf16 is emulated and slower than fp32); on other CPUs, oneDNN's check."""
+    import platform
+
+    try:
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> tuple[torch.dtype | None, str | None]:
+    """The autocast dtype `train.precision` means on this device, and a line to say when it is not what was
+    asked. bf16 runs under autocast on GPUs and on CPUs with bf16 instructions: there a small-preset step is
+    about 1.5x faster than fp32 (docs/benchmarks.md, "Training step"); a CPU without them would emulate it,
+    slower than fp32, so it trains in fp32. fp16 needs a GPU (its loss scaling is CUDA's). `auto` is bf16 where
+    it is native, else fp32."""
+    if precision == "fp32":
+        return None, None
+    if device.type == "cuda":
+        if precision == "auto":
+            return (torch.bfloat16, None) if torch.cuda.is_bf16_supported() else (None, None)
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision], None
+    if device.type != "cpu":
+        return None, f"train.precision {precision} runs as fp32 on {device.type}"
+    if precision == "fp16":
+        return None, "train.precision fp16 needs a GPU: training in fp32 on the CPU (bf16 may be faster here)"
+    if cpu_has_bf16():
+        return torch.bfloat16, None
+    if precision == "auto":
+        return None, None
+    return (
+        None,
+        "this CPU has no bf16 instructions (AVX512-BF16 or AMX): training in fp32, which is faster here",
+    )
+
+
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adamw":
@@ -197,11 +236,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.schedule)
         )
-        amp = t.precision != "fp32" and self.device.type == "cuda"
-        self.autocast_dtype = (
-            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if amp else None
-        )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp and t.precision == "fp16")
+        self.autocast_dtype, note = autocast_dtype(t.precision, self.device)
+        if note:
+            self._event("info", {"message": note})
+        amp16 = self.autocast_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp16 and self.device.type == "cuda")
         train_idx, self.val_idx = split_indices(self.ds, cfg.data)
         if cfg.model.alignment == "pointer":
             train_idx, self.val_idx = self._aligned_only(train_idx), self._aligned_only(self.val_idx)
