@@ -276,12 +276,26 @@ def _generate(
             if progress:
                 progress(len(outs), len(segs))
         return outs
-    size = max(1, sp.opts.batch_size)
-    for i in range(0, len(segs), size):
-        reqs = [sp.request(s, first=i + j == 0) for j, s in enumerate(segs[i : i + size])]
-        outs.extend(generate_batch(sp.model, reqs, sampling, progress=steps))
+    reqs = [sp.request(s, first=i == 0) for i, s in enumerate(segs)]
+    return _in_batches(sp.model, reqs, sp.opts.batch_size, sampling, steps, progress)
+
+
+def _in_batches(
+    model,
+    requests: list[Request],
+    size: int,
+    sampling: SamplingConfig | None,
+    steps: StepProgress | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Generated]:
+    """`generate_batch` over padded batches of at most `size` requests, in order; `progress(done, total)`
+    hears each finished batch."""
+    outs: list[Generated] = []
+    size = max(1, size)
+    for i in range(0, len(requests), size):
+        outs.extend(generate_batch(model, requests[i : i + size], sampling, progress=steps))
         if progress:
-            progress(len(outs), len(segs))
+            progress(len(outs), len(requests))
     return outs
 
 
@@ -332,13 +346,9 @@ def synthesize_many(
             continue
         prepared.append((sp, segs))
     outs: list[list[Generated]] = [[] for _ in texts]
-    model = loaded.model
-    size = max(1, opts.batch_size)
-    for i in range(0, len(rows), size):
-        chunk = rows[i : i + size]
-        made = generate_batch(model, [r for _, r in chunk], sampling, progress=steps)
-        for (k, _), out in zip(chunk, made, strict=True):
-            outs[k].append(out)
+    made = _in_batches(loaded.model, [r for _, r in rows], opts.batch_size, sampling, steps)
+    for (k, _), out in zip(rows, made, strict=True):
+        outs[k].append(out)
     results: list[SynthResult | ValleError] = []
     for got, made in zip(prepared, outs, strict=True):
         if isinstance(got, ValleError):

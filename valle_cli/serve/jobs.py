@@ -9,10 +9,11 @@ most `size` jobs wait or run, and a job gets `timeout` seconds in all.
 - Closed (server stopping): new jobs get `QueueClosed` (503).
 - Batched (`run_batched`): jobs with the same key that wait together run as one call of their function on
   the worker (up to `max_batch` of them: the first waiting one and the next ones with its key), which returns
-  one result or exception per job. A CPU streams the weights once per step for the whole batch, so 8 waiting
-  speech requests take far less than 8 times one (docs/benchmarks.md, "valle serve under load"). A batched job
-  that times out or is abandoned while it runs keeps its slot until the batch ends; the batch stops early only
-  when every job in it was cancelled.
+  one result or exception per job. A step then reads the weights once for the whole batch: that pays where a
+  step is bound by reading them (an AR step; a GPU), not where it is bound by arithmetic (on 2 CPU cores 8
+  waiting requests made 1.3-1.8x the audio per second of one: docs/benchmarks.md, "valle serve under
+  load"). A batched job that times out or is abandoned while it runs keeps its slot until the batch ends; the
+  batch stops early only when every job in it was cancelled.
 """
 
 from __future__ import annotations
