@@ -15,7 +15,7 @@ Random-weight models (speed does not depend on the weights) with STOP suppressed
 Medians of `--repeats` runs, after one warm-up.
 
 Usage:  python bench/realtime.py [--configs small,small:prefix=shared,base,base:prefix=shared] [--seconds 4]
-                                 [--codec mel] [--write]
+                                 [--codec mel|vocos:random|encodec:random] [--write]
 """
 
 from __future__ import annotations
@@ -49,6 +49,20 @@ def build(config: str):
 
     set_dtype(model, dtype)
     return model
+
+
+def build_bench_codec(name: str):
+    """A codec by name; `vocos:random` / `encodec:random`: that architecture with random weights (decoding
+    speed does not depend on them, and pretrained weights cannot be fetched offline), 6 kbps = 8 levels."""
+    base, _, variant = name.partition(":")
+    if variant == "random":
+        from valle_cli.codecs.encodec_codec import EncodecCodec
+        from valle_cli.codecs.vocos_codec import VocosCodec
+
+        return {"vocos": VocosCodec, "encodec": EncodecCodec}[base](bandwidth=6.0, pretrained=False).eval()
+    from valle_cli.codecs.base import build_codec
+
+    return build_codec(name, "cpu")
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -99,9 +113,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    from valle_cli.codecs.base import build_codec
-
-    codec = build_codec(args.codec, "cpu")
+    codec = build_bench_codec(args.codec)
     frames = int(args.seconds * 75)
     rows = []
     for config in [c for c in args.configs.split(",") if c]:
@@ -113,13 +125,17 @@ def main() -> None:
             flush=True,
         )
     if args.write:
+        from valle_cli.infer.stream import StreamSettings
+
+        st = StreamSettings()
         lines = [
             f"Command: `{command('realtime.py')}`  ",
             machine()
-            + f"fp32 unless a row says dtype (int8: `valle synth --dtype int8`), random weights, batch 1, greedy, {args.seconds:g} s of audio after a 3 s prompt "
+            + f"fp32 unless a row says dtype (int8, int4: `valle synth --dtype`), random weights, batch 1, greedy, {args.seconds:g} s of audio after a 3 s prompt "
             f"and ~50 phonemes, {args.codec} codec. RTF = (AR + NAR + codec) / audio seconds (one `generate` call "
-            "plus the codec decode); first audio: streaming with default settings (36-frame first chunk, 8 "
-            f"frames of lookahead). Medians of {args.repeats} after a warm-up.",
+            "plus the codec decode); first audio: streaming with default settings "
+            f"({st.chunk_frames}-frame first chunk, {st.lookahead} frames of lookahead). Medians of {args.repeats} "
+            "after a warm-up.",
             "",
             "| model | AR s | NAR s (7 passes) | codec s | RTF | streaming: first audio s |",
             "|---|---|---|---|---|---|",
@@ -128,7 +144,9 @@ def main() -> None:
             f"| {c} | {r['ar']:.2f} | {r['nar']:.2f} | {r['codec']:.2f} | {r['rtf']:.2f} | {r['first']:.2f} |"
             for c, r in rows
         ]
-        write_section("Real time on 2 CPU cores", lines)
+        write_section(
+            "Real time on 2 CPU cores" + ("" if args.codec == "mel" else f" ({args.codec} codec)"), lines
+        )
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--queue-size", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--dtype", default="fp32", help="the server's --dtype")
     ap.add_argument("--title", default="valle serve under load")
     ap.add_argument("--max-output-seconds", type=float, default=2.0)
     ap.add_argument("--write", action="store_true")
@@ -162,7 +163,7 @@ def main() -> None:
         model = Path(args.model) if args.model else tiny_model(Path(tmp) / "model", args.preset)
         cmd = [sys.executable, "-m", "valle_cli", "serve", "--model", f"bench={model}", "--port", "0",
                "--home", str(Path(tmp) / "home"), "--device", "cpu", "--queue-size", str(args.queue_size),
-               "--max-batch", str(args.max_batch),
+               "--max-batch", str(args.max_batch), "--dtype", args.dtype,
                "--max-output-seconds", str(args.max_output_seconds), "--no-ui"]  # fmt: skip
         server = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
@@ -221,7 +222,7 @@ def main() -> None:
         f"Command: `{command('serve.py')}`  ",
         f"{platform.processor() or platform.machine()}, one client and then {args.clients} clients posting "
         f"whole-file requests back to back, {args.seconds:g} s each, queue size {args.queue_size}, batches of up "
-        f"to {args.max_batch}, {what} on CPU, up to {args.max_output_seconds:g} s of audio per sentence, wav.",
+        f"to {args.max_batch}, {what} on CPU ({args.dtype}), up to {args.max_output_seconds:g} s of audio per sentence, wav.",
         "",
         "| clients | served | rejected (429) | other errors | p50 s | p90 s | p99 s | max s | audio s per wall s "
         "| jobs per batch |",

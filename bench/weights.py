@@ -1,9 +1,10 @@
-"""Lighter weights for CPU decoding: what bf16 and int8 weight-only linears (`valle synth --dtype`) cost in
-quality and gain in speed.
+"""Lighter weights for CPU decoding: what bf16 and int8 / int4 weight-only linears (`valle synth --dtype`) cost
+in quality and gain in speed.
 
 Quality: a trained model's teacher-forced cross-entropy per RVQ level (the loss it was trained on, eval mode,
 nothing sampled) on `--n` utterances of a dataset prepared with the model's symbol map, each against the
-same utterance's fp32 figure; and the share of argmax predictions that equal fp32's. Differences far below
+same utterance's fp32 figure (int8/int4: every position through the quantized kernels, which in use take
+only the few-row steps, so an upper bound); and the share of argmax predictions that equal fp32's. Differences far below
 the spread between levels, and argmax agreement near 100%, mean the outputs are the same model's.
 Speed: the cached AR step and the 7 NAR passes of that model and of random-weight models of the `--presets`
 shapes (4 s after a 3 s prompt), medians.
@@ -20,7 +21,7 @@ import torch
 from realtime import timed  # bench/ is on sys.path when run as a script
 from report import command, machine, write_section
 
-DTYPES = ("fp32", "bf16", "int8")
+DTYPES = ("fp32", "bf16", "int8", "int4")
 
 
 def cast(model, dtype: str):
@@ -77,6 +78,16 @@ def samples(loaded, data: str, n: int) -> list:
 @torch.inference_mode()
 def quality(model, items: list) -> dict:
     """Per level: mean cross-entropy and the argmax of every scored position."""
+    from valle_cli.model.quant import QuantLinear
+
+    QuantLinear.force_kernel = True
+    try:
+        return _quality(model, items)
+    finally:
+        QuantLinear.force_kernel = False
+
+
+def _quality(model, items: list) -> dict:
     torch.manual_seed(0)
     losses: dict[str, list[float]] = {}
     argmax: dict[str, list[torch.Tensor]] = {}
@@ -176,7 +187,10 @@ def main() -> None:
         machine()
         + f"model `{args.model}`, {args.n} utterances of `{args.data}` x every level, teacher-forced, "
         "eval mode. bf16: weights and activations bf16; int8: weight-only int8 linears (per-row absmax "
-        "scales), bf16 activations (`valle synth --dtype int8`, valle_cli/model/quant.py).",
+        "scales), int4: weight-only int4 linears (a scale and zero per 64 inputs; int8 where the kernel's shape "
+        "rules exclude it), bf16 activations (`valle synth --dtype int8|int4`, valle_cli/model/quant.py); the "
+        "losses put every position through the quantized kernels, which in use run only steps of at most 4 "
+        "rows (more rows read a bf16 copy): an upper bound.",
         "",
         "| level | "
         + " | ".join(f"{d} loss" for d in DTYPES)
@@ -208,7 +222,7 @@ def main() -> None:
         steps = [f"{row[d]['step'] * 1e3:.1f}" if row[d]["step"] else "-" for d in DTYPES]
         nars = [f"{row[d]['nar']:.2f}" for d in DTYPES]
         lines.append(f"| {name} | " + " | ".join(steps + nars) + " |")
-    write_section("Lighter weights: bf16 and int8 for CPU decoding", lines)
+    write_section("Lighter weights: bf16, int8 and int4 for CPU decoding", lines)
 
 
 if __name__ == "__main__":

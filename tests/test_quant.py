@@ -10,7 +10,15 @@ from torch import nn
 
 from valle_cli.config import load_config
 from valle_cli.infer.engine import SamplingConfig, generate
-from valle_cli.model.quant import ROWS_FOR_MATMUL, Int8Linear, quantize_int8
+from valle_cli.model.quant import (
+    ROWS_FOR_MATMUL,
+    Int4Linear,
+    Int8Linear,
+    QuantLinear,
+    int4_fits,
+    quantize,
+    quantize_int8,
+)
 from valle_cli.model.valle import VALLE, Sample
 
 
@@ -64,3 +72,50 @@ def test_bitnet_keeps_its_ternary_linears():
     out = generate(model, torch.tensor([1, 5, 2]), torch.randint(0, 1024, (8, 10)),
                    sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=4))  # fmt: skip
     assert out.codes.shape[0] == 8
+
+
+def test_the_few_row_kernel_rounds_and_the_many_row_path_keeps_the_full_weights():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 208)
+    with pytest.raises(ValueError, match="int4 needs inputs a multiple of 64 and outputs of 16"):
+        Int4Linear(nn.Linear(128, 200))
+    x = torch.randn(ROWS_FOR_MATMUL + 1, 128)
+    want = lin(x).detach()
+    for kind, bound in ((Int8Linear, 0.02), (Int4Linear, 0.1)):
+        q = kind(lin)
+        few = torch.cat([q(x[i : i + 1]) for i in range(len(x))]).float()  # the kernel, a row at a time
+        many = q(x).float()  # the bf16 copy of the full weights
+        assert float((many - want).abs().max() / want.abs().max()) < 0.01  # bf16 rounding only
+        err = float((few - want).abs().max() / want.abs().max())
+        assert 0.005 < err < bound, (kind, err)  # quantized: close, but not the same weights
+        assert torch.allclose(
+            few,
+            x.to(torch.bfloat16).float() @ q.dequantized().float().t() + q.bias.float(),
+            rtol=0.02,
+            atol=0.02,
+        )
+        assert "dense" not in q.state_dict()
+        QuantLinear.force_kernel = True
+        try:
+            torch.testing.assert_close(q(x).float(), few, rtol=0.02, atol=0.02)  # the bench's quality path
+        finally:
+            QuantLinear.force_kernel = False
+
+
+def test_int4_takes_the_layers_its_kernel_fits_and_int8_the_rest():
+    torch.manual_seed(0)
+    model = VALLE(load_config("tiny").model, n_symbols=623).eval()
+    fits = [m for m in model.modules() if type(m) is nn.Linear and int4_fits(m)]
+    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    assert 0 < len(fits) < n_linear  # the level-0 head (1025 outputs) does not fit
+    assert quantize(model, 4) == n_linear
+    assert sum(type(m) is Int4Linear for m in model.modules()) == len(fits)
+    assert sum(type(m) is Int8Linear for m in model.modules()) == n_linear - len(fits)
+    with torch.no_grad():
+        model.heads[0].bias[model.stop_id] = -1e4
+    g = torch.Generator().manual_seed(1)
+    ph, prompt = torch.tensor([1, 10, 20, 30, 2]), torch.randint(0, 1024, (8, 30), generator=g)
+    out = generate(model, ph, prompt, sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=10))
+    assert out.codes.shape == (8, 10)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        quantize(model, 2)

@@ -58,7 +58,7 @@ def start(model, tmp_path, datasets=(), **limits) -> Server:
     base = {"max_output_seconds": 1.5, "max_upload_bytes": 2 * 1024 * 1024, "max_reference_seconds": 8.0}
     settings = ServeSettings(
         models=[f"tiny={model}"], home=tmp_path / "home", api_key=limits.pop("api_key", None),
-        limits=Limits(**{**base, **limits}), datasets=list(datasets),
+        dtype=limits.pop("dtype", "fp32"), limits=Limits(**{**base, **limits}), datasets=list(datasets),
     )  # fmt: skip
     return Server(settings)
 
@@ -419,6 +419,22 @@ def test_api_key_and_a_full_queue(model, tmp_path):
         assert srv.queue.in_flight == 0
         counts = httpx.get(srv.url + "/health").json()["queue"]
         assert counts["rejected"] == codes.count(429) and counts["served"] == codes.count(200)
+    finally:
+        srv.stop()
+
+
+def test_a_server_with_quantized_weights_speaks(model, tmp_path):
+    from valle_cli.model.quant import Int4Linear, Int8Linear
+
+    srv = start(model, tmp_path, dtype="int4")
+    try:
+        kinds = {type(m) for m in srv.registry.get("tiny").model.modules()}
+        assert {Int4Linear, Int8Linear} <= kinds  # int4 where the kernel fits, int8 for the rest
+        r = httpx.post(srv.url + "/v1/audio/speech", json={"input": "Hello there.", "response_format": "wav",
+                                                            "seed": 3}, timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        wav, sr = sf.read(io.BytesIO(r.content))
+        assert sr > 0 and len(wav) > 0.1 * sr and np.abs(wav).max() > 0.01
     finally:
         srv.stop()
 

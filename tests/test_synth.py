@@ -59,7 +59,7 @@ def test_synth_speaks_the_memorized_sentence(trained, tmp_path):
     np.testing.assert_allclose(both[: len(wav)], wav, atol=1e-3)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "bf16"])
 def test_lighter_weights_speak_the_memorized_sentence_too(trained, tmp_path, dtype):
     out, report = trained
     ref = out / "voices" / "try-me" / "speaker" / "utterance.wav"

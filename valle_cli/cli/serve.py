@@ -27,6 +27,10 @@ def serve(
     ),
     home: Path = typer.Option(None, help="The server's own folder (voices, temporary uploads)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option(
+        "fp32",
+        help="As `valle synth --dtype`: fp32, fp16, bf16, int8 or int4 (int8/int4: a faster AR on a CPU).",
+    ),
     max_text_chars: int = typer.Option(4096, help="Longest text per request."),
     max_upload_mb: float = typer.Option(25.0, help="Largest upload (voice clips, audio to transcribe)."),
     max_output_seconds: float = typer.Option(30.0, help="Longest audio per sentence."),
@@ -57,6 +61,9 @@ def serve(
 
         threads.apply()  # the cores other programs leave free when the server starts (valle_cli/threads.py)
     key = api_key or os.environ.get(API_KEY_ENV) or None
+    from valle_cli.model.quant import check_dtype
+
+    check_dtype(dtype)
     for name, value in (
         ("--queue-size", queue_size),
         ("--max-batch", max_batch),
@@ -80,7 +87,7 @@ def serve(
         model = [source]
     settings = ServeSettings(
         models=model, home=home or default_home(), host=host, port=port, api_key=key,
-        device=str(resolve_device(device)), limits=limits, datasets=list(dataset or []), ui=ui,
+        device=str(resolve_device(device)), dtype=dtype, limits=limits, datasets=list(dataset or []), ui=ui,
     )  # fmt: skip
     for d in settings.datasets:
         from valle_cli.data.dataset import open_dataset

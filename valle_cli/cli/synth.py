@@ -99,8 +99,8 @@ def synth(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option(
         "fp32",
-        help="fp32, fp16 or bf16 weights and activations; int8: int8 weights, bf16 activations (faster AR on a "
-        "CPU).",
+        help="fp32, fp16 or bf16 weights and activations; int8 or int4: int8 or int4 weights for the AR steps, "
+        "bf16 activations (a faster AR on a CPU; int4 fastest for large models).",
     ),
     compile: bool = typer.Option(
         False, "--compile", help="torch.compile the backbone (pays off for long runs)."
@@ -219,11 +219,10 @@ def _load(model: str | None, device: str, dtype: str, compile: bool, err):
     import torch
 
     from valle_cli.codecs.base import resolve_device
-    from valle_cli.errors import ValleError
-    from valle_cli.infer.load import DTYPES, default_model, load_model
+    from valle_cli.infer.load import default_model, load_model
+    from valle_cli.model.quant import check_dtype
 
-    if dtype not in (*DTYPES, "int8"):
-        raise ValleError(f"unknown --dtype {dtype!r}", "use fp32, fp16, bf16 or int8")
+    check_dtype(dtype)
     dev = str(resolve_device(device))
     if dev == "cpu":
         from valle_cli import threads
@@ -236,7 +235,9 @@ def _load(model: str | None, device: str, dtype: str, compile: bool, err):
     loaded = load_model(source, dev)
     from valle_cli.model.quant import set_dtype
 
-    set_dtype(loaded.model, dtype)  # int8: weight-only int8 linears, bf16 activations (model/quant.py)
+    set_dtype(
+        loaded.model, dtype
+    )  # int8/int4: weight-only quantized linears, bf16 activations (model/quant.py)
     if compile:
         loaded.model.backbone.compile(dynamic=True)
     torch.set_grad_enabled(False)

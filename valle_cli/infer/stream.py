@@ -40,10 +40,12 @@ from valle_cli.model.valle import held_counts
 
 @dataclass
 class StreamSettings:
-    chunk_frames: int = 36  # the first chunk's frames (75 frames = 1 s)
+    chunk_frames: int = (
+        12  # the first chunk's frames (75 frames = 1 s); bench/stream_lookahead.py chose 12 + 4
+    )
     growth: float = 2.0  # each later chunk this many times the last
     max_chunk_frames: int = 225  # ... up to this
-    lookahead: int = 8  # newest frames held back until later ones exist
+    lookahead: int = 4  # newest frames held back until later ones exist
     nar_context: int = 225  # earlier response frames the NAR window keeps
     codec_context: int = 24  # earlier frames decoded in front of a chunk
     crossfade: int = 4  # frames blended between consecutive chunks
@@ -75,13 +77,28 @@ def stream_codes(
     if model.nar0:  # level 0 comes in parallel passes: all of it at once, then released chunk by chunk
         yield from _released(generate_batch(model, [req], sc)[0].codes, st)
         return
+    past = shared_prefix(model, [req]) if model.shared else None  # the prefix, once for every pass
+    symbols: list[list[int]] = [[]]  # pointer models: the text symbol of every frame (no prefix there)
+    steps = (step[0] for step in ar_tokens(model, [req], sc, symbols=symbols, past=past))
+    yield from fill_behind(model, req, sc, st, steps, symbols[0], past)
+
+
+def fill_behind(
+    model,
+    req: Request,
+    sc: SamplingConfig,
+    st: StreamSettings,
+    level0: Iterator[int],
+    symbols: list[int],
+    past,
+) -> Iterator[CodeChunk]:
+    """The NAR half of `stream_codes`: final codes, chunk by chunk, behind a source of level-0 tokens.
+    `symbols` (pointer models) holds the text symbol of every token given so far: the source appends to it."""
     fc = req.prefix_frames
     tokens: list[int] = []
     codes = response_codes(model, req, [])  # (Q, Fc): grows as the AR runs
     done = fc  # frames (prefix included) whose every level is final
     nar_gen = [sc.generator()]
-    past = shared_prefix(model, [req]) if model.shared else None  # the prefix, once for every pass
-    symbols: list[list[int]] = [[]]  # pointer models: the text symbol of every frame (no prefix there)
 
     def fill(upto_final: int) -> torch.Tensor:
         nonlocal codes, done
@@ -92,7 +109,7 @@ def stream_codes(
         w0 = max(0, done - st.nar_context)
         fs = held = None
         if model.pointer:  # the window's frame map, with held counts from the whole response
-            whole = torch.tensor(symbols[0], dtype=torch.long)
+            whole = torch.tensor(symbols[: len(tokens)], dtype=torch.long)
             fs, held = whole[w0:], held_counts(whole)[w0:]
         window = nar_fill(model, [NarItem(req, full[:, w0:], done - w0, fs, held)], sc, nar_gen, past=past)[0]
         full[:, done:] = window[:, done - w0 :]
@@ -102,8 +119,8 @@ def stream_codes(
         return released
 
     size = float(st.chunk_frames)
-    for step in ar_tokens(model, [req], sc, symbols=symbols, past=past):
-        tokens.append(step[0])
+    for token in level0:
+        tokens.append(token)
         n = fc + len(tokens)
         if n - st.lookahead - done >= int(size):
             start = done - fc

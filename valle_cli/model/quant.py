@@ -1,15 +1,23 @@
-"""Weight-only int8 linears for decoding on a CPU (`valle synth --dtype int8`).
+"""Weight-only int8 and int4 linears for decoding on a CPU (`valle synth --dtype int8|int4`).
 
 A cached AR step multiplies one token by every weight matrix of the model: it is bound by how fast the
-weights stream from memory, so weights of 1 byte instead of 4 (fp32) or 2 (bf16) make it faster. Each output
-row of a matrix gets its own scale (absmax / 127, symmetric, no zero point); activations stay in bf16 and
-every product accumulates in fp32 (torch's `_weight_int8pack_mm` on a CPU). Work with many rows at once
-(the NAR passes, a prefill) is compute-bound instead, and there the int8 kernel is slower than a bf16
-matmul: rows above `ROWS_FOR_MATMUL` take the weights dequantized to bf16 (measured: docs/benchmarks.md).
+weights stream from memory, so weights of 1 byte (int8) or half a byte (int4) instead of 4 (fp32) or 2 (bf16)
+make it faster. int8: each output row of a matrix gets its own scale (absmax / 127, symmetric, no zero point),
+torch's `_weight_int8pack_mm`. int4: each group of `INT4_GROUP` inputs of a row gets a scale and a zero point
+(min to max in 16 steps), torch's `_weight_int4pack_mm_for_cpu`; a layer whose shape that kernel cannot take
+(inputs not a multiple of the group, outputs not of 16: the level-0 head with its STOP row) stays int8.
+Activations stay bf16 and every product accumulates in fp32.
+
+Work with many rows at once (the NAR passes, a prefill, a batched step) is compute-bound instead, and there
+the quantized kernels, whose time grows with the rows, lose to a dense bf16 matmul from 8 rows on: rows above
+`ROWS_FOR_MATMUL` use a bf16 copy of the original weights kept beside the quantized ones (dequantizing per
+call cost 10x the matmul itself: 4 ms against 0.4 ms for a 1024x4096 matrix). So the rounding reaches only
+the memory-bound few-row steps, and a quantized model holds 2 bytes per weight more than its quantized form:
+3 (int8) or 2.5 (int4) against fp32's 4, while a decoding step reads 1 or 0.5.
 
 Only plain `nn.Linear` layers are replaced (transformers' and ours, the level heads, the text head); bitnet's
 `BitLinear` is already ternary and stays. Quality against fp32 is measured on a trained model's held-out
-loss (docs/benchmarks.md, "Lighter weights").
+loss, every level through the quantized kernels (docs/benchmarks.md, "Lighter weights").
 """
 
 from __future__ import annotations
@@ -17,44 +25,100 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ROWS_FOR_MATMUL = 16  # more rows than this: dequantize and use a dense bf16 matmul
+ROWS_FOR_MATMUL = 4  # more rows than this: the bf16 copy and a dense matmul (crossover measured at 4-8 rows)
+INT4_GROUP = 64  # inputs per int4 scale and zero point
 
 
-class Int8Linear(nn.Module):
-    """`nn.Linear` with int8 weights (per-output-row scales) and bf16 activations."""
+class QuantLinear(nn.Module):
+    """What the int8 and int4 linears share: bias, the bf16 copy for many rows, the dispatch on rows."""
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
+    force_kernel = False  # route every row through the quantized kernel (bench/weights.py: quality)
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
-        w = linear.weight.detach().float()
-        scales = w.abs().amax(1).clamp_min(1e-12) / 127.0
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(dtype))
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         self.register_buffer("bias", bias)
+        # the many-row path's weights (not saved: a quantized model is made from its full weights on load)
+        self.register_buffer("dense", linear.weight.detach().to(dtype), persistent=False)
 
-    def dequantized(self) -> torch.Tensor:
-        """(out, in) weights in the activation dtype."""
-        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.scales.dtype)
-        if x2.device.type == "cpu" and x2.shape[0] <= ROWS_FOR_MATMUL:
-            out = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
+        x2 = x.reshape(-1, shape[-1]).to(self.dense.dtype)
+        if x2.device.type == "cpu" and (x2.shape[0] <= ROWS_FOR_MATMUL or self.force_kernel):
+            out = self.kernel(x2.contiguous())
         else:
-            out = x2 @ self.dequantized().t()
+            out = x2 @ self.dense.t()
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
+
+
+class Int8Linear(QuantLinear):
+    """`nn.Linear` with int8 weights (per-output-row scales) and bf16 activations."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
+        super().__init__(linear, dtype)
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(1).clamp_min(1e-12) / 127.0
+        self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(dtype))
+
+    def dequantized(self) -> torch.Tensor:
+        """(out, in) weights as the kernel sees them, in the activation dtype."""
+        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x2, self.weight, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
-def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Cast `model` to `dtype` and replace every plain `nn.Linear` in it by an `Int8Linear`, in place.
-    Returns how many layers were replaced."""
+def int4_fits(linear: nn.Linear) -> bool:
+    return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
+
+
+class Int4Linear(QuantLinear):
+    """`nn.Linear` with int4 weights (a scale and a zero point per `INT4_GROUP` inputs of a row), bf16
+    activations. The shape must fit the kernel (`int4_fits`)."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
+        if not int4_fits(linear):
+            raise ValueError(f"int4 needs inputs a multiple of {INT4_GROUP} and outputs of 16: {linear}")
+        super().__init__(linear, dtype)
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        groups = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp_min(1e-12)
+        q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).reshape(n, k)
+        self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2))
+        # the kernel's layout: (groups, out, [scale, zero]) with w = (q - 8) * scale + zero
+        zero = low + 8 * scale
+        self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        """(out, in) weights as the kernel sees them, in the activation dtype: the kernel applied to I."""
+        eye = torch.eye(self.in_features, dtype=self.dense.dtype)
+        return self.kernel(eye).t().contiguous()
+
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x2, self.weight, INT4_GROUP, self.scales_zeros)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weights (groups of {INT4_GROUP})"
+
+
+def quantize(model: nn.Module, bits: int = 8, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Cast `model` to `dtype` and replace every plain `nn.Linear` in it by an `Int8Linear` (`bits` 8) or an
+    `Int4Linear` where the shape fits the kernel, else an `Int8Linear` (`bits` 4), in place. Returns how many
+    layers were replaced."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
     model.to(dtype)
     swaps = [
         (parent, name, child)
@@ -63,15 +127,34 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
         if type(child) is nn.Linear
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, Int8Linear(child, dtype))
+        kind = Int4Linear if bits == 4 and int4_fits(child) else Int8Linear
+        setattr(parent, name, kind(child, dtype))
     return len(swaps)
 
 
+def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """`quantize(model, 8)`."""
+    return quantize(model, 8, dtype)
+
+
+WEIGHT_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")  # `valle synth --dtype`, `valle serve --dtype`
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in WEIGHT_DTYPES:
+        from valle_cli.errors import ValleError
+
+        raise ValleError(
+            f"unknown --dtype {dtype!r}", f"use {', '.join(WEIGHT_DTYPES[:-1])} or {WEIGHT_DTYPES[-1]}"
+        )
+
+
 def set_dtype(model: nn.Module, dtype: str) -> None:
-    """What `valle synth --dtype` does: fp32 (nothing), fp16 or bf16 (a cast), or int8 (`quantize_int8`)."""
+    """What `valle synth --dtype` does: fp32 (nothing), fp16 or bf16 (a cast), int8 or int4 (`quantize`)."""
     from valle_cli.infer.load import DTYPES
 
-    if dtype == "int8":
-        quantize_int8(model)
+    check_dtype(dtype)
+    if dtype in ("int8", "int4"):
+        quantize(model, int(dtype[3:]))
     elif dtype != "fp32":
         model.to(DTYPES[dtype])

@@ -60,10 +60,10 @@ def parse_models(specs: list[str]) -> list[Entry]:
 
 
 class Registry:
-    def __init__(self, entries: list[Entry], device: str = "cpu"):
+    def __init__(self, entries: list[Entry], device: str = "cpu", dtype: str = "fp32"):
         self.entries = {e.id: e for e in entries}
         self.default = entries[0].id
-        self.device = device
+        self.device, self.dtype = device, dtype
         self._loaded: tuple[str, object] | None = None
         self._lock = threading.Lock()
 
@@ -107,5 +107,8 @@ class Registry:
                     f"model {model_id!r} cannot be loaded on this server",
                     "its operator can read why in the log",
                 ) from None
+            from valle_cli.model.quant import set_dtype
+
+            set_dtype(loaded.model, self.dtype)
             self._loaded = (model_id, loaded)
             return loaded

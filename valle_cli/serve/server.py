@@ -22,7 +22,7 @@ def build(settings: ServeSettings):
         (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
     for stale in (home / "tmp").iterdir():  # uploads left by a killed server (and the UI's upload cache)
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    registry = Registry(parse_models(settings.models), settings.device)
+    registry = Registry(parse_models(settings.models), settings.device, settings.dtype)
     before_job = None
     if str(resolve_device(settings.device)) == "cpu":
         from valle_cli import threads

@@ -41,6 +41,7 @@ class ServeSettings:
     port: int = 7860
     api_key: str | None = None
     device: str = "cpu"
+    dtype: str = "fp32"  # as `valle synth --dtype`: fp32, fp16, bf16, int8, int4
     limits: Limits = field(default_factory=Limits)
     datasets: list[Path] = field(default_factory=list)  # prepared datasets the UI may browse
     ui: bool = True  # the web UI at /ui
