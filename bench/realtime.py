@@ -59,7 +59,10 @@ def build_bench_codec(name: str):
         from valle_cli.codecs.encodec_codec import EncodecCodec
         from valle_cli.codecs.vocos_codec import VocosCodec
 
-        return {"vocos": VocosCodec, "encodec": EncodecCodec}[base](bandwidth=6.0, pretrained=False).eval()
+        kinds = {"vocos": VocosCodec, "encodec": EncodecCodec}
+        if base not in kinds:
+            raise SystemExit(f"--codec {name}: random weights are built for {', '.join(kinds)} only")
+        return kinds[base](bandwidth=6.0, pretrained=False).eval()
     from valle_cli.codecs.base import build_codec
 
     return build_codec(name, "cpu")

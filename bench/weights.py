@@ -3,8 +3,8 @@ in quality and gain in speed.
 
 Quality: a trained model's teacher-forced cross-entropy per RVQ level (the loss it was trained on, eval mode,
 nothing sampled) on `--n` utterances of a dataset prepared with the model's symbol map, each against the
-same utterance's fp32 figure (int8/int4: every position through the quantized kernels, which in use take
-only the few-row steps, so an upper bound); and the share of argmax predictions that equal fp32's. Differences far below
+same utterance's fp32 figure (int8/int4: every position through the quantized kernels; the many-row passes
+in use compute the same rounded weights in bf16); and the share of argmax predictions that equal fp32's. Differences far below
 the spread between levels, and argmax agreement near 100%, mean the outputs are the same model's.
 Speed: the cached AR step and the 7 NAR passes of that model and of random-weight models of the `--presets`
 shapes (4 s after a 3 s prompt), medians.
@@ -80,11 +80,14 @@ def quality(model, items: list) -> dict:
     """Per level: mean cross-entropy and the argmax of every scored position."""
     from valle_cli.model.quant import QuantLinear
 
-    QuantLinear.force_kernel = True
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.force_kernel = True
     try:
         return _quality(model, items)
     finally:
-        QuantLinear.force_kernel = False
+        for m in layers:
+            m.force_kernel = False
 
 
 def _quality(model, items: list) -> dict:
@@ -189,8 +192,8 @@ def main() -> None:
         "eval mode. bf16: weights and activations bf16; int8: weight-only int8 linears (per-row absmax "
         "scales), int4: weight-only int4 linears (a scale and zero per 64 inputs; int8 where the kernel's shape "
         "rules exclude it), bf16 activations (`valle synth --dtype int8|int4`, valle_cli/model/quant.py); the "
-        "losses put every position through the quantized kernels, which in use run only steps of at most 4 "
-        "rows (more rows read a bf16 copy): an upper bound.",
+        "losses put every position through the quantized kernels (in use, passes of more than 16 rows compute "
+        "the same rounded weights as a bf16 matmul).",
         "",
         "| level | "
         + " | ".join(f"{d} loss" for d in DTYPES)

@@ -14,7 +14,6 @@ from valle_cli.model.quant import (
     ROWS_FOR_MATMUL,
     Int4Linear,
     Int8Linear,
-    QuantLinear,
     int4_fits,
     quantize,
     quantize_int8,
@@ -74,32 +73,57 @@ def test_bitnet_keeps_its_ternary_linears():
     assert out.codes.shape[0] == 8
 
 
-def test_the_few_row_kernel_rounds_and_the_many_row_path_keeps_the_full_weights():
+def test_both_paths_compute_the_same_rounded_weights_and_int4s_layout_is_what_we_think():
     torch.manual_seed(0)
     lin = nn.Linear(128, 208)
     with pytest.raises(ValueError, match="int4 needs inputs a multiple of 64 and outputs of 16"):
         Int4Linear(nn.Linear(128, 200))
     x = torch.randn(ROWS_FOR_MATMUL + 1, 128)
     want = lin(x).detach()
-    for kind, bound in ((Int8Linear, 0.02), (Int4Linear, 0.1)):
+    w = lin.weight.detach()
+    # int4 rounded independently of the layer: groups of 64 inputs, 16 steps from their min to their max
+    g = w.reshape(208, 2, 64)
+    low, step = g.amin(-1, keepdim=True), (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
+    int4_w = (((g - low) / step).round() * step + low).reshape(208, 128)
+    int8_scale = w.abs().amax(1, keepdim=True) / 127
+    int8_w = (w / int8_scale).round() * int8_scale
+    for kind, rounded, bound in ((Int8Linear, int8_w, 0.02), (Int4Linear, int4_w, 0.1)):
         q = kind(lin)
         few = torch.cat([q(x[i : i + 1]) for i in range(len(x))]).float()  # the kernel, a row at a time
-        many = q(x).float()  # the bf16 copy of the full weights
-        assert float((many - want).abs().max() / want.abs().max()) < 0.01  # bf16 rounding only
+        many = q(x).float()  # the dense copy
+        ref = x @ rounded.t() + lin.bias.detach()
+        for got in (few, many):
+            assert float((got - ref).abs().max() / ref.abs().max()) < 0.01  # the same rounded weights
         err = float((few - want).abs().max() / want.abs().max())
-        assert 0.005 < err < bound, (kind, err)  # quantized: close, but not the same weights
-        assert torch.allclose(
-            few,
-            x.to(torch.bfloat16).float() @ q.dequantized().float().t() + q.bias.float(),
-            rtol=0.02,
-            atol=0.02,
-        )
+        assert 0.002 < err < bound, (kind, err)  # rounded: close to the layer, but not the layer
         assert "dense" not in q.state_dict()
-        QuantLinear.force_kernel = True
-        try:
-            torch.testing.assert_close(q(x).float(), few, rtol=0.02, atol=0.02)  # the bench's quality path
-        finally:
-            QuantLinear.force_kernel = False
+        q.force_kernel = True  # per layer: the bench's quality path
+        torch.testing.assert_close(q(x).float(), few, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="load the full model, then quantize"):
+            q.load_state_dict(q.state_dict())
+
+
+def test_a_batched_decoding_step_gives_each_row_what_it_gets_alone():
+    torch.manual_seed(0)
+    for kind in (Int8Linear, Int4Linear):
+        q = kind(nn.Linear(384, 1536))
+        x = torch.randn(ROWS_FOR_MATMUL, 384)
+        alone = torch.cat([q(x[i : i + 1]) for i in range(len(x))])
+        assert torch.equal(q(x), alone)  # up to ROWS_FOR_MATMUL rows: the kernel, exact per row
+
+
+def test_mamba_keeps_the_linears_it_reads_the_weights_of():
+    torch.manual_seed(0)
+    model = VALLE(load_config("tiny", ["model.backbone=mamba"]).model, n_symbols=623).eval()
+    quantize(model, 4)
+    kept = [n for n, m in model.named_modules() if n.endswith("dt_proj")]
+    assert kept and all(type(model.get_submodule(n)) is nn.Linear for n in kept)
+    with torch.no_grad():
+        model.heads[0].bias[model.stop_id] = -1e4
+    g = torch.Generator().manual_seed(1)
+    out = generate(model, torch.tensor([1, 10, 20, 2]), torch.randint(0, 1024, (8, 20), generator=g),
+                   sampling=SamplingConfig(ar_temp=0.0, max_ar_steps=5))  # fmt: skip
+    assert out.codes.shape == (8, 5)
 
 
 def test_int4_takes_the_layers_its_kernel_fits_and_int8_the_rest():
@@ -119,3 +143,16 @@ def test_int4_takes_the_layers_its_kernel_fits_and_int8_the_rest():
     assert out.codes.shape == (8, 10)
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
         quantize(model, 2)
+
+
+def test_quantized_dtypes_are_refused_off_the_cpu_and_unknown_ones_name_the_choices():
+    from valle_cli.errors import ValleError
+    from valle_cli.model.quant import set_dtype
+
+    model = VALLE(load_config("tiny").model, n_symbols=623).to("meta")  # stands for any non-CPU device
+    with pytest.raises(ValleError, match="for decoding on a CPU") as e:
+        set_dtype(model, "int4")
+    assert "bf16" in e.value.remedy
+    with pytest.raises(ValleError, match="unknown --dtype 'int3'") as e:
+        set_dtype(model, "int3")
+    assert "int8 or int4" in e.value.remedy

@@ -430,6 +430,7 @@ def test_a_server_with_quantized_weights_speaks(model, tmp_path):
     try:
         kinds = {type(m) for m in srv.registry.get("tiny").model.modules()}
         assert {Int4Linear, Int8Linear} <= kinds  # int4 where the kernel fits, int8 for the rest
+        assert httpx.get(srv.url + "/health").json()["dtype"] == "int4"
         r = httpx.post(srv.url + "/v1/audio/speech", json={"input": "Hello there.", "response_format": "wav",
                                                             "seed": 3}, timeout=120)  # fmt: skip
         assert r.status_code == 200, r.text

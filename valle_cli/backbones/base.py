@@ -160,6 +160,8 @@ class Backbone(torch.nn.Module):
     Options: ClassVar[type | None] = None
     # layers LoRA may adapt (names as in train.lora.targets); None: any linear layer; (): none, and why not
     lora_targets: ClassVar[tuple[str, ...] | None] = None
+    # linears (by name) whose `.weight` the backbone reads directly: `--dtype int8/int4` leaves them as they are
+    unquantized: ClassVar[tuple[str, ...]] = ()
     lora_refusal: ClassVar[str] = ""
     # the model.attention values it honours ("auto" alone: it has no attention to choose a kernel for)
     attention_kinds: ClassVar[tuple[str, ...]] = ("auto",)

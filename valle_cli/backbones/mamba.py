@@ -96,6 +96,7 @@ class MambaBackbone(Backbone):
     supports_noncausal = True  # through the backward mixers (refused when options.bidirectional is false)
     Options = MambaOptions
     lora_targets = ("in_proj",)
+    unquantized = ("dt_proj",)  # transformers' mixer multiplies dt_proj.weight itself
     lora_refusal = (
         "transformers' Mamba reads the weights of x_proj, dt_proj and out_proj directly, so an adapter there "
         "would be bypassed; in_proj is called as a layer"

@@ -94,12 +94,18 @@ def serve(
 
         open_dataset(d).close()  # a wrong --dataset fails now, with the reader's message
     app, registry, queue = build(settings)
-    err.print(f"loading {registry.default} ...", markup=False)
+    err.print(
+        f"loading {registry.default} ..." + (f" (--dtype {dtype})" if dtype != "fp32" else ""), markup=False
+    )
     registry.get(registry.default)  # fail now, with the loader's message, not at the first request
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
-    err.print(f"valle serve on http://{shown}:{sock.getsockname()[1]}  (web UI: /ui; API: /v1, /openapi.json)",
-              markup=False)  # fmt: skip
+    where = (
+        ("web UI: /ui; " if ui else "")
+        + "API: /v1, /openapi.json"
+        + (f"; weights {dtype}" if dtype != "fp32" else "")
+    )
+    err.print(f"valle serve on http://{shown}:{sock.getsockname()[1]}  ({where})", markup=False)
     if not settings.loopback and not key:
         err.print(
             f"warning: listening on {host} without an API key: anyone who can reach this machine can use it "

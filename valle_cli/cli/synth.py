@@ -99,8 +99,9 @@ def synth(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option(
         "fp32",
-        help="fp32, fp16 or bf16 weights and activations; int8 or int4: int8 or int4 weights for the AR steps, "
-        "bf16 activations (a faster AR on a CPU; int4 fastest for large models).",
+        help="fp32, fp16 or bf16 weights and activations; int8 or int4: int8 or int4 weights, bf16 activations, "
+        "for a faster AR on a CPU (int4 fastest for large models; CPU only; no gain for models without AR steps, "
+        "as the shipped one).",
     ),
     compile: bool = typer.Option(
         False, "--compile", help="torch.compile the backbone (pays off for long runs)."
@@ -235,9 +236,14 @@ def _load(model: str | None, device: str, dtype: str, compile: bool, err):
     loaded = load_model(source, dev)
     from valle_cli.model.quant import set_dtype
 
-    set_dtype(
-        loaded.model, dtype
-    )  # int8/int4: weight-only quantized linears, bf16 activations (model/quant.py)
+    # int8/int4: weight-only quantized linears, bf16 activations (model/quant.py)
+    set_dtype(loaded.model, dtype)
+    if dtype in ("int8", "int4") and getattr(loaded.model, "nar0", False):
+        err.print(
+            f"note: this model makes level 0 in parallel passes (no AR steps), where --dtype {dtype} computes "
+            "as bf16 with rounded weights and more memory: --dtype bf16 is as fast",
+            markup=False,
+        )
     if compile:
         loaded.model.backbone.compile(dynamic=True)
     torch.set_grad_enabled(False)

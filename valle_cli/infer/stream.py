@@ -40,9 +40,8 @@ from valle_cli.model.valle import held_counts
 
 @dataclass
 class StreamSettings:
-    chunk_frames: int = (
-        12  # the first chunk's frames (75 frames = 1 s); bench/stream_lookahead.py chose 12 + 4
-    )
+    # the first chunk's frames (75 frames = 1 s); bench/stream_lookahead.py chose 12 + 4 of lookahead
+    chunk_frames: int = 12
     growth: float = 2.0  # each later chunk this many times the last
     max_chunk_frames: int = 225  # ... up to this
     lookahead: int = 4  # newest frames held back until later ones exist
@@ -109,6 +108,10 @@ def fill_behind(
         w0 = max(0, done - st.nar_context)
         fs = held = None
         if model.pointer:  # the window's frame map, with held counts from the whole response
+            if len(symbols) < len(tokens):
+                raise ValueError(
+                    "fill_behind: a pointer model's level-0 source must append each token's symbol"
+                )
             whole = torch.tensor(symbols[: len(tokens)], dtype=torch.long)
             fs, held = whole[w0:], held_counts(whole)[w0:]
         window = nar_fill(model, [NarItem(req, full[:, w0:], done - w0, fs, held)], sc, nar_gen, past=past)[0]

@@ -8,15 +8,20 @@ torch's `_weight_int8pack_mm`. int4: each group of `INT4_GROUP` inputs of a row 
 (inputs not a multiple of the group, outputs not of 16: the level-0 head with its STOP row) stays int8.
 Activations stay bf16 and every product accumulates in fp32.
 
-Work with many rows at once (the NAR passes, a prefill, a batched step) is compute-bound instead, and there
-the quantized kernels, whose time grows with the rows, lose to a dense bf16 matmul from 8 rows on: rows above
-`ROWS_FOR_MATMUL` use a bf16 copy of the original weights kept beside the quantized ones (dequantizing per
-call cost 10x the matmul itself: 4 ms against 0.4 ms for a 1024x4096 matrix). So the rounding reaches only
-the memory-bound few-row steps, and a quantized model holds 2 bytes per weight more than its quantized form:
-3 (int8) or 2.5 (int4) against fp32's 4, while a decoding step reads 1 or 0.5.
+Work with many rows at once (the NAR passes, a prefill) is compute-bound instead, and there the quantized
+kernels, whose time grows with the rows, lose to a dense bf16 matmul (from 8 rows on): rows above
+`ROWS_FOR_MATMUL` use a bf16 copy of the quantized weights (`dense`, made once when the layer is built:
+dequantizing per call cost 10x the matmul itself, 4 ms against 0.4 ms for a 1024x4096 matrix). Both paths
+compute with the same rounded weights. The threshold is 16, not the crossover, so that a batched decoding step
+(up to 16 rows) takes the kernel exactly as one row does: the kernel gives a row the same result whatever the
+batch, where the bf16 matmul's blocking (and so its rounding) changes with the rows. An int8 model holds 3
+bytes per weight (1 + 2), int4 2.5, against fp32's 4 and bf16's 2, while a decoding step reads 1 or 0.5.
+Models without AR steps (`level0: nar`, the shipped one) only ever take the dense path: for them int8/int4
+are bf16 with rounded weights and more memory (`valle synth` says so).
 
-Only plain `nn.Linear` layers are replaced (transformers' and ours, the level heads, the text head); bitnet's
-`BitLinear` is already ternary and stays. Quality against fp32 is measured on a trained model's held-out
+Only plain `nn.Linear` layers are replaced (transformers' and ours, the level heads, the text head), except
+those a backbone names in `unquantized` (layers whose weights it reads directly, as mamba's `dt_proj`); bitnet's
+`BitLinear` is already ternary and stays. Quantize after loading: a quantized layer refuses a state dict. Quality against fp32 is measured on a trained model's held-out
 loss, every level through the quantized kernels (docs/benchmarks.md, "Lighter weights").
 """
 
@@ -25,25 +30,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ROWS_FOR_MATMUL = 4  # more rows than this: the bf16 copy and a dense matmul (crossover measured at 4-8 rows)
+ROWS_FOR_MATMUL = 16  # more rows than this: the bf16 copy and a dense matmul (see the module docstring)
 INT4_GROUP = 64  # inputs per int4 scale and zero point
 
 
 class QuantLinear(nn.Module):
     """What the int8 and int4 linears share: bias, the bf16 copy for many rows, the dispatch on rows."""
 
-    force_kernel = False  # route every row through the quantized kernel (bench/weights.py: quality)
-
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.force_kernel = False  # every row through the quantized kernel (bench/weights.py)
+        self.act_dtype = dtype
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         self.register_buffer("bias", bias)
-        # the many-row path's weights (not saved: a quantized model is made from its full weights on load)
-        self.register_buffer("dense", linear.weight.detach().to(dtype), persistent=False)
+
+    def keep_dense(self, weights: torch.Tensor) -> None:
+        """The many-row path's weights (out, in): the quantized ones, dequantized once (not saved)."""
+        self.register_buffer("dense", weights.to(self.act_dtype).contiguous(), persistent=False)
+
+    def dequantized(self) -> torch.Tensor:
+        """(out, in) weights as the kernel sees them, in the activation dtype."""
+        return self.dense
 
     def kernel(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def many(self, x2: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x2, self.dense)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        raise RuntimeError(
+            f"{prefix.rstrip('.') or type(self).__name__}: a quantized layer cannot load weights; load the full "
+            "model, then quantize it (valle_cli/model/quant.py)"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -51,7 +71,7 @@ class QuantLinear(nn.Module):
         if x2.device.type == "cpu" and (x2.shape[0] <= ROWS_FOR_MATMUL or self.force_kernel):
             out = self.kernel(x2.contiguous())
         else:
-            out = x2 @ self.dense.t()
+            out = self.many(x2)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
@@ -66,10 +86,7 @@ class Int8Linear(QuantLinear):
         scales = w.abs().amax(1).clamp_min(1e-12) / 127.0
         self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(dtype))
-
-    def dequantized(self) -> torch.Tensor:
-        """(out, in) weights as the kernel sees them, in the activation dtype."""
-        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+        self.keep_dense(self.weight.float() * self.scales.float()[:, None])
 
     def kernel(self, x2: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x2, self.weight, self.scales)
@@ -100,11 +117,9 @@ class Int4Linear(QuantLinear):
         # the kernel's layout: (groups, out, [scale, zero]) with w = (q - 8) * scale + zero
         zero = low + 8 * scale
         self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous())
-
-    def dequantized(self) -> torch.Tensor:
-        """(out, in) weights as the kernel sees them, in the activation dtype: the kernel applied to I."""
-        eye = torch.eye(self.in_features, dtype=self.dense.dtype)
-        return self.kernel(eye).t().contiguous()
+        sz = self.scales_zeros.float().transpose(0, 1)  # (out, groups, 2): the rounded scales the kernel uses
+        q = q.reshape(n, k // INT4_GROUP, INT4_GROUP)
+        self.keep_dense(((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(n, k))
 
     def kernel(self, x2: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x2, self.weight, INT4_GROUP, self.scales_zeros)
@@ -115,16 +130,23 @@ class Int4Linear(QuantLinear):
 
 def quantize(model: nn.Module, bits: int = 8, dtype: torch.dtype = torch.bfloat16) -> int:
     """Cast `model` to `dtype` and replace every plain `nn.Linear` in it by an `Int8Linear` (`bits` 8) or an
-    `Int4Linear` where the shape fits the kernel, else an `Int8Linear` (`bits` 4), in place. Returns how many
-    layers were replaced."""
+    `Int4Linear` where the shape fits the kernel, else an `Int8Linear` (`bits` 4), in place, except the layers
+    a backbone reads the weights of (`Backbone.unquantized`), which stay `dtype`. Returns how many layers were
+    replaced."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, not {bits}")
     model.to(dtype)
+    keep = {  # layers whose weights a backbone reads directly (`Backbone.unquantized`)
+        id(sub)
+        for m in model.modules()
+        for name, sub in m.named_modules()
+        if name.rsplit(".", 1)[-1] in getattr(m, "unquantized", ())
+    }
     swaps = [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear
+        if type(child) is nn.Linear and id(child) not in keep
     ]
     for parent, name, child in swaps:
         kind = Int4Linear if bits == 4 and int4_fits(child) else Int8Linear
@@ -155,6 +177,14 @@ def set_dtype(model: nn.Module, dtype: str) -> None:
 
     check_dtype(dtype)
     if dtype in ("int8", "int4"):
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            from valle_cli.errors import ValleError
+
+            raise ValleError(
+                f"--dtype {dtype} is for decoding on a CPU (its kernels are CPU kernels), not on {device}",
+                "on a GPU use --dtype bf16 or fp16",
+            )
         quantize(model, int(dtype[3:]))
     elif dtype != "fp32":
         model.to(DTYPES[dtype])

@@ -229,6 +229,7 @@ def create_app(settings: ServeSettings, registry: Registry, voices: VoiceStore, 
             "status": "ok",
             "version": __version__,
             "model": registry.default,
+            "dtype": registry.dtype,
             "queue": {
                 "in_flight": queue.in_flight,
                 "size": queue.size,
