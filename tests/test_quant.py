@@ -156,3 +156,13 @@ def test_quantized_dtypes_are_refused_off_the_cpu_and_unknown_ones_name_the_choi
     with pytest.raises(ValleError, match="unknown --dtype 'int3'") as e:
         set_dtype(model, "int3")
     assert "int8 or int4" in e.value.remedy
+
+
+def test_a_model_without_ar_steps_is_told_int8_and_int4_gain_nothing():
+    from valle_cli.model.quant import dtype_note
+
+    ar = VALLE(load_config("tiny").model, n_symbols=623)
+    nar0 = VALLE(load_config("tiny", ["model.alignment=pointer", "model.level0=nar"]).model, n_symbols=623)
+    assert nar0.nar0 and not ar.nar0
+    assert "--dtype bf16 is as fast" in dtype_note(nar0, "int4")
+    assert dtype_note(nar0, "bf16") is None and dtype_note(ar, "int8") is None

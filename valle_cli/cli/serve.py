@@ -61,7 +61,7 @@ def serve(
 
         threads.apply()  # the cores other programs leave free when the server starts (valle_cli/threads.py)
     key = api_key or os.environ.get(API_KEY_ENV) or None
-    from valle_cli.model.quant import check_dtype
+    from valle_cli.model.quant import check_dtype, dtype_note
 
     check_dtype(dtype)
     for name, value in (
@@ -97,7 +97,9 @@ def serve(
     err.print(
         f"loading {registry.default} ..." + (f" (--dtype {dtype})" if dtype != "fp32" else ""), markup=False
     )
-    registry.get(registry.default)  # fail now, with the loader's message, not at the first request
+    loaded = registry.get(registry.default)  # fail now, with the loader's message, not at the first request
+    if note := dtype_note(loaded.model, dtype):
+        err.print(note, markup=False)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     where = (

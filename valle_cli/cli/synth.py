@@ -234,16 +234,12 @@ def _load(model: str | None, device: str, dtype: str, compile: bool, err):
         source, why = default_model()
         err.print(why, markup=False)
     loaded = load_model(source, dev)
-    from valle_cli.model.quant import set_dtype
+    from valle_cli.model.quant import dtype_note, set_dtype
 
     # int8/int4: weight-only quantized linears, bf16 activations (model/quant.py)
     set_dtype(loaded.model, dtype)
-    if dtype in ("int8", "int4") and getattr(loaded.model, "nar0", False):
-        err.print(
-            f"note: this model makes level 0 in parallel passes (no AR steps), where --dtype {dtype} computes "
-            "as bf16 with rounded weights and more memory: --dtype bf16 is as fast",
-            markup=False,
-        )
+    if note := dtype_note(loaded.model, dtype):
+        err.print(note, markup=False)
     if compile:
         loaded.model.backbone.compile(dynamic=True)
     torch.set_grad_enabled(False)

@@ -20,9 +20,10 @@ Models without AR steps (`level0: nar`, the shipped one) only ever take the dens
 are bf16 with rounded weights and more memory (`valle synth` says so).
 
 Only plain `nn.Linear` layers are replaced (transformers' and ours, the level heads, the text head), except
-those a backbone names in `unquantized` (layers whose weights it reads directly, as mamba's `dt_proj`); bitnet's
-`BitLinear` is already ternary and stays. Quantize after loading: a quantized layer refuses a state dict. Quality against fp32 is measured on a trained model's held-out
-loss, every level through the quantized kernels (docs/benchmarks.md, "Lighter weights").
+those a backbone names in `unquantized` (layers whose weights it reads directly, as mamba's `dt_proj`);
+bitnet's `BitLinear` is already ternary and stays. Quantize after loading: a quantized layer refuses a state
+dict. Quality against fp32 is measured on a trained model's held-out loss, every level through the quantized
+kernels (docs/benchmarks.md, "Lighter weights").
 """
 
 from __future__ import annotations
@@ -50,14 +51,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("dense", weights.to(self.act_dtype).contiguous(), persistent=False)
 
     def dequantized(self) -> torch.Tensor:
-        """(out, in) weights as the kernel sees them, in the activation dtype."""
+        """(out, in) weights as rounded (what the kernel computes with), in the activation dtype."""
         return self.dense
 
     def kernel(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def many(self, x2: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x2, self.dense)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         raise RuntimeError(
@@ -71,7 +69,7 @@ class QuantLinear(nn.Module):
         if x2.device.type == "cpu" and (x2.shape[0] <= ROWS_FOR_MATMUL or self.force_kernel):
             out = self.kernel(x2.contiguous())
         else:
-            out = self.many(x2)
+            out = nn.functional.linear(x2, self.dense)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
@@ -139,8 +137,9 @@ def quantize(model: nn.Module, bits: int = 8, dtype: torch.dtype = torch.bfloat1
     keep = {  # layers whose weights a backbone reads directly (`Backbone.unquantized`)
         id(sub)
         for m in model.modules()
+        if getattr(m, "unquantized", ())
         for name, sub in m.named_modules()
-        if name.rsplit(".", 1)[-1] in getattr(m, "unquantized", ())
+        if name.rsplit(".", 1)[-1] in m.unquantized
     }
     swaps = [
         (parent, name, child)
@@ -169,6 +168,16 @@ def check_dtype(dtype: str) -> None:
         raise ValleError(
             f"unknown --dtype {dtype!r}", f"use {', '.join(WEIGHT_DTYPES[:-1])} or {WEIGHT_DTYPES[-1]}"
         )
+
+
+def dtype_note(model: nn.Module, dtype: str) -> str | None:
+    """What a user should know about `dtype` on this model, or None: int8/int4 without AR steps gain nothing."""
+    if dtype in ("int8", "int4") and getattr(model, "nar0", False):
+        return (
+            f"note: this model makes level 0 in parallel passes (no AR steps), where --dtype {dtype} computes "
+            "as bf16 with rounded weights and more memory: --dtype bf16 is as fast"
+        )
+    return None
 
 
 def set_dtype(model: nn.Module, dtype: str) -> None:
