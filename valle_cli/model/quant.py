@@ -14,7 +14,8 @@ kernels, whose time grows with the rows, lose to a dense bf16 matmul (from 8 row
 dequantizing per call cost 10x the matmul itself, 4 ms against 0.4 ms for a 1024x4096 matrix). Both paths
 compute with the same rounded weights. The threshold is 16, not the crossover, so that a batched decoding step
 (up to 16 rows) takes the kernel exactly as one row does: the kernel gives a row the same result whatever the
-batch, where the bf16 matmul's blocking (and so its rounding) changes with the rows. An int8 model holds 3
+batch, where the bf16 matmul's blocking (and so its rounding) changes with the rows (it still does for a
+batch's prefill and NAR passes, so a batched request matches its lone run within bf16 rounding). An int8 model holds 3
 bytes per weight (1 + 2), int4 2.5, against fp32's 4 and bf16's 2, while a decoding step reads 1 or 0.5.
 Models without AR steps (`level0: nar`, the shipped one) only ever take the dense path: for them int8/int4
 are bf16 with rounded weights and more memory (`valle synth` says so).
