@@ -391,3 +391,64 @@ def test_training_on_a_really_full_disk(dataset, tmp_path):
         assert steps == [1, 2, 3, 4]
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=60)
+
+
+def test_a_voice_upload_on_a_really_full_disk(tmp_path, caplog):
+    """A server's voices on a tmpfs with room for the upload (16 kHz) but not for the stored voice (24 kHz),
+    then for neither: the client gets a 507 that names no path, nothing is left behind, and once there is room
+    the same upload works."""
+    import io
+
+    import soundfile as sf
+
+    from valle_cli.serve.voices import VoiceError, VoiceStore
+
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, 80 * 1024):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        store = VoiceStore(disk / "voices", disk / "tmp", max_seconds=30, max_voices=10)
+        rng = np.random.default_rng(0)
+
+        def clip(seconds: float) -> bytes:
+            t = np.arange(int(seconds * 16000)) / 16000
+            wav = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.3 * rng.standard_normal(len(t)))
+            buf = io.BytesIO()
+            sf.write(buf, wav.astype(np.float32), 16000, format="WAV", subtype="PCM_16")
+            return buf.getvalue()
+
+        for data in (
+            clip(2.0),
+            clip(5.0),
+        ):  # 64 KB fits, its 96 KB voice does not; 160 KB does not fit at all
+            with pytest.raises(VoiceError) as e, caplog.at_level("ERROR", logger="valle.serve"):
+                store.add("alice", data)
+            assert (
+                e.value.status == 507 and "disk is full" in e.value.message and str(disk) not in str(e.value)
+            )
+            said = caplog.text  # the operator's side: the path and the reason
+            assert "could not store" in said and ("No space left" in said or "is the disk full?" in said), (
+                said
+            )
+            assert not list((disk / "voices").iterdir()) and not list((disk / "tmp").iterdir())
+            assert store.list() == []
+        subprocess.run(["mount", "-o", "remount,size=2m", str(disk)], check=True, timeout=60)
+        assert store.add("alice", clip(2.0)).name == "alice" and [v.name for v in store.list()] == ["alice"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=60)
+
+
+def test_synth_onto_a_really_full_disk_says_so_and_leaves_nothing(tmp_path):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, 16 * 1024):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "out.wav"
+        proc = subprocess.run([sys.executable, "-m", "valle_cli", "synth", "A sentence for a full disk, said slowly.",
+                               "-o", str(out), "--seed", "1"], capture_output=True, text=True, timeout=HANG)  # fmt: skip
+        assert proc.returncode != 0
+        assert "is the disk full?" in proc.stderr and "MB free" in proc.stderr, proc.stderr[-2000:]
+        assert "unexpected" not in proc.stderr and "Traceback" not in proc.stderr
+        assert not list(disk.iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=60)

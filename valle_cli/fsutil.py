@@ -33,11 +33,14 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
 
 def write_failure(exc: BaseException) -> str | None:
     """Why a write failed, when `exc` is a failed write, else None. A full disk does not always raise
-    OSError: safetensors raises its SafetensorError ("... No space left on device (os error 28)") and
-    torch.save a RuntimeError from its zip writer ("enforce fail at inline_container.cc ...")."""
+    OSError: safetensors raises its SafetensorError ("... No space left on device (os error 28)"), torch.save
+    a RuntimeError from its zip writer ("enforce fail at inline_container.cc ...") and soundfile a
+    LibsndfileError ("System error.")."""
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)
     text = str(exc)
+    if type(exc).__name__ == "LibsndfileError":  # soundfile says only "System error." when a write fails
+        return "a failed write (is the disk full?)"
     if type(exc).__name__ == "SafetensorError" or (
         isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text)
     ):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import threading
 import time
@@ -21,6 +22,8 @@ RESERVED = {"con", "prn", "aux", "nul", *(f"{p}{i}" for p in ("com", "lpt") for 
 RANDOM = "random"  # not a stored voice: no reference at all (a random voice)
 SAMPLE_RATE = 24000
 MIN_SECONDS = 1.0
+
+log = logging.getLogger("valle.serve")
 
 
 class VoiceError(ValleError):
@@ -113,7 +116,10 @@ class VoiceStore:
             transcript = None
         upload = self.tmp / f"upload-{uuid.uuid4().hex}"
         try:
-            upload.write_bytes(data)
+            try:
+                upload.write_bytes(data)
+            except OSError as exc:
+                raise self._not_stored("the uploaded clip", exc) from None
             try:
                 seconds = audio_seconds(upload)  # from the header: a long clip is refused before decoding
                 if seconds > self.max_seconds:
@@ -140,10 +146,25 @@ class VoiceStore:
                     f"this server holds at most {self.max_voices} voices", "delete some first", 507
                 )
             voice = Voice(name, round(seconds, 3), transcript, time.time())
-            save_audio(wav_path, wav, SAMPLE_RATE)
-            with atomic_path(meta_path, VoiceError) as tmp:
-                Path(tmp).write_text(json.dumps(asdict(voice)))
+            try:  # both writes are atomic: a failure leaves the old files or none
+                save_audio(wav_path, wav, SAMPLE_RATE)
+                with atomic_path(meta_path, VoiceError) as tmp:
+                    Path(tmp).write_text(json.dumps(asdict(voice)))
+            except (AudioError, VoiceError) as exc:
+                if not exists:
+                    wav_path.unlink(missing_ok=True)
+                raise self._not_stored(f"voice {name!r}", exc) from None
         return voice
+
+    def _not_stored(self, what: str, exc: Exception) -> VoiceError:
+        """A failed write (a full disk, most likely): the operator's log gets the path and the reason, the
+        client a 507 that names neither."""
+        log.error("could not store %s: %s", what, getattr(exc, "message", None) or exc)
+        return VoiceError(
+            f"the server could not store {what}: its disk is full or cannot be written",
+            "retry later; the server's operator can read why in its log",
+            status=507,
+        )
 
     def delete(self, name: str) -> None:
         self.get(name)
