@@ -143,9 +143,15 @@ def test_prepare_writes_durations_and_they_survive_hdf5_and_reindex(dataset, tmp
     hd = open_dataset(h5)
     assert hd.has_durations and np.array_equal(hd.phoneme_durations(3), ds.phoneme_durations(3))
     hd.close()
-    # a reindex rewrites the index, so the old durations go; it aligns again
+    # a reindex of the same utterances keeps the durations (they still describe them); one that changes the
+    # index drops them, and aligns again
     copy = tmp_path / "copy"
     shutil.copytree(dataset, copy)
+    reindex(copy, align=False)
+    assert open_dataset(copy).has_durations
+    gone = sorted((copy / "utterances").rglob("*.npy"))[0]
+    gone.unlink()
+    gone.with_suffix(".json").unlink()  # an utterance deleted by hand
     reindex(copy, align=False)
     assert not open_dataset(copy).has_durations
     reindex(copy)
@@ -522,3 +528,25 @@ def test_level0_nar_stream_releases_the_whole_generation(nar0_model):
     assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True] and len(chunks) > 2
     assert [c.start for c in chunks] == [0, *np.cumsum([c.codes.shape[1] for c in chunks])[:-1].tolist()]
     assert torch.equal(torch.cat([c.codes for c in chunks], 1), forced.codes)
+
+
+def test_an_unchanged_dataset_keeps_its_aligner_and_a_changed_one_trains_again(dataset, tmp_path):
+    import shutil
+
+    from valle_cli.prepare.align import align_dataset
+
+    root = tmp_path / "ds"
+    shutil.copytree(dataset, root)
+    first = align_dataset(root, steps=12)
+    assert not first.get("reused") and first["aligned"] > 0
+    durations = (root / "index" / "durations.npy").read_bytes()
+    again = align_dataset(root, steps=12)  # a repeated `valle prepare`: nothing new
+    assert again["reused"] and again["aligned"] == first["aligned"] and again["loss"] == first["loss"]
+    assert (root / "index" / "durations.npy").read_bytes() == durations
+    assert not align_dataset(root, steps=13).get("reused")  # other settings: trained again
+    phonemes = np.load(root / "index" / "phonemes.npy")
+    phonemes[[0, 1]] = phonemes[[1, 0]]  # a transcript corrected since
+    np.save(root / "index" / "phonemes.npy", phonemes)
+    assert not align_dataset(root, steps=13).get("reused")
+    (root / "aligner.json").write_text("{not json")  # a damaged stamp is not trusted
+    assert not align_dataset(root, steps=13).get("reused")

@@ -40,7 +40,8 @@ def test_installed_plugin_is_listed_and_loads(installed):
     assert proc.returncode == 0, proc.stderr
     row = [ln for ln in proc.stdout.splitlines() if "pocketsphinx" in ln]
     assert row, proc.stdout
-    assert "valle.transcribers" in row[0] and "valle-pocketsphinx" in row[0] and "yes" in row[0]
+    assert "valle-pocketsphinx" in row[0] and "yes" in row[0]
+    assert "transcriber: valle.transcribers" in proc.stdout  # its entry-point group, under the table
 
 
 def test_plugin_comes_from_the_installed_copy(installed):

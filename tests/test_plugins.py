@@ -104,6 +104,9 @@ def test_valle_plugins_command_shows_broken_plugin(broken_plugin):
     assert "yes" in lines["mel"]
     assert "no" in lines["broken"] and "needs libfoo" in lines["broken"]
     assert "valle-broken" in lines["broken"]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.count("│") > 3]
+    assert all(ln.split("│")[1].strip() for ln in rows)  # one line a plugin: no cell wrapped mid-word
+    assert "entry-point groups" in proc.stdout and "backbone: valle.backbones" in proc.stdout
 
 
 def test_overridden_adds_and_hides():

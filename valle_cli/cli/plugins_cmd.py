@@ -23,9 +23,12 @@ def plugins(
     from valle_cli import plugins as registry
 
     kinds = [kind] if kind else list(registry.GROUPS)
-    table = Table(title="valle plugins", show_lines=False)
-    for col in ("name", "kind", "group", "distribution", "version", "loads"):
-        table.add_column(col, overflow="fold")
+    # the entry-point group follows from the kind: said once, under the table, not in a column of its own
+    groups = ", ".join(f"{k}: {registry.GROUPS[k]}" for k in kinds)
+    table = Table(title="valle plugins", caption=f"entry-point groups - {groups}", show_lines=False)
+    for col in ("name", "kind", "distribution", "version"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("loads", overflow="fold")  # the error of one that does not load can be long
     if no_check:
         rows = [
             (info, None, None) for k in kinds for infos in registry.discover(k).values() for info in infos
@@ -34,7 +37,7 @@ def plugins(
         rows = [(s.info, s.loads, s.error) for s in registry.status(kinds)]
     for info, loads, error in rows:
         mark = "-" if loads is None else ("[green]yes[/]" if loads else f"[red]no[/]: {escape(error or '')}")
-        cells = (info.name, info.kind, registry.GROUPS[info.kind], info.distribution, info.version)
+        cells = (info.name, info.kind, info.distribution, info.version)
         table.add_row(*(escape(c) for c in cells), mark)
     Console(soft_wrap=True).print(table)
     if options and not no_check:

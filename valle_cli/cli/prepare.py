@@ -97,9 +97,13 @@ def prepare(
     )
     if report.alignment:
         a = report.alignment
+        how = (
+            "kept: the utterances are the ones it was trained on"
+            if a.get("reused")
+            else f"{a['steps']} steps, loss {a['loss']}, {a['seconds']:.0f} s"
+        )
         console.print(
-            f"phoneme durations: {a['aligned']} aligned, {a['unaligned']} too short to align "
-            f"(aligner: {a['steps']} steps, loss {a['loss']}, {a['seconds']:.0f} s)",
+            f"phoneme durations: {a['aligned']} aligned, {a['unaligned']} too short to align (aligner: {how})",
             markup=False,
         )
     for source, reason in report.skipped[:20]:

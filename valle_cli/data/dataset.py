@@ -123,6 +123,21 @@ def finished_utterances(root: Path) -> list[Utterance]:
     return sorted(out, key=lambda u: u.uid)
 
 
+# the columns phoneme durations depend on (prepare/align.py fingerprints the same ones)
+ALIGNED_COLUMNS = ("uid_offsets", "uid_bytes", "phoneme_offsets", "phonemes", "frames")
+
+
+def _same_columns(index: Path, columns: dict, names: tuple[str, ...]) -> bool:
+    """Whether the index on disk already holds these columns as given."""
+    for name in names:
+        try:
+            if not np.array_equal(np.load(index / f"{name}.npy"), columns[name]):
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
 def write_index(root: Path, utts: Sequence[Utterance], header: dict, symbols) -> None:
     """Columnar index + header for the utterances (in order). `symbols` maps IPA to ids."""
     speakers = sorted({f"{u.group}/{u.speaker}" for u in utts})
@@ -149,8 +164,9 @@ def write_index(root: Path, utts: Sequence[Utterance], header: dict, symbols) ->
     }
     index = root / "index"
     index.mkdir(parents=True, exist_ok=True)
-    for name in DURATION_COLUMNS:  # they describe the old index: the aligner writes them anew
-        (index / f"{name}.npy").unlink(missing_ok=True)
+    if not _same_columns(index, columns, ALIGNED_COLUMNS):  # durations describe the old index: the aligner
+        for name in DURATION_COLUMNS:  # writes them anew (an unchanged index keeps them: prepare/align.py)
+            (index / f"{name}.npy").unlink(missing_ok=True)
     for name, arr in columns.items():
         with atomic_path(index / f"{name}.npy", DatasetError) as tmp, open(tmp, "wb") as f:
             np.save(f, arr)

@@ -16,12 +16,17 @@ the way FastPitch and NeMo do (One TTS Alignment To Rule Them All, arXiv 2108.10
   BOS takes the leading silence and EOS the trailing one.
 
 Durations are stored beside the index (`index/durations.npy`, `index/duration_offsets.npy`; n + 2 per
-utterance of n symbols) and the aligner itself as `aligner.safetensors`. An utterance with fewer frames than
+utterance of n symbols) and the aligner itself as `aligner.safetensors`, with `aligner.json`: a fingerprint of
+what it was trained on (the index's utterances, symbols and frame counts, and the steps) and its summary. A
+`valle prepare` that adds nothing (a resumed or repeated run) finds the same fingerprint and keeps the
+durations instead of training again. An utterance with fewer frames than
 symbols cannot be aligned; it gets no durations (length 0) and training with the pointer leaves it out.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -233,6 +238,21 @@ def align_dataset(
         progress("align", step, total)
 
     steps = auto_steps(len(ds)) if steps is None else steps
+    key = _fingerprint(root, steps)
+    stamp = root / "aligner.json"
+    done = [
+        root / "aligner.safetensors",
+        root / "index" / "durations.npy",
+        root / "index" / "duration_offsets.npy",
+    ]
+    if stamp.is_file() and all(p.is_file() for p in done):
+        try:
+            old = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("key") == key and isinstance(old.get("summary"), dict):
+            ds.close()
+            return {**old["summary"], "reused": True}
     ok = set(_alignable(ds).tolist())
     model = train_aligner(ds, steps=steps, progress=on_step) if ok else None
     result = durations_for(model, ds, sorted(ok)) if ok else {}
@@ -248,10 +268,24 @@ def align_dataset(
         with atomic_path(root / "aligner.safetensors", DatasetError) as tmp:
             save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, {})
     ds.close()
-    return {
+    summary = {
         "aligned": len(ok),
         "unaligned": len(ds) - len(ok),
         "steps": steps,
         "seconds": round(time.time() - t0, 1),
         "loss": round(last[0], 4),
     }
+    with atomic_path(stamp, DatasetError) as tmp:
+        Path(tmp).write_text(json.dumps({"key": key, "summary": summary}))
+    return summary
+
+
+def _fingerprint(root: Path, steps: int) -> str:
+    """What an aligner's durations depend on: the index's utterances (ids), their symbols and frame counts, and
+    the training steps."""
+    h = hashlib.sha256(f"aligner v1, {steps} steps, {ALIGN_LEVELS} levels".encode())
+    from valle_cli.data.dataset import ALIGNED_COLUMNS
+
+    for name in ALIGNED_COLUMNS:
+        h.update((root / "index" / f"{name}.npy").read_bytes())
+    return h.hexdigest()
