@@ -19,8 +19,8 @@ Durations are stored beside the index (`index/durations.npy`, `index/duration_of
 utterance of n symbols) and the aligner itself as `aligner.safetensors`, with `aligner.json`: a fingerprint of
 what it was trained on (the index's utterances, symbols and frame counts, and the steps) and its summary. A
 `valle prepare` that adds nothing (a resumed or repeated run) finds the same fingerprint and keeps the
-durations instead of training again. An utterance with fewer frames than
-symbols cannot be aligned; it gets no durations (length 0) and training with the pointer leaves it out.
+durations instead of training again. An utterance with fewer frames than symbols cannot be aligned; it gets
+no durations (length 0) and training with the pointer leaves it out.
 """
 
 from __future__ import annotations
@@ -283,9 +283,9 @@ def align_dataset(
 def _fingerprint(root: Path, steps: int) -> str:
     """What an aligner's durations depend on: the index's utterances (ids), their symbols and frame counts, and
     the training steps."""
-    h = hashlib.sha256(f"aligner v1, {steps} steps, {ALIGN_LEVELS} levels".encode())
     from valle_cli.data.dataset import ALIGNED_COLUMNS
 
+    h = hashlib.sha256(f"aligner v1, {steps} steps, {ALIGN_LEVELS} levels".encode())
     for name in ALIGNED_COLUMNS:
         h.update((root / "index" / f"{name}.npy").read_bytes())
     return h.hexdigest()
